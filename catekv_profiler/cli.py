@@ -1,0 +1,172 @@
+"""``catekv-profile``: profile a model (``catekv-profile MODEL -o OUT``), ``show`` a profile, ``push`` it."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from catekv_runtime.profile import ModelSpec, ProfileError, ProfileParams, ReferenceSpec, load_profile
+
+DEFAULTS = ProfileParams()
+
+
+class _DefaultToProfile(click.Group):
+    """``catekv-profile MODEL ...`` means ``catekv-profile profile MODEL ...`` unless MODEL is a subcommand."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("--help", "-h", "--version"):
+            args = ["profile", *args]
+        return super().parse_args(ctx, args)
+
+
+@click.group(cls=_DefaultToProfile, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="catekv")
+def main() -> None:
+    """Find the consistent and adaptive KV heads of a model (CateKV, ICML 2025) and write a profile.
+
+    \b
+    catekv-profile MODEL -o profile.safetensors   profile a model (Hub id, folder, .gguf, or smollm2-135m)
+    catekv-profile show profile.safetensors       summarise a profile
+    """
+
+
+@main.command("profile")
+@click.argument("model")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Profile file to write (.safetensors).")
+@click.option("--percentile", "-k", type=float, default=DEFAULTS.percentile, show_default=True,
+              help="Percentile threshold k.")
+@click.option("--alpha", type=float, default=DEFAULTS.alpha, show_default=True, help="Threshold scaling factor.")
+@click.option("--adaptive-ratio", "-r", type=float, default=DEFAULTS.adaptive_ratio, show_default=True,
+              help="Fraction r of KV heads kept adaptive.")
+@click.option("--eta", type=float, default=DEFAULTS.eta, show_default=True,
+              help="Retention ratio of adaptive heads (1 = full cache).")
+@click.option("--budget", "-B", type=int, default=DEFAULTS.budget, show_default=True,
+              help="Tokens kept by a consistent head.")
+@click.option("--chunk-size", type=int, default=DEFAULTS.chunk_size, show_default=True)
+@click.option("--obs-window", type=int, default=DEFAULTS.obs_window, show_default=True,
+              help="Observation window L_obs (last prompt queries).")
+@click.option("--init-tokens", type=int, default=None, help="Initial tokens L_init  [default: budget/32]")
+@click.option("--recent-tokens", type=int, default=None, help="Recent tokens L_rec  [default: budget/8]")
+@click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
+@click.option("--context-length", "-L", type=int, default=None,
+              help="Tokens per reference sample  [default: the model's maximum, at most 131072]")
+@click.option("--reference", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="JSON Lines file of your own reference texts ({'text': ...} per line) instead of the "
+                   "built-in variable-tracking samples.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in reference samples.")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--dtype", default="auto", show_default=True,
+              help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--revision", default=None, help="Hub revision of MODEL.")
+@click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("--restart", is_flag=True, help="Ignore checkpoints of an interrupted run and start over.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def profile_command(model: str, output: Path, percentile: float, alpha: float, adaptive_ratio: float, eta: float,
+                    budget: int, chunk_size: int, obs_window: int, init_tokens: int | None,
+                    recent_tokens: int | None, num_samples: int, context_length: int | None,
+                    reference: Path | None, seed: int, device: str, dtype: str, revision: str | None,
+                    trust_remote_code: bool, overwrite: bool, restart: bool, quiet: bool) -> None:
+    """Profile MODEL (a Hub id, a local folder, a .gguf file, or the embedded `smollm2-135m`)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from .models import ModelError, load_model
+    from .profiler import Checkpoint, ProfilingError, default_provenance, profile_model, statistics_key
+    from .reference import ReferenceSetError, load_reference_jsonl, reference_hash, variable_tracking_samples
+
+    if output.exists() and not overwrite:
+        raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    if num_samples < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--num-samples")
+    try:
+        params = ProfileParams.for_budget(
+            budget, percentile=percentile, alpha=alpha, adaptive_ratio=adaptive_ratio, eta=eta,
+            chunk_size=chunk_size, obs_window=obs_window,
+            **{k: v for k, v in (("init_tokens", init_tokens), ("recent_tokens", recent_tokens)) if v is not None},
+        )
+        params.validate()
+    except ProfileError as e:
+        raise click.UsageError(str(e)) from None
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    started = time.perf_counter()
+    try:
+        model_obj, tokenizer, info = load_model(model, device=device, dtype=dtype, revision=revision,
+                                                trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    if context_length is None:
+        context_length = min(info.max_context or 131072, 131072)
+    if info.max_context and context_length > info.max_context:
+        raise click.UsageError(
+            f"--context-length {context_length} exceeds the model's maximum of {info.max_context} tokens"
+        )
+    try:
+        if reference is not None:
+            samples = load_reference_jsonl(reference, tokenizer, context_length)[:num_samples]
+            task = f"jsonl:{reference.name}"
+        else:
+            samples = variable_tracking_samples(tokenizer, num_samples, context_length, seed=seed)
+            task = "variable_tracking"
+    except ReferenceSetError as e:
+        raise click.ClickException(str(e)) from None
+
+    spec = ModelSpec(info.model_id, info.revision, info.architecture, info.num_layers, info.num_kv_heads,
+                     info.num_attention_heads, info.head_dim)
+    dtype_name = str(next(model_obj.parameters()).dtype).removeprefix("torch.")
+    checkpoint = Checkpoint(output, statistics_key(params, spec, dtype_name))
+    if restart:
+        checkpoint.remove()
+    ref_spec = ReferenceSpec(task=task, context_length=context_length, num_samples=len(samples), seed=seed,
+                             text_hash=reference_hash(samples))
+    bar = tqdm(total=len(samples), desc="profiling", unit="sample", disable=quiet, file=sys.stderr)
+
+    def advance(index: int, resumed: bool) -> None:
+        bar.set_postfix_str("resumed from checkpoint" if resumed else "")
+        bar.update(1)
+
+    try:
+        result = profile_model(model_obj, spec, samples, params, ref_spec, checkpoint=checkpoint,
+                               on_sample=advance, provenance=default_provenance(device, dtype_name))
+    except (ProfilingError, ProfileError) as e:
+        raise click.ClickException(str(e)) from None
+    finally:
+        bar.close()
+    result.save(output)
+    checkpoint.remove()
+    elapsed = time.perf_counter() - started
+    click.echo(
+        f"wrote {output}: {int(result.head_map.sum())}/{result.head_map.numel()} adaptive heads "
+        f"(r={params.adaptive_ratio}), {len(samples)} samples of {context_length} tokens, {elapsed:.0f} s",
+        err=True,
+    )
+
+
+@main.command("show")
+@click.argument("profile", type=str)
+@click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also draw the CV heatmap and head map to this PNG file.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--context-length", "-L", "context_lengths", type=int, multiple=True,
+              help="Context lengths at which to report the KV cache kept (repeatable).")
+def show_command(profile: str, png: Path | None, as_json: bool, context_lengths: tuple[int, ...]) -> None:
+    """Summarise PROFILE (a file or a Hub repo id): head map, budgets, memory kept, sample agreement."""
+    from .report import format_summary, plot_profile, summarize
+
+    try:
+        loaded = load_profile(profile)
+    except ProfileError as e:
+        raise click.ClickException(str(e)) from None
+    summary = summarize(loaded, context_lengths) if context_lengths else summarize(loaded)
+    click.echo(json.dumps(summary, indent=2) if as_json else format_summary(summary))
+    if png is not None:
+        plot_profile(loaded, png)
+        click.echo(f"wrote {png}", err=True)
+

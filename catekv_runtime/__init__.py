@@ -1,0 +1,59 @@
+"""CateKV runtime: load a head profile and run inference with a hybrid KV cache.
+
+The core (profiles, selection) needs only torch and safetensors; the transformers integration
+(``apply``, ``remove``, ``CateKVCache``) is imported on first use.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .profile import (
+    FORMAT_VERSION,
+    ModelSpec,
+    Profile,
+    ProfileError,
+    ProfileParams,
+    ReferenceSpec,
+    load_profile,
+)
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "apply": "integration",
+    "remove": "integration",
+    "make_cache": "integration",
+    "model_spec": "integration",
+    "cache_argument": "integration",
+    "CateKVCache": "cache",
+}
+
+if TYPE_CHECKING:
+    from .cache import CateKVCache
+    from .integration import apply, cache_argument, make_cache, model_spec, remove
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CateKVCache",
+    "ModelSpec",
+    "Profile",
+    "ProfileError",
+    "ProfileParams",
+    "ReferenceSpec",
+    "apply",
+    "cache_argument",
+    "load_profile",
+    "make_cache",
+    "model_spec",
+    "remove",
+]

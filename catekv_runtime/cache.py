@@ -1,0 +1,280 @@
+"""The hybrid KV cache: per layer, adaptive and consistent heads in separate, right-sized tensors.
+
+Prefill runs full attention. At the end of the prompt each layer selects what every head keeps
+(catekv-method.md, "Runtime"): consistent heads keep init + their top chunks + the tail, adaptive heads
+keep ``eta`` of their chunks (everything at eta = 1). The full KV of the layer is then dropped. Decode
+appends every new token to every head in place, into preallocated capacity that grows geometrically.
+"""
+
+from __future__ import annotations
+
+from contextvars import ContextVar
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from .profile import ProfileParams, adaptive_keep_chunks
+from .selection import Regions, chunk_scores, observation_probs, retained_indices, top_chunks
+
+DEFAULT_RESERVE = 256  # decode slots preallocated when the number of new tokens is not known
+
+# (cache, layer index) of the last CateKVCache.update; the attention call that follows consumes it.
+_pending: ContextVar[tuple[CateKVCache, int] | None] = ContextVar("catekv_pending_layer", default=None)
+
+
+def take_pending_layer(layer_idx: int) -> CateKVLayer | None:
+    """The CateKV layer that the cache update just before this attention call touched, if any."""
+    pending = _pending.get()
+    _pending.set(None)
+    if pending is None or pending[1] != layer_idx:
+        return None
+    return pending[0].catekv_layer(layer_idx)
+
+
+@dataclass
+class HeadGroup:
+    """The KV of a set of KV heads of one layer that share a retention rule.
+
+    ``keys``/``values`` are ``[batch, heads, capacity, head_dim]``; slots ``[0, length)`` are filled.
+    Sequences of a batch may keep different numbers of prompt tokens: each is right-aligned, and the
+    ``pad[b]`` slots before its first token are masked out.
+    """
+
+    kv_heads: torch.Tensor  # [heads] int64, KV head indices in the model
+    q_heads: torch.Tensor  # [heads * group] int64, their query heads in the model's order
+    keys: torch.Tensor
+    values: torch.Tensor
+    length: int
+    pad: torch.Tensor | None  # [batch] int64, or None when no sequence has padding slots
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write new tokens' ``[batch, heads, new, d]`` K/V after the filled slots, growing if needed."""
+        new = keys.shape[2]
+        if self.length + new > self.keys.shape[2]:
+            self._grow(self.length + new)
+        self.keys[:, :, self.length : self.length + new].copy_(keys)
+        self.values[:, :, self.length : self.length + new].copy_(values)
+        self.length += new
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, 2 * self.keys.shape[2])
+        for name in ("keys", "values"):
+            old = getattr(self, name)
+            grown = old.new_empty(*old.shape[:2], capacity, old.shape[3])
+            grown[:, :, : self.length].copy_(old[:, :, : self.length])
+            setattr(self, name, grown)
+
+    def mask(self, query_length: int) -> torch.Tensor | None:
+        """Boolean attention mask ``[batch, 1, q, length]`` or None when every filled slot is visible."""
+        if self.pad is None and query_length == 1:
+            return None
+        slots = torch.arange(self.length, device=self.keys.device)
+        visible = torch.ones(1, 1, query_length, self.length, dtype=torch.bool, device=self.keys.device)
+        if self.pad is not None:
+            visible = visible & (slots >= self.pad[:, None])[:, None, None, :]
+        if query_length > 1:  # new tokens see the ones before them, not after
+            first_new = self.length - query_length
+            q = torch.arange(query_length, device=self.keys.device)
+            visible = visible & (slots[None, :] <= first_new + q[:, None])
+        return visible
+
+    @property
+    def allocated_bytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() * 2
+
+    @property
+    def used_bytes(self) -> int:
+        b, h, _, d = self.keys.shape
+        return b * h * self.length * d * self.keys.element_size() * 2
+
+
+class CateKVLayer(DynamicLayer):
+    """One full-attention layer: a full KV buffer during prefill, then one :class:`HeadGroup` per rule."""
+
+    def __init__(self, adaptive: torch.Tensor, params: ProfileParams, reserve: int, eager: bool):
+        super().__init__()
+        self.adaptive = adaptive.bool().cpu()  # [num_kv_heads], True for adaptive heads
+        self.params = params
+        self.reserve = reserve
+        self.eager = eager  # compress at the end of the (single) prefill call, not at the first decode
+        self.groups: list[HeadGroup] = []
+        self.seen = 0  # tokens of the sequence so far, prompt padding included
+        self.valid_start: torch.Tensor | None = None  # [batch] first non-padding position
+        self.obs_queries: torch.Tensor | None = None  # last L_obs queries of the prompt
+        self.scale = 1.0
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.groups)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        self.seen += key_states.shape[2]
+        if not self.compressed and key_states.shape[2] == 1 and self.keys is not None and self.keys.numel():
+            self.compress()  # first decode step after a chunked prefill
+        if self.compressed:
+            for group in self.groups:
+                group.append(key_states[:, group.kv_heads], value_states[:, group.kv_heads])
+            return key_states, value_states
+        return super().update(key_states, value_states)
+
+    def record_prefill(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> None:
+        """Remember what selection needs from a prefill call: the last queries and where padding ends."""
+        window = self.params.obs_window
+        obs = query[:, :, -window:]
+        if self.obs_queries is not None and obs.shape[2] < window:
+            obs = torch.cat([self.obs_queries, obs], dim=2)[:, :, -window:]
+        self.obs_queries = obs
+        self.scale = scale
+        self.valid_start = _valid_start(attention_mask, query.shape[0], self.keys.shape[2], query.device)
+        if self.eager:
+            self.compress()
+
+    def compress(self) -> None:
+        """Select each head's tokens from the full prompt KV and release the full KV."""
+        keys, values, queries = self.keys, self.values, self.obs_queries
+        batch, num_kv, total, _ = keys.shape
+        group_size = queries.shape[1] // num_kv
+        starts = self.valid_start.tolist() if self.valid_start is not None else [0] * batch
+        rules = [(True, self.adaptive.nonzero().flatten()), (False, (~self.adaptive).nonzero().flatten())]
+        for is_adaptive, heads in rules:
+            if heads.numel() == 0:
+                continue
+            per_seq = [
+                self._select(
+                    keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :], heads,
+                    is_adaptive, group_size,
+                )
+                for b, start in enumerate(starts)
+            ]
+            self.groups.append(self._build_group(per_seq, keys, values, starts, heads, group_size))
+        self.keys = self.values = self.obs_queries = None
+
+    def _select(self, keys, queries, heads, is_adaptive, group_size) -> torch.Tensor:
+        """Token indices (relative to the sequence start) kept by ``heads`` for one sequence: [heads, n]."""
+        p = self.params
+        n = keys.shape[1]
+        regions = Regions.of(n, p.init_tokens, p.recent_tokens, p.chunk_size)
+        keep = adaptive_keep_chunks(regions.num_chunks, p.eta) if is_adaptive else p.budget_chunks
+        all_tokens = torch.arange(n, device=keys.device).expand(heads.numel(), -1)
+        if keep >= regions.num_chunks:  # prompt too short to compress (or eta = 1): keep it all, exactly
+            return all_tokens
+        obs = queries.shape[1]
+        scores = torch.stack([
+            chunk_scores(
+                observation_probs(
+                    queries[h * group_size : (h + 1) * group_size], keys[h : h + 1, regions.mid_start : regions.tail_start],
+                    self.scale, n - obs, regions.mid_start,
+                ),
+                p.chunk_size,
+            )[0]
+            for h in heads.tolist()
+        ])
+        return retained_indices(regions, top_chunks(scores, keep))
+
+    def _build_group(self, per_seq, keys, values, starts, heads, group_size) -> HeadGroup:
+        batch, _, _, dim = keys.shape
+        kept = max(idx.shape[1] for idx in per_seq)
+        capacity = kept + self.reserve
+        device = keys.device
+        k_out = keys.new_zeros(batch, heads.numel(), capacity, dim)
+        v_out = values.new_zeros(batch, heads.numel(), capacity, dim)
+        pad = torch.zeros(batch, dtype=torch.int64, device=device)
+        heads_dev = heads.to(device)
+        for b, (idx, start) in enumerate(zip(per_seq, starts)):
+            offset = kept - idx.shape[1]
+            gather = (idx + start)[..., None].expand(-1, -1, dim)
+            k_out[b, :, offset:kept] = keys[b, heads_dev].gather(1, gather)
+            v_out[b, :, offset:kept] = values[b, heads_dev].gather(1, gather)
+            pad[b] = offset
+        q_heads = (heads[:, None] * group_size + torch.arange(group_size)).flatten().to(device)
+        return HeadGroup(
+            kv_heads=heads_dev, q_heads=q_heads, keys=k_out, values=v_out, length=kept,
+            pad=pad if bool(pad.any()) else None,
+        )
+
+    def get_seq_length(self) -> int:
+        return self.seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.seen + query_length, 0
+
+    def reset(self) -> None:
+        super().reset()
+        self.groups, self.seen, self.valid_start, self.obs_queries = [], 0, None, None
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("CateKVCache cannot be cropped (assisted generation is not supported)")
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        raise NotImplementedError("CateKVCache does not support beam search")
+
+    @property
+    def allocated_bytes(self) -> int:
+        held = sum(g.allocated_bytes for g in self.groups)
+        if self.keys is not None and self.keys.numel():
+            held += self.keys.numel() * self.keys.element_size() * 2
+        return held
+
+
+def _valid_start(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
+    """First non-padding position of each sequence, from the boolean 4D mask of the last query."""
+    if mask is None:
+        return None
+    if mask.dtype != torch.bool:
+        mask = mask == 0  # an additive float mask: 0 where visible
+    visible = mask[:, 0, -1, :length].expand(batch, -1)
+    start = length - visible.sum(dim=-1)
+    positions = torch.arange(length, device=device)
+    if not torch.equal(visible, positions[None, :] >= start[:, None]):
+        raise ValueError("CateKV needs left padding (padding_side='left') with no holes in the attention mask")
+    return start if bool(start.any()) else None
+
+
+class CateKVCache(DynamicCache):
+    """A transformers ``Cache`` holding CateKV's hybrid KV; pass it as the model's cache.
+
+    Args:
+        config: the model's config (sliding-window layers keep transformers' own sliding layers).
+        head_map: bool ``[num_layers, num_kv_heads]``, True for adaptive heads (``Profile.head_map``).
+        params: retention parameters (``Profile.params``, possibly overridden).
+        reserve: decode slots to preallocate per head (capacity grows by doubling past it).
+        eager: select at the end of the prefill call, releasing each layer's full KV right away (peak
+            memory: retained KV + one layer's full KV). Set False to prefill in several calls; selection
+            then happens at the first decode step, with the same result.
+    """
+
+    def __init__(self, config, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE,
+                 eager: bool = True):
+        super().__init__(config=config)
+        if len(self.layers) != head_map.shape[0]:
+            raise ValueError(f"head map has {head_map.shape[0]} layers, the model {len(self.layers)}")
+        for i, layer in enumerate(self.layers):
+            if type(layer) is DynamicLayer:  # sliding-window (and other special) layers stay as they are
+                self.layers[i] = CateKVLayer(head_map[i], params, reserve, eager)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        _pending.set((self, layer_idx))
+        return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def catekv_layer(self, layer_idx: int) -> CateKVLayer | None:
+        layer = self.layers[layer_idx]
+        return layer if isinstance(layer, CateKVLayer) else None
+
+    def memory(self) -> dict[str, int]:
+        """Bytes of KV held (allocated) now, bytes filled, and what full attention would hold for the same tokens."""
+        held = used = full = 0
+        for layer in self.layers:
+            if isinstance(layer, CateKVLayer):
+                held += layer.allocated_bytes
+                used += sum(g.used_bytes for g in layer.groups) or layer.allocated_bytes
+                ref = layer.groups[0].keys if layer.groups else layer.keys
+                if ref is not None and ref.numel():
+                    full += ref.shape[0] * layer.adaptive.numel() * layer.seen * ref.shape[3] * ref.element_size() * 2
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                size = layer.keys.numel() * layer.keys.element_size() * 2
+                held += size
+                used += size
+                full += size
+        return {"allocated_bytes": held, "used_bytes": used, "full_attention_bytes": full}

@@ -1,0 +1,448 @@
+"""The CateKV profile: which KV heads are adaptive, their budgets, the statistics behind that, and provenance.
+
+One safetensors file (docs/profile-format.md). The runtime owns the format: it reads profiles, and the
+profiler writes them through :meth:`Profile.save`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_NAME = "catekv-profile"
+FORMAT_VERSION = 1
+UNLIMITED_BUDGET = -1  # budget of an adaptive head: all of its middle chunks scaled by eta, no token cap
+
+
+class ProfileError(ValueError):
+    """A profile is missing, corrupted, inconsistent, or does not fit the model it is applied to."""
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    """The method's parameters (catekv-method.md, "Parameters")."""
+
+    percentile: float = 0.99  # k
+    alpha: float = 1.0
+    adaptive_ratio: float = 0.4  # r
+    eta: float = 1.0
+    budget: int = 2048  # B, tokens kept by a consistent head
+    chunk_size: int = 8  # c
+    obs_window: int = 64  # L_obs
+    init_tokens: int = 64  # L_init
+    recent_tokens: int = 256  # L_rec
+
+    @classmethod
+    def for_budget(cls, budget: int, **kwargs: Any) -> ProfileParams:
+        """Parameters with the paper's defaults L_init = B/32 and L_rec = B/8 for a given budget B."""
+        kwargs.setdefault("init_tokens", max(1, budget // 32))
+        kwargs.setdefault("recent_tokens", max(1, budget // 8))
+        return cls(budget=budget, **kwargs)
+
+    def validate(self) -> None:
+        """Raise :class:`ProfileError` naming the first parameter that is out of range."""
+        checks = [
+            (0.5 < self.percentile < 1.0, "percentile k must be in (0.5, 1), e.g. 0.99"),
+            (0.0 <= self.alpha <= 1.0, "alpha must be in [0, 1] (1 = plain k-th percentile)"),
+            (0.0 <= self.adaptive_ratio <= 1.0, "adaptive ratio r must be in [0, 1]"),
+            (0.0 < self.eta <= 1.0, "eta must be in (0, 1] (1 = adaptive heads keep their full cache)"),
+            (self.chunk_size >= 1, "chunk size must be >= 1"),
+            (self.obs_window >= 1, "observation window must be >= 1"),
+            (self.init_tokens >= 0, "init tokens must be >= 0"),
+            (self.recent_tokens >= 0, "recent tokens must be >= 0"),
+            (
+                self.budget >= self.init_tokens + self.recent_tokens,
+                f"budget ({self.budget}) must be at least init + recent tokens "
+                f"({self.init_tokens} + {self.recent_tokens})",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ProfileError(f"invalid parameter: {message}; got {self}")
+
+    @property
+    def budget_chunks(self) -> int:
+        """Middle chunks a consistent head keeps: (B - L_init - L_rec) / c."""
+        return (self.budget - self.init_tokens - self.recent_tokens) // self.chunk_size
+
+    def min_prompt_tokens(self) -> int:
+        """Shortest text the profiler can measure: init + one chunk + recent, and at least the window."""
+        return max(self.init_tokens + self.chunk_size + self.recent_tokens, self.obs_window)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a profile was made for; checked before it is applied to a model."""
+
+    model_id: str
+    revision: str
+    architecture: str
+    num_layers: int
+    num_kv_heads: int
+    num_attention_heads: int
+    head_dim: int
+
+
+@dataclass(frozen=True)
+class ReferenceSpec:
+    """The reference set the statistics come from."""
+
+    task: str
+    context_length: int
+    num_samples: int
+    seed: int
+    text_hash: str
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A CateKV head profile.
+
+    Attributes:
+        head_map: bool ``[num_layers, num_kv_heads]``, True for adaptive heads.
+        budgets: int64 ``[num_layers, num_kv_heads]``: tokens kept by consistent heads,
+            :data:`UNLIMITED_BUDGET` (-1) for adaptive heads (they keep ``eta`` of their middle chunks).
+        cv: float32 ``[num_samples, num_layers, num_kv_heads]``: coefficient of variation of chunk hits.
+        threshold: float32, same shape: the attention threshold tau of each sample and head.
+        hit_mean: float32, same shape: mean number of observation queries hitting a chunk.
+        votes: int64 ``[num_layers, num_kv_heads]``: samples in which the head was voted adaptive.
+    """
+
+    head_map: torch.Tensor
+    budgets: torch.Tensor
+    cv: torch.Tensor
+    threshold: torch.Tensor
+    hit_mean: torch.Tensor
+    votes: torch.Tensor
+    params: ProfileParams
+    model: ModelSpec
+    reference: ReferenceSpec
+    provenance: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_statistics(
+        cls,
+        cv: torch.Tensor,
+        threshold: torch.Tensor,
+        hit_mean: torch.Tensor,
+        params: ProfileParams,
+        model: ModelSpec,
+        reference: ReferenceSpec,
+        provenance: dict[str, str] | None = None,
+    ) -> Profile:
+        """Build a profile (head map, votes, budgets) from per-sample statistics."""
+        params.validate()
+        # Stored as float32, so vote on float32 too: loading re-derives the head map from the file.
+        cv, threshold, hit_mean = (t.detach().float().cpu().contiguous() for t in (cv, threshold, hit_mean))
+        if cv.ndim != 3 or threshold.shape != cv.shape or hit_mean.shape != cv.shape:
+            raise ProfileError(
+                f"statistics must all be [samples, layers, kv_heads]; got cv {tuple(cv.shape)}, "
+                f"threshold {tuple(threshold.shape)}, hit_mean {tuple(hit_mean.shape)}"
+            )
+        head_map, votes = vote_adaptive_heads(cv, params.adaptive_ratio)
+        return cls(
+            head_map=head_map,
+            budgets=_budgets(head_map, params.budget),
+            cv=cv,
+            threshold=threshold,
+            hit_mean=hit_mean,
+            votes=votes,
+            params=params,
+            model=model,
+            reference=reference,
+            provenance=dict(provenance or {}),
+        )
+
+    @property
+    def num_layers(self) -> int:
+        return self.head_map.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.head_map.shape[1]
+
+    @property
+    def adaptive_fraction(self) -> float:
+        return self.head_map.float().mean().item()
+
+    def with_adaptive_ratio(self, ratio: float) -> Profile:
+        """The same profile re-derived for another adaptive ratio r from the stored statistics."""
+        params = dataclasses.replace(self.params, adaptive_ratio=float(ratio))
+        return self.replace_params(params)
+
+    def replace_params(self, params: ProfileParams) -> Profile:
+        """The same statistics under other runtime parameters (budget, eta, r, windows)."""
+        params.validate()
+        head_map, votes = vote_adaptive_heads(self.cv, params.adaptive_ratio)
+        return dataclasses.replace(
+            self, params=params, head_map=head_map, votes=votes, budgets=_budgets(head_map, params.budget)
+        )
+
+    def kv_kept_fraction(self, context_length: int) -> float:
+        """Fraction of the full KV cache kept after prefill of a prompt of ``context_length`` tokens."""
+        p = self.params
+        n = int(context_length)
+        num_chunks = max(0, (n - p.init_tokens - p.recent_tokens) // p.chunk_size)
+        if num_chunks == 0:
+            return 1.0
+        tail = n - p.init_tokens - num_chunks * p.chunk_size
+        adaptive_kept = p.init_tokens + adaptive_keep_chunks(num_chunks, p.eta) * p.chunk_size + tail
+        consistent_kept = p.init_tokens + min(p.budget_chunks, num_chunks) * p.chunk_size + tail
+        a = self.adaptive_fraction
+        return (a * adaptive_kept + (1 - a) * consistent_kept) / n
+
+    def check_model(self, spec: ModelSpec) -> None:
+        """Raise :class:`ProfileError` if this profile was made for a model of another shape (or id, when known)."""
+        mine = self.model
+        for name in ("num_layers", "num_kv_heads", "head_dim"):
+            if getattr(mine, name) != getattr(spec, name):
+                raise ProfileError(
+                    f"profile was made for {mine.model_id!r} with {name}={getattr(mine, name)}, but the model "
+                    f"has {name}={getattr(spec, name)}; profile this model with `catekv-profile MODEL -o FILE`"
+                )
+        if mine.model_id and spec.model_id and _norm_id(mine.model_id) != _norm_id(spec.model_id):
+            raise ProfileError(
+                f"profile was made for {mine.model_id!r} but is applied to {spec.model_id!r} (same shapes); "
+                "pass allow_model_mismatch=True if this is intended, e.g. a fine-tune of the same base"
+            )
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the profile to ``path`` atomically (a temporary file renamed into place)."""
+        tensors = {
+            "head_map": self.head_map.to(torch.int8).contiguous(),
+            "budgets": self.budgets.to(torch.int64).contiguous(),
+            "cv": self.cv.float().contiguous(),
+            "threshold": self.threshold.float().contiguous(),
+            "hit_mean": self.hit_mean.float().contiguous(),
+            "votes": self.votes.to(torch.int64).contiguous(),
+        }
+        metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
+        for prefix, section in (("param.", self.params), ("model.", self.model), ("reference.", self.reference)):
+            for key, value in dataclasses.asdict(section).items():
+                metadata[prefix + key] = str(value)
+        for key, value in self.provenance.items():
+            metadata["provenance." + key] = str(value)
+        return atomic_save(tensors, metadata, path)
+
+
+def adaptive_keep_chunks(num_chunks: int, eta: float) -> int:
+    """Middle chunks kept by an adaptive head: ceil(eta * n), all of them at eta = 1."""
+    return min(num_chunks, math.ceil(eta * num_chunks - 1e-9))
+
+
+def vote_adaptive_heads(cv: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the adaptive heads from per-sample CVs ``[S, L, H]`` (catekv-method.md, "Across samples").
+
+    In each sample the heads whose CV is at or below the ``ratio``-quantile of that sample's CVs get a
+    vote. The ``ceil(ratio * L * H)`` heads with most votes are adaptive; ties go to the lower mean CV,
+    then to the lower flat index, so the result is deterministic and has exactly that many heads.
+    Returns ``(head_map bool [L, H], votes int64 [L, H])``.
+    """
+    samples, layers, heads = cv.shape
+    flat = cv.reshape(samples, layers * heads).double()
+    cutoff = torch.quantile(flat, ratio, dim=1, keepdim=True)
+    votes = (flat <= cutoff).sum(dim=0)
+    count = math.ceil(ratio * layers * heads - 1e-9)
+    # Lexicographic sort: most votes first, then lowest mean CV; a stable sort keeps index order on full ties.
+    by_cv = torch.sort(flat.mean(dim=0), stable=True).indices
+    by_votes = torch.sort(votes[by_cv], descending=True, stable=True).indices
+    order = by_cv[by_votes]
+    head_map = torch.zeros(layers * heads, dtype=torch.bool)
+    head_map[order[:count]] = True
+    return head_map.reshape(layers, heads), votes.reshape(layers, heads).to(torch.int64)
+
+
+def _budgets(head_map: torch.Tensor, budget: int) -> torch.Tensor:
+    return torch.where(head_map, UNLIMITED_BUDGET, budget).to(torch.int64)
+
+
+def _norm_id(model_id: str) -> str:
+    return model_id.rstrip("/").lower()
+
+
+def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike[str]) -> Path:
+    """Save a safetensors file so that ``path`` holds either the old file or the complete new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_TENSORS = {  # name: (dtype, shape key); "LH" = [layers, kv heads], "SLH" = [samples, layers, kv heads]
+    "head_map": (torch.int8, "LH"),
+    "budgets": (torch.int64, "LH"),
+    "cv": (torch.float32, "SLH"),
+    "threshold": (torch.float32, "SLH"),
+    "hit_mean": (torch.float32, "SLH"),
+    "votes": (torch.int64, "LH"),
+}
+
+
+def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -> Profile:
+    """Load and validate a profile.
+
+    ``path`` is a local ``.safetensors`` file, or a Hugging Face Hub repo id (``"org/name"`` or
+    ``"org/name@revision"``) holding ``profile.safetensors``; Hub downloads go through huggingface_hub's
+    cache and work offline from it. Raises :class:`ProfileError` naming what is wrong.
+    """
+    local = _resolve(path, revision)
+    try:
+        tensors = load_file(str(local))
+        with safe_open(str(local), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ProfileError(
+            f"{local}: not a readable safetensors file ({e}); the file is truncated or corrupted, "
+            "download or re-create it with `catekv-profile`"
+        ) from None
+    return profile_from_tensors(tensors, metadata, source=str(local))
+
+
+def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
+    local = Path(path)
+    if local.is_file():
+        return local
+    text = str(path)
+    looks_like_repo = (
+        text.count("/") == 1
+        and not text.startswith((".", "/"))
+        and not text.endswith(".safetensors")
+        and not local.parent.is_dir()  # "profiles/llama" is a missing local file, not a repo id
+    )
+    if not looks_like_repo:
+        raise ProfileError(f"profile file {text!r} not found")
+    repo_id, _, rev = text.partition("@")
+    try:
+        from huggingface_hub import hf_hub_download
+    except ImportError:
+        raise ProfileError("loading a profile from the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        return Path(hf_hub_download(repo_id, "profile.safetensors", revision=revision or rev or None))
+    except Exception as e:  # huggingface_hub raises many types; all mean "could not get the file"
+        raise ProfileError(f"could not get profile.safetensors from the Hub repo {repo_id!r}: {e}") from None
+
+
+def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "") -> Profile:
+    """Validate raw tensors and metadata (as stored in the file) and build a :class:`Profile`."""
+    where = f"{source}: " if source else ""
+
+    def fail(message: str) -> ProfileError:
+        return ProfileError(f"{where}{message}")
+
+    if metadata.get("format") != FORMAT_NAME:
+        raise fail(f"not a CateKV profile (format is {metadata.get('format')!r}, expected {FORMAT_NAME!r})")
+    version = metadata.get("format_version", "")
+    if not version.isdigit() or int(version) != FORMAT_VERSION:
+        raise fail(
+            f"unsupported profile format version {version!r}; this catekv reads version {FORMAT_VERSION}: "
+            "upgrade catekv or re-create the profile"
+        )
+    params = _section(ProfileParams, metadata, "param.", fail)
+    model = _section(ModelSpec, metadata, "model.", fail)
+    reference = _section(ReferenceSpec, metadata, "reference.", fail)
+    try:
+        params.validate()
+    except ProfileError as e:
+        raise fail(str(e)) from None
+
+    missing = sorted(set(_TENSORS) - set(tensors))
+    if missing:
+        raise fail(f"missing tensors {missing}")
+    shapes = {"LH": (model.num_layers, model.num_kv_heads)}
+    shapes["SLH"] = (reference.num_samples, *shapes["LH"])
+    for name, (dtype, shape_key) in _TENSORS.items():
+        t = tensors[name]
+        if t.dtype != dtype or tuple(t.shape) != shapes[shape_key]:
+            raise fail(
+                f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shapes[shape_key]} "
+                f"(num_samples x num_layers x num_kv_heads from the metadata)"
+            )
+    for name in ("cv", "threshold", "hit_mean"):
+        t = tensors[name]
+        if not torch.isfinite(t).all() or (t < 0).any():
+            raise fail(f"tensor {name!r} holds negative or non-finite values")
+    cv = tensors["cv"]
+    head_map = tensors["head_map"]
+    if not ((head_map == 0) | (head_map == 1)).all():
+        raise fail("tensor 'head_map' must hold only 0 (consistent) and 1 (adaptive)")
+    profile = Profile.from_statistics(
+        cv,
+        tensors["threshold"],
+        tensors["hit_mean"],
+        params,
+        model,
+        reference,
+        provenance={k.removeprefix("provenance."): v for k, v in metadata.items() if k.startswith("provenance.")},
+    )
+    if not torch.equal(profile.head_map, head_map.bool()) or not torch.equal(profile.votes, tensors["votes"]):
+        raise fail(
+            "the stored head map or votes do not follow from the stored statistics and adaptive ratio; "
+            "the file was edited or corrupted: re-create it with `catekv-profile`"
+        )
+    if not torch.equal(profile.budgets, tensors["budgets"]):
+        raise fail("the stored budgets do not match the head map and budget parameter")
+    return profile
+
+
+def _section(cls: type, metadata: dict[str, str], prefix: str, fail: Any) -> Any:
+    values = {}
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        if key not in metadata:
+            raise fail(f"metadata key {key!r} is missing")
+        raw = metadata[key]
+        try:
+            values[f.name] = _parse(raw, f.type)
+        except ValueError:
+            raise fail(f"metadata {key!r}={raw!r} is not a valid {f.type}") from None
+    return cls(**values)
+
+
+def _parse(raw: str, type_name: Any) -> Any:
+    name = type_name if isinstance(type_name, str) else type_name.__name__
+    if name == "int":
+        return int(raw)
+    if name == "float":
+        value = float(raw)
+        if not math.isfinite(value):
+            raise ValueError(raw)
+        return value
+    return raw
+
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "UNLIMITED_BUDGET",
+    "ModelSpec",
+    "Profile",
+    "ProfileError",
+    "ProfileParams",
+    "ReferenceSpec",
+    "adaptive_keep_chunks",
+    "atomic_save",
+    "load_profile",
+    "profile_from_tensors",
+    "vote_adaptive_heads",
+]

@@ -1,0 +1,219 @@
+"""Tests of catekv_profiler.models: resolving MODEL, refusing bad inputs, and ModelInfo."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import FAMILIES, make_tiny_model, requires_smollm2
+
+from catekv_profiler.models import EMBEDDED_MODELS, ModelError, ModelInfo, load_model, model_info, resolve_dtype
+
+
+def test_tiny_model_info_counts(tiny_model):
+    info = model_info(tiny_model)
+    assert info.architecture == type(tiny_model).__name__
+    assert (info.num_layers, info.num_attention_heads, info.num_kv_heads, info.head_dim) == (3, 4, 2, 16)
+    assert info.max_context == 4096
+    assert info.sliding_window_layers == ()
+    # head_dim and num_kv_heads must match the real projections, which is what capture code relies on.
+    attn = tiny_model.model.layers[0].self_attn
+    q_size, kv_size = info.num_attention_heads * info.head_dim, info.num_kv_heads * info.head_dim
+    if hasattr(attn, "qkv_proj"):  # Phi-3 fuses q, k and v into one projection
+        assert attn.qkv_proj.out_features == q_size + 2 * kv_size
+    else:
+        assert (attn.q_proj.out_features, attn.k_proj.out_features) == (q_size, kv_size)
+
+
+def test_tiny_model_is_eval_float32_sdpa_and_seeded(tiny_model):
+    assert not tiny_model.training
+    assert tiny_model.dtype == torch.float32
+    assert tiny_model.config._attn_implementation == "sdpa"
+    assert not any(p.requires_grad for p in tiny_model.parameters())
+    again = make_tiny_model(tiny_model.config.model_type)
+    assert all(torch.equal(a, b) for a, b in zip(tiny_model.parameters(), again.parameters()))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mistral"])
+def test_sliding_window_layers_detected(family):
+    # transformers' Qwen2 slides only on layers >= max_window_layers (1 in the tiny config); Mistral on all.
+    expected = (1, 2) if family == "qwen2" else (0, 1, 2)
+    assert model_info(make_tiny_model(family, sliding_window=32)).sliding_window_layers == expected
+    assert model_info(make_tiny_model(family)).sliding_window_layers == ()
+
+
+def test_qwen2_window_is_ignored_without_use_sliding_window():
+    # Qwen2Config nulls sliding_window when use_sliding_window is False, as real Qwen2.5 configs set it.
+    model = make_tiny_model("qwen2", sliding_window=32, use_sliding_window=False)
+    assert model_info(model).sliding_window_layers == ()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folder_round_trip(tmp_path, family):
+    saved = make_tiny_model(family, seed=3)
+    saved.save_pretrained(tmp_path)
+    model, tokenizer, info = load_model(str(tmp_path))
+    assert (info.model_id, info.source, info.revision) == (str(tmp_path), "folder", "")
+    assert info == dataclasses.replace(model_info(saved), model_id=str(tmp_path), source="folder")
+    assert tokenizer is None  # save_pretrained of a bare model writes no tokenizer
+    assert not model.training and model.config._attn_implementation == "sdpa"
+    assert not any(p.requires_grad for p in model.parameters())
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, saved(ids).logits)
+
+
+def test_folder_loads_in_bf16(tmp_path):
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    model, _, _ = load_model(str(tmp_path), dtype="bf16")
+    assert model.dtype == torch.bfloat16
+
+
+def test_info_dict_round_trip():
+    info = model_info(make_tiny_model("qwen2", sliding_window=32))
+    data = json.loads(json.dumps(info.to_dict()))
+    assert ModelInfo.from_dict(data) == info
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent/model", "missing.gguf", "./no/such/folder"])
+def test_missing_path_is_not_found(spec):
+    with pytest.raises(ModelError, match="not found"):
+        load_model(spec)
+
+
+def test_encoder_only_folder_is_refused(tmp_path):
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")  # never read: the config check comes first
+    with pytest.raises(ModelError, match=r"not a causal \(decoder-only\) language model"):
+        load_model(str(tmp_path))
+
+
+def test_encoder_decoder_folder_is_refused(tmp_path):
+    from transformers import T5Config
+
+    T5Config(d_model=32, num_layers=1, num_heads=2, d_ff=64, vocab_size=64).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ModelError, match="encoder-decoder"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_only_folder_is_refused(tmp_path):
+    make_tiny_model("llama").config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"")  # never unpickled
+    with pytest.raises(ModelError, match="only safetensors or GGUF weights"):
+        load_model(str(tmp_path))
+
+
+def test_folder_without_config_is_refused(tmp_path):
+    with pytest.raises(ModelError, match="no config.json"):
+        load_model(str(tmp_path))
+
+
+def test_non_gguf_file_is_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"")
+    with pytest.raises(ModelError, match="not a .gguf file"):
+        load_model(str(path))
+
+
+def test_revision_is_refused_for_local_models(tmp_path):
+    with pytest.raises(ModelError, match="only applies to Hub ids"):
+        load_model(str(tmp_path), revision="main")
+
+
+def test_dtype_names():
+    assert resolve_dtype("auto", "cpu") == torch.float32
+    assert resolve_dtype("auto", "cuda") == torch.bfloat16
+    assert resolve_dtype("BF16") == resolve_dtype(torch.bfloat16) == torch.bfloat16
+    assert resolve_dtype("fp16") == torch.float16
+    with pytest.raises(ModelError, match="unknown dtype 'int8'.*bfloat16"):
+        load_model("smollm2-135m", dtype="int8")  # refused before anything is loaded
+
+
+def test_embedded_table():
+    entry = EMBEDDED_MODELS["smollm2-135m"]
+    assert entry.filename.endswith(".gguf") and len(entry.sha256) == 64
+    assert entry.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_embedded_smollm2(smollm2):
+    model, tokenizer, info = smollm2
+    assert (info.num_layers, info.num_kv_heads, info.num_attention_heads, info.head_dim) == (30, 3, 9, 64)
+    assert info.source == "embedded"
+    assert info.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert info.revision == EMBEDDED_MODELS["smollm2-135m"].sha256
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.max_context == 8192 and info.sliding_window_layers == ()
+    assert model.dtype == torch.float32 and not model.training
+    assert model.config._attn_implementation == "sdpa"
+    # The GGUF loader leaves plain dense Linear layers (Q4_1 de-quantised), which the capture hooks expect.
+    assert type(model.model.layers[0].self_attn.k_proj) is torch.nn.Linear
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=3, do_sample=False)
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
+
+
+@requires_smollm2
+def test_embedded_hash_mismatch_is_refused(monkeypatch):
+    # A wrong hash in the table must be caught before anything is loaded.
+    entry = dataclasses.replace(EMBEDDED_MODELS["smollm2-135m"], sha256="0" * 64)
+    monkeypatch.setitem(EMBEDDED_MODELS, "bad", entry)
+    with pytest.raises(ModelError, match="expected 0000"):
+        load_model("bad")
+
+
+@requires_smollm2
+def test_gguf_path_provenance(monkeypatch):
+    # How a .gguf path is resolved, without paying for a second 10 s load: stop at the loader call.
+    from catekv_profiler import models
+
+    calls = []
+    monkeypatch.setattr(models, "_load_gguf", lambda path, provenance, *args: calls.append((path, provenance)))
+    path = EMBEDDED_MODELS["smollm2-135m"].path().resolve()
+    load_model(str(path))
+    expected = {"model_id": str(path), "revision": EMBEDDED_MODELS["smollm2-135m"].sha256, "source": "gguf"}
+    assert calls == [(path, expected)]
+
+
+def _fake_hub_cache(cache, repo_id: str, commit: str) -> Path:
+    """An offline Hugging Face cache entry: models--owner--name/{refs/main, snapshots/<commit>/}."""
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    return repo / "snapshots" / commit
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """Point huggingface_hub at an empty cache in tmp_path and forbid network access."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    return tmp_path / "hub"
+
+
+def test_hub_id_loads_from_cache_with_commit(offline_hub):
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    make_tiny_model("qwen2", sliding_window=16).save_pretrained(_fake_hub_cache(offline_hub, "me/tiny", commit))
+    model, tokenizer, info = load_model("me/tiny")
+    assert (info.model_id, info.source, info.revision) == ("me/tiny", "hub", commit)
+    assert info.sliding_window_layers == (1, 2)
+    assert tokenizer is None  # the repo has no tokenizer files
+
+
+def test_hub_pickle_only_repo_is_refused(offline_hub):
+    snapshot = _fake_hub_cache(offline_hub, "me/pickled", "f" * 40)
+    make_tiny_model("llama").config.save_pretrained(snapshot)
+    (snapshot / "pytorch_model.bin").write_bytes(b"")  # never unpickled
+    with pytest.raises(ModelError, match="only safetensors or GGUF weights"):
+        load_model("me/pickled")
+
+
+def test_unknown_hub_id_is_a_model_error(offline_hub):
+    with pytest.raises(ModelError, match="not an embedded model .*smollm2-135m"):
+        load_model("nobody/nothing")

@@ -1,0 +1,238 @@
+"""The runtime against independent references: full attention, a naive selection, single-sequence runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from transformers import DynamicCache
+
+import catekv_runtime as ck
+from catekv_runtime.cache import CateKVLayer
+from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec
+
+FAMILIES = ["llama", "qwen2"]
+
+
+def make_profile(model, ratio: float, seed: int = 0, **params) -> Profile:
+    """A profile with random statistics for ``model`` (which heads are adaptive is what matters here)."""
+    spec = ck.model_spec(model)
+    cv = torch.rand(3, spec.num_layers, spec.num_kv_heads, generator=torch.Generator().manual_seed(seed))
+    defaults = dict(budget=64, init_tokens=4, recent_tokens=16, chunk_size=4, obs_window=8)
+    p = ProfileParams(adaptive_ratio=ratio, **{**defaults, **params})
+    return Profile.from_statistics(cv, cv, cv, p, spec, ReferenceSpec("test", 256, 3, 0, "none"))
+
+
+def greedy(model, ids, steps, **kwargs):
+    out = model.generate(ids, max_new_tokens=steps, min_new_tokens=steps, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True, **kwargs)
+    return out.sequences, torch.stack(out.scores)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_nothing_evicted_equals_full_attention(family):
+    """r = 1, eta = 1: every head keeps everything, so prefill + 32 decode steps match full attention."""
+    model = make_tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 300), generator=torch.Generator().manual_seed(1))
+    ref_tokens, ref_scores = greedy(model, ids, 32)
+    ck.apply(model, make_profile(model, 1.0))
+    tokens, scores = greedy(model, ids, 32)
+    ck.remove(model)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)  # fp32; observed ~1e-7
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_short_prompt_keeps_full_cache_exactly(family):
+    """A prompt that fits the budget is not compressed, whatever the head map says."""
+    model = make_tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 60), generator=torch.Generator().manual_seed(2))
+    ref_tokens, ref_scores = greedy(model, ids, 16)
+    ck.apply(model, make_profile(model, 0.0, budget=64))
+    tokens, scores = greedy(model, ids, 16)
+    ck.remove(model)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def naive_retained(queries, keys, scale, p: ProfileParams, keep_chunks: int) -> list[list[int]]:
+    """catekv-method.md "Runtime", written plainly: one head, one query, one chunk at a time."""
+    num_q, n = queries.shape[0], keys.shape[1]
+    group = num_q // keys.shape[0]
+    num_chunks = (n - p.init_tokens - p.recent_tokens) // p.chunk_size
+    mid_start, mid_end = p.init_tokens, p.init_tokens + num_chunks * p.chunk_size
+    obs = queries.shape[1]
+    kept = []
+    for h in range(keys.shape[0]):
+        probs = torch.zeros(obs, mid_end - mid_start, dtype=torch.float64)
+        for qh in range(h * group, (h + 1) * group):
+            for i in range(obs):
+                pos = n - obs + i
+                logits = [
+                    (queries[qh, i].double() @ keys[h, t].double()).item() * scale if t <= pos else -math.inf
+                    for t in range(mid_start, mid_end)
+                ]
+                probs[i] += torch.softmax(torch.tensor(logits, dtype=torch.float64), 0) / group
+        scores = [
+            sum(probs[i, c * p.chunk_size : (c + 1) * p.chunk_size].max().item() for i in range(obs))
+            for c in range(num_chunks)
+        ]
+        best = sorted(sorted(range(num_chunks), key=lambda c: -scores[c])[:keep_chunks])
+        tokens = list(range(p.init_tokens))
+        for c in best:
+            tokens += range(mid_start + c * p.chunk_size, mid_start + (c + 1) * p.chunk_size)
+        kept.append(tokens + list(range(mid_end, n)))
+    return kept
+
+
+@pytest.mark.parametrize("recent", [16, 4])  # 4 < obs_window: some middle keys follow observation queries
+def test_retained_tokens_equal_naive_selection(recent):
+    model = make_tiny_model("llama")
+    n = 150
+    ids = torch.randint(0, model.config.vocab_size, (1, n), generator=torch.Generator().manual_seed(3))
+    profile = make_profile(model, 0.5, recent_tokens=recent)
+    p = profile.params
+
+    captured = {}  # layer -> (queries, keys) of full attention, through the same post-RoPE tensors
+
+    def grab(module, query, key):
+        captured[module.layer_idx] = (query[0, :, -p.obs_window :].clone(), key[0].clone())
+
+    from catekv_profiler.capture import capture_attention
+
+    with torch.no_grad(), capture_attention(model, grab):
+        model(ids, use_cache=False)
+
+    ck.apply(model, profile)
+    cache = ck.make_cache(model, profile)
+    with torch.no_grad():
+        model(ids, **{ck.cache_argument(model): cache}, use_cache=True)
+    ck.remove(model)
+    for layer_idx, layer in enumerate(cache.layers):
+        queries, keys = captured[layer_idx]
+        consistent = (~profile.head_map[layer_idx]).nonzero().flatten()
+        group = next(g for g in layer.groups if torch.equal(g.kv_heads, consistent)) if consistent.numel() else None
+        if group is None:
+            continue
+        expected = naive_retained(queries, keys, model.model.layers[0].self_attn.scaling, p, p.budget_chunks)
+        for i, h in enumerate(consistent.tolist()):
+            want = keys[h, expected[h]]
+            torch.testing.assert_close(group.keys[0, i, : group.length], want, rtol=0, atol=1e-6)
+        assert group.length == p.budget - p.recent_tokens + (n - p.init_tokens - recent) % p.chunk_size + recent
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_left_padded_batch_equals_single_runs(family):
+    model = make_tiny_model(family)
+    gen = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(3, model.config.vocab_size, (n,), generator=gen) for n in (210, 150, 97)]
+    profile = make_profile(model, 0.5)
+    ck.apply(model, profile)
+    singles = [greedy(model, p[None], 12) for p in prompts]
+    width = max(len(p) for p in prompts)
+    ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, width - len(p) :] = p
+        mask[b, width - len(p) :] = 1
+    tokens, scores = greedy(model, ids, 12, attention_mask=mask, pad_token_id=0)
+    ck.remove(model)
+    for b, (single_tokens, single_scores) in enumerate(singles):
+        assert torch.equal(tokens[b, width:], single_tokens[0, len(prompts[b]) :])
+        torch.testing.assert_close(scores[:, b], single_scores[:, 0], rtol=0, atol=2e-4)
+
+
+def test_chunked_prefill_equals_single_prefill():
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 260), generator=torch.Generator().manual_seed(5))
+    ck.apply(model, make_profile(model, 0.5))
+    ref_tokens, ref_scores = greedy(model, ids, 10)
+    tokens, scores = greedy(model, ids, 10, prefill_chunk_size=64)
+    ck.remove(model)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_bytes_held_equal_formula():
+    model = make_tiny_model("llama")
+    n, steps = 300, 5
+    ids = torch.randint(0, model.config.vocab_size, (2, n), generator=torch.Generator().manual_seed(6))
+    profile = make_profile(model, 0.5)
+    p = profile.params
+    ck.apply(model, profile)
+    cache = ck.make_cache(model, profile, reserve=steps)
+    with torch.no_grad():
+        out = model(ids, **{ck.cache_argument(model): cache}, use_cache=True)
+        for _ in range(steps):
+            out = model(out.logits[:, -1:].argmax(-1), **{ck.cache_argument(model): cache}, use_cache=True)
+    ck.remove(model)
+    cfg = model.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    per_token = 2 * 4 * head_dim * 2  # K and V, fp32, batch 2
+    num_chunks = (n - p.init_tokens - p.recent_tokens) // p.chunk_size
+    tail = n - p.init_tokens - num_chunks * p.chunk_size
+    consistent_tokens = p.init_tokens + p.budget_chunks * p.chunk_size + tail + steps
+    adaptive = int(profile.head_map.sum())
+    consistent = profile.head_map.numel() - adaptive
+    used = per_token * (adaptive * (n + steps) + consistent * consistent_tokens)
+    memory = cache.memory()
+    assert memory["used_bytes"] == used
+    assert memory["allocated_bytes"] == used  # reserve == steps: capacity exactly filled
+    assert memory["full_attention_bytes"] == per_token * profile.head_map.numel() * (n + steps)
+    assert isinstance(cache.layers[0], CateKVLayer)
+
+
+def test_capacity_grows_past_reserve():
+    model = make_tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(7))
+    profile = make_profile(model, 0.5)
+    ck.apply(model, profile)
+    ref_tokens, ref_scores = greedy(model, ids, 20)
+    cache = ck.make_cache(model, profile, reserve=2)
+    tokens, scores = greedy(model, ids, 20, **{ck.cache_argument(model): cache})
+    ck.remove(model)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-5)
+
+
+def test_profile_for_another_model_is_refused():
+    model = make_tiny_model("llama")
+    other = make_tiny_model("llama", num_hidden_layers=5)
+    with pytest.raises(ck.ProfileError, match="num_layers"):
+        ck.apply(model, make_profile(other, 0.5))
+    assert model.config._attn_implementation == "sdpa"  # nothing was changed
+
+
+def test_unknown_override_is_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(TypeError, match="unknown CateKV overrides"):
+        ck.apply(model, make_profile(model, 0.5), budjet=32)
+
+
+def test_overrides_change_the_budget_and_ratio():
+    model = make_tiny_model("llama")
+    ck.apply(model, make_profile(model, 0.5), budget=128, adaptive_ratio=0.25)
+    params = model._catekv.profile.params
+    ck.remove(model)
+    assert (params.budget, params.init_tokens, params.recent_tokens, params.adaptive_ratio) == (128, 4, 16, 0.25)
+    assert not hasattr(model, "_catekv") and "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])  # all layers slide / layer 0 full, the rest slide
+def test_sliding_window_layers_keep_their_cache(family):
+    model = make_tiny_model(family, sliding_window=64)
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(8))
+    ref_tokens, ref_scores = greedy(model, ids, 8)
+    ck.apply(model, make_profile(model, 1.0))
+    cache = ck.make_cache(model, model._catekv.profile)
+    tokens, scores = greedy(model, ids, 8, **{ck.cache_argument(model): cache})
+    ck.remove(model)
+    plain = DynamicCache(config=model.config)
+    for layer, plain_layer in zip(cache.layers, plain.layers):
+        assert isinstance(layer, CateKVLayer) == (not plain_layer.is_sliding)
+        if plain_layer.is_sliding:
+            assert type(layer) is type(plain_layer)
+    assert torch.equal(tokens, ref_tokens)
+    torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)

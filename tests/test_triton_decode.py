@@ -1,0 +1,255 @@
+"""Split-K Triton decode attention against a float32 PyTorch reference.
+
+Without CUDA the kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1 is set here, before
+the kernel module is imported, and only then: on a GPU machine the same tests run compiled). The
+shapes are kept small for the interpreter; tests marked ``gpu`` add large shapes and CUDA graphs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+pytest.importorskip("triton")
+
+from catekv_runtime.kernels import triton_decode as td  # noqa: E402
+
+if os.environ.get("TRITON_INTERPRET") == "1" and type(td._split_kernel).__name__ != "InterpretedFunction":
+    td = importlib.reload(td)  # someone imported it before the variable was set: re-decorate
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 1e-2}
+SMALL = td.DecodeConfig(block_n=32)  # several blocks per sequence even at CAP <= 300
+FUSED = td.DecodeConfig(block_n=32, fused_combine=True)
+
+
+def _rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, generator=g).to(dtype=dtype, device=DEVICE)
+
+
+def _ints(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=DEVICE)
+
+
+def _case(batch: int, kv_heads: int, group: int, cap: int, dim: int, dtype: torch.dtype, seed: int = 0):
+    q = _rand(batch, kv_heads * group, dim, dtype=dtype, seed=seed)
+    k = _rand(batch, kv_heads, cap, dim, dtype=dtype, seed=seed + 1)
+    v = _rand(batch, kv_heads, cap, dim, dtype=dtype, seed=seed + 2)
+    return q, k, v
+
+
+def _poisoned(like: torch.Tensor) -> torch.Tensor:
+    return torch.full_like(like, float("nan"))
+
+
+def _check(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> None:
+    assert not out.isnan().any(), "some output element was not written"
+    err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < TOL[dtype], f"relative error {err:.3g}"
+
+
+# Ragged: length 1, length == CAP, lengths that are not multiples of the block, padding starts.
+RAGGED = {"lengths": [1, 300, 203], "starts": [0, 37, 150]}
+
+
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 7])
+def test_matches_reference_fp32(group: int, dim: int) -> None:
+    q, k, v = _case(3, 2, group, 300, dim, torch.float32, seed=group * dim)
+    lengths, starts = _ints(RAGGED["lengths"]), _ints(RAGGED["starts"])
+    ref = td.decode_attention_reference(q, k, v, lengths, starts)
+    # 1 split, 3 splits, and more splits than any sequence has blocks (300 / 32 -> at most 10).
+    for splits in (1, 3, 16):
+        out = _poisoned(q)
+        res = td.decode_attention(q, k, v, lengths, starts, num_splits=splits, out=out, config=SMALL)
+        assert res is out
+        _check(out, ref, torch.float32)
+
+
+def test_no_starts_and_default_splits() -> None:
+    q, k, v = _case(2, 2, 4, 130, 64, torch.float32, seed=3)
+    lengths = _ints([130, 65])
+    out = td.decode_attention(q, k, v, lengths)  # default config (block 64), heuristic splits
+    _check(out, td.decode_attention_reference(q, k, v, lengths), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision(dtype: torch.dtype) -> None:
+    q, k, v = _case(3, 2, 4, 300, 128, dtype, seed=5)
+    lengths, starts = _ints(RAGGED["lengths"]), _ints(RAGGED["starts"])
+    out = _poisoned(q)
+    td.decode_attention(q, k, v, lengths, starts, num_splits=3, out=out, config=SMALL)
+    assert out.dtype == dtype
+    _check(out, td.decode_attention_reference(q.float(), k.float(), v.float(), lengths, starts), dtype)
+
+
+def test_one_split_holds_the_whole_sequence() -> None:
+    q, k, v = _case(2, 1, 4, 256, 64, torch.float32, seed=7)
+    lengths, starts = _ints([200, 256]), _ints([180, 0])  # sequence 0: 20 keys, one block
+    ws = td.make_workspace(2, 4, 64, 4, DEVICE)
+    out = _poisoned(q)
+    td.decode_attention(q, k, v, lengths, starts, out=out, config=SMALL, workspace=ws)
+    _check(out, td.decode_attention_reference(q, k, v, lengths, starts), torch.float32)
+    finite = torch.isfinite(ws.partial_lse).sum(-1)  # [B, H_q] splits that saw keys
+    assert finite[0].tolist() == [1] * 4 and finite[1].tolist() == [4] * 4
+
+
+def test_empty_sequence_gives_zeros() -> None:
+    q, k, v = _case(2, 2, 2, 64, 64, torch.float32, seed=9)
+    lengths, starts = _ints([0, 64]), _ints([0, 64])  # nothing valid in either sequence
+    out = _poisoned(q)
+    td.decode_attention(q, k, v, lengths, starts, num_splits=3, out=out, config=SMALL)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_strided_q_and_out() -> None:
+    """q and out may be views (e.g. a [B, 1, H, D] projection, a slice of a larger buffer)."""
+    q_full = _rand(3, 1, 8, 64, seed=11)
+    q = q_full[:, 0]
+    _, k, v = _case(3, 2, 4, 300, 64, torch.float32, seed=11)
+    big = torch.full((3, 10, 64 * 2), float("nan"), device=DEVICE)
+    out = big[:, 1:9, ::2]  # non-unit strides everywhere
+    lengths, starts = _ints(RAGGED["lengths"]), _ints(RAGGED["starts"])
+    td.decode_attention(q, k, v, lengths, starts, num_splits=3, out=out, config=SMALL)
+    _check(out, td.decode_attention_reference(q, k, v, lengths, starts), torch.float32)
+    assert big[:, 0].isnan().all() and big[:, 9].isnan().all() and big[:, 1:9, 1::2].isnan().all()
+
+
+@pytest.mark.parametrize("splits", [1, 3, 16])
+def test_fused_combine(splits: int) -> None:
+    q, k, v = _case(3, 2, 4, 300, 64, torch.float32, seed=13)
+    lengths, starts = _ints(RAGGED["lengths"]), _ints(RAGGED["starts"])
+    ws = td.make_workspace(3, 8, 64, splits, DEVICE)
+    ref = td.decode_attention_reference(q, k, v, lengths, starts)
+    for _ in range(2):  # the counters must be reset for the next call
+        out = _poisoned(q)
+        td.decode_attention(q, k, v, lengths, starts, out=out, config=FUSED, workspace=ws)
+        _check(out, ref, torch.float32)
+        assert not ws.counters.any()
+
+
+def _two_groups(dtype: torch.dtype, seed: int = 17):
+    """Llama-like layer: 4 KV heads x 2 query heads; KV heads 1 and 3 adaptive (long cache)."""
+    batch, group, dim = 3, 2, 64
+    q = _rand(batch, 8, dim, dtype=dtype, seed=seed)
+    layout = [  # kv heads, capacity, lengths, starts
+        ([1, 3], 300, [1, 300, 203], [0, 37, 150]),
+        ([0, 2], 80, [70, 80, 33], [0, 5, 0]),
+    ]
+    groups = []
+    for i, (heads, cap, lengths, starts) in enumerate(layout):
+        k = _rand(batch, len(heads), cap, dim, dtype=dtype, seed=seed + 10 * i + 1)
+        v = _rand(batch, len(heads), cap, dim, dtype=dtype, seed=seed + 10 * i + 2)
+        q_index = torch.tensor([h * group + j for h in heads for j in range(group)], device=DEVICE)
+        groups.append(td.KVGroup(k, v, _ints(lengths), _ints(starts), q_index))
+    ref = torch.empty(batch, 8, dim, dtype=torch.float32, device=DEVICE)
+    for g in groups:
+        ref[:, g.q_head_index] = td.decode_attention_reference(
+            q[:, g.q_head_index].float(), g.k_cache.float(), g.v_cache.float(), g.lengths, g.starts).float()
+    return q, groups, ref
+
+
+@pytest.mark.parametrize("config", [SMALL, FUSED], ids=["combine-kernel", "fused"])
+@pytest.mark.parametrize("splits", [3, 16])
+def test_two_groups(config: td.DecodeConfig, splits: int) -> None:
+    q, groups, ref = _two_groups(torch.float32)
+    out = _poisoned(q)
+    res = td.decode_attention_two_groups(q, [tuple(g) for g in groups], out=out, num_splits=splits,
+                                         config=config)
+    assert res is out
+    _check(out, ref, torch.float32)
+
+
+def test_two_groups_bf16() -> None:
+    q, groups, ref = _two_groups(torch.bfloat16, seed=23)
+    out = _poisoned(q)
+    td.decode_attention_two_groups(q, groups, out=out, config=SMALL)
+    _check(out, ref, torch.bfloat16)
+
+
+def test_workspace_is_reused_and_validated() -> None:
+    q, k, v = _case(2, 2, 2, 128, 64, torch.float32, seed=29)
+    ws = td.make_workspace(2, 4, 64, 5, DEVICE)
+    out = _poisoned(q)
+    for lengths in ([128, 7], [9, 100]):  # same buffers, new fill: what a graph replay does
+        out.fill_(float("nan"))
+        td.decode_attention(q, k, v, _ints(lengths), out=out, config=SMALL, workspace=ws)
+        _check(out, td.decode_attention_reference(q, k, v, _ints(lengths)), torch.float32)
+    with pytest.raises(ValueError, match="workspace"):
+        td.decode_attention(q, k, v, _ints([1, 1]), num_splits=4, workspace=ws)
+    with pytest.raises(ValueError, match="multiple"):
+        td.decode_attention(q[:, :3], k, v, _ints([1, 1]))
+    with pytest.raises(ValueError, match="cover"):
+        td.decode_attention_two_groups(q, [(k, v, _ints([1, 1]), None, torch.arange(2, device=DEVICE))])
+
+
+def test_default_num_splits_depends_on_shapes_only() -> None:
+    # Llama-3-8B decode at batch 1: ~4 programs per SM of an H200.
+    assert td.default_num_splits(1, 8, 131072) == math.ceil(4 * 132 / 8)
+    assert td.default_num_splits(8, 8, 131072) == math.ceil(4 * 132 / 64)
+    assert td.default_num_splits(1, 8, 300) == 2  # tiny cache: at least 4 blocks per split
+    assert td.default_num_splits(1, 1, 10**7) == 128  # capped
+    assert td.default_num_splits(64, 32, 10**6) == 1
+
+
+def test_runtime_import_does_not_need_triton() -> None:
+    code = "import sys, catekv_runtime, catekv_runtime.kernels; assert 'triton' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: realistic shapes, CUDA graphs, repeated fused launches (races would show up here).
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [td.DEFAULT_CONFIG, td.DecodeConfig(fused_combine=True)],
+                         ids=["combine-kernel", "fused"])
+def test_gpu_llama_shapes_bf16(config: td.DecodeConfig) -> None:
+    q, k, v = _case(3, 8, 4, 20000, 128, torch.bfloat16, seed=31)
+    lengths, starts = _ints([20000, 12345, 1]), _ints([0, 100, 0])
+    ref = td.decode_attention_reference(q, k, v, lengths, starts)
+    for _ in range(20):
+        out = td.decode_attention(q, k, v, lengths, starts, out=_poisoned(q), config=config)
+        _check(out, ref, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [td.DEFAULT_CONFIG, td.DecodeConfig(fused_combine=True)],
+                         ids=["combine-kernel", "fused"])
+def test_gpu_cuda_graph_replay_follows_device_lengths(config: td.DecodeConfig) -> None:
+    q, k, v = _case(2, 8, 4, 8192, 128, torch.bfloat16, seed=37)
+    lengths = _ints([100, 5000])
+    out = torch.empty_like(q)
+    ws = td.make_workspace(2, 32, 128, td.default_num_splits(2, 8, 8192), DEVICE)
+    td.decode_attention(q, k, v, lengths, out=out, config=config, workspace=ws)  # compile first
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        td.decode_attention(q, k, v, lengths, out=out, config=config, workspace=ws)
+    for new in ([100, 5000], [8192, 1], [4097, 63]):
+        lengths.copy_(_ints(new))
+        out.fill_(float("nan"))
+        graph.replay()
+        _check(out, td.decode_attention_reference(q, k, v, lengths), torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_two_groups_fused_bf16() -> None:
+    q, groups, ref = _two_groups(torch.bfloat16, seed=41)
+    for config in (td.DEFAULT_CONFIG, td.DecodeConfig(fused_combine=True)):
+        out = td.decode_attention_two_groups(q, groups, out=_poisoned(q), config=config)
+        _check(out, ref, torch.bfloat16)

@@ -102,6 +102,10 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
                                                 trust_remote_code=trust_remote_code)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
+    if tokenizer is None:
+        raise click.ClickException(
+            f"{model} has no tokenizer files; the reference set is tokenized with the model's own tokenizer"
+        )
     if context_length is None:
         context_length = min(info.max_context or 131072, 131072)
     if info.max_context and context_length > info.max_context:

@@ -115,8 +115,9 @@ def profile_model(
         if len(sample.input_ids) < min_tokens:
             raise ProfilingError(
                 f"reference sample {i} has {len(sample.input_ids)} tokens, fewer than the {min_tokens} that "
-                f"init ({params.init_tokens}) + one chunk ({params.chunk_size}) + recent ({params.recent_tokens}) "
-                "need; use longer texts or a smaller --budget / --init-tokens / --recent-tokens"
+                f"observation window ({params.obs_window}) + init ({params.init_tokens}) + recent "
+                f"({params.recent_tokens}) + one chunk ({params.chunk_size}) need; use longer texts or a smaller "
+                "--budget / --obs-window / --init-tokens / --recent-tokens"
             )
     per_sample: list[SampleStats] = []
     for i, sample in enumerate(samples):

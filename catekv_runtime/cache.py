@@ -178,8 +178,8 @@ class CateKVLayer(DynamicLayer):
         kept = max(idx.shape[1] for idx in per_seq)
         capacity = kept + self.reserve
         device = keys.device
-        k_out = keys.new_zeros(batch, heads.numel(), capacity, dim)
-        v_out = values.new_zeros(batch, heads.numel(), capacity, dim)
+        k_out = keys.new_empty(batch, heads.numel(), capacity, dim)
+        v_out = values.new_empty(batch, heads.numel(), capacity, dim)
         pad = torch.zeros(batch, dtype=torch.int64, device=device)
         heads_dev = heads.to(device)
         for b, (idx, start) in enumerate(zip(per_seq, starts)):
@@ -187,6 +187,9 @@ class CateKVLayer(DynamicLayer):
             gather = (idx + start)[..., None].expand(-1, -1, dim)
             k_out[b, :, offset:kept] = keys[b, heads_dev].gather(1, gather)
             v_out[b, :, offset:kept] = values[b, heads_dev].gather(1, gather)
+            # Padding slots are masked, but must hold finite values: a masked weight of 0 times NaN is NaN.
+            k_out[b, :, :offset] = 0
+            v_out[b, :, :offset] = 0
             pad[b] = offset
         q_heads = (heads[:, None] * group_size + torch.arange(group_size)).flatten().to(device)
         return HeadGroup(

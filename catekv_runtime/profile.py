@@ -75,8 +75,8 @@ class ProfileParams:
         return (self.budget - self.init_tokens - self.recent_tokens) // self.chunk_size
 
     def min_prompt_tokens(self) -> int:
-        """Shortest text the profiler can measure: init + one chunk + recent, and at least the window."""
-        return max(self.init_tokens + self.chunk_size + self.recent_tokens, self.obs_window)
+        """Shortest text the profiler accepts: L_obs + L_init + L_rec + one chunk."""
+        return self.obs_window + self.init_tokens + self.recent_tokens + self.chunk_size
 
 
 @dataclass(frozen=True)

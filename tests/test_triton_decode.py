@@ -138,6 +138,19 @@ def test_fused_combine(splits: int) -> None:
         assert not ws.counters.any()
 
 
+@pytest.mark.parametrize("config", [SMALL, FUSED], ids=["combine-kernel", "fused"])
+def test_combine_in_several_chunks(config: td.DecodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge walks the splits in chunks (32 on the GPU); use chunks of 4 to cover that path."""
+    monkeypatch.setattr(td, "_S_CHUNK", 4)
+    q, k, v = _case(3, 2, 2, 300, 64, torch.float32, seed=19)
+    lengths, starts = _ints(RAGGED["lengths"]), _ints(RAGGED["starts"])
+    ref = td.decode_attention_reference(q, k, v, lengths, starts)
+    for splits in (3, 13):  # one chunk; four chunks, the last one partly beyond num_splits
+        out = _poisoned(q)
+        td.decode_attention(q, k, v, lengths, starts, num_splits=splits, out=out, config=config)
+        _check(out, ref, torch.float32)
+
+
 def _two_groups(dtype: torch.dtype, seed: int = 17):
     """Llama-like layer: 4 KV heads x 2 query heads; KV heads 1 and 3 adaptive (long cache)."""
     batch, group, dim = 3, 2, 64

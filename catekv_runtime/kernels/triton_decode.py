@@ -39,7 +39,8 @@ import triton.language as tl
 
 _LOG2E = 1.4426950408889634
 _H200_SMS = 132  # used when no CUDA device is visible (interpreter runs, planning on CPU)
-_MAX_SPLITS = 128  # bounds the combine tile [splits, head_dim] and the workspace
+_MAX_SPLITS = 128  # bounds the combine's unrolled loop and the workspace
+_S_CHUNK = 32  # splits merged per step of the combine
 
 
 @dataclass(frozen=True)
@@ -99,24 +100,44 @@ class KVGroup(NamedTuple):
 
 
 @triton.jit
+def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """``tl.dot`` in fp32 accumulation; ``UPCAST`` works around Triton's interpreter, which
+    multiplies bf16 operands as their raw uint16 bit patterns (only set when interpreting)."""
+    if UPCAST:
+        res = tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        res = tl.dot(a, b, input_precision=PRECISION)
+    return res
+
+
+@triton.jit
 def _combine_row(PartO, PartLse, Out, row, out_offset, num_splits, stride_od,
-                 S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+                 S_PAD: tl.constexpr, S_CHUNK: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
     """Merge the ``num_splits`` partials of workspace row ``row`` (= b * q_heads + head) into Out."""
-    offs_s = tl.arange(0, S_PAD)
     offs_d = tl.arange(0, D_PAD)
+    base = row * num_splits
     # .cg: read from L2, never from a possibly stale L1 line (the fused path reads partials that
     # other programs wrote during this launch).
-    lse = tl.load(PartLse + row * num_splits + offs_s, mask=offs_s < num_splits,
-                  other=float("-inf"), cache_modifier=".cg")
-    valid = lse > float("-inf")
+    offs_s = tl.arange(0, S_PAD)
+    lse = tl.load(PartLse + base + offs_s, mask=offs_s < num_splits, other=float("-inf"),
+                  cache_modifier=".cg")
     top = tl.max(lse, 0)
     top = tl.where(top > float("-inf"), top, 0.0)  # every split empty: weights all 0, output 0
-    weight = tl.where(valid, tl.exp2(lse - top), 0.0)
-    total = tl.sum(weight, 0)
-    # Rows of empty splits are not even read: they were never written.
-    part = tl.load(PartO + (row * num_splits + offs_s)[:, None] * D + offs_d[None, :],
-                   mask=valid[:, None] & (offs_d < D)[None, :], other=0.0, cache_modifier=".cg")
-    res = tl.sum(part * weight[:, None], 0) / tl.where(total > 0, total, 1.0)
+    total = tl.sum(tl.where(lse > float("-inf"), tl.exp2(lse - top), 0.0), 0)
+    # The [splits, D] fp32 partials go in chunks of S_CHUNK rows to bound register use (the fused
+    # path shares registers with the main loop); the chunks are unrolled so their loads overlap.
+    acc = tl.zeros([D_PAD], tl.float32)
+    for s0 in tl.static_range(0, S_PAD, S_CHUNK):
+        offs_c = s0 + tl.arange(0, S_CHUNK)
+        lse_c = tl.load(PartLse + base + offs_c, mask=offs_c < num_splits, other=float("-inf"),
+                        cache_modifier=".cg")
+        valid = lse_c > float("-inf")
+        weight = tl.where(valid, tl.exp2(lse_c - top), 0.0)
+        # Rows of empty splits are not even read: they were never written.
+        part = tl.load(PartO + (base + offs_c)[:, None] * D + offs_d[None, :],
+                       mask=valid[:, None] & (offs_d < D)[None, :], other=0.0, cache_modifier=".cg")
+        acc += tl.sum(part * weight[:, None], 0)
+    res = acc / tl.where(total > 0, total, 1.0)
     tl.store(Out + out_offset + offs_d * stride_od, res.to(Out.dtype.element_ty), mask=offs_d < D)
 
 
@@ -129,9 +150,9 @@ def _split_kernel(
     stride_ob, stride_oh, stride_od,
     kv_heads, q_heads, capacity, num_splits, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
-    BLOCK_N: tl.constexpr, S_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_STARTS: tl.constexpr, HAS_QIDX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
     split = tl.program_id(1)
@@ -179,7 +200,7 @@ def _split_kernel(
         else:
             kv_mask = n_mask[:, None] & (offs_d < D)[None, :]
         k = tl.load(k_base + offs[:, None] * stride_kn + offs_d[None, :], mask=kv_mask, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        qk = _dot(q, tl.trans(k), PRECISION, UPCAST) * qk_scale
         qk = tl.where(n_mask[None, :], qk, float("-inf"))
         # Every block holds at least one valid key, so m_new is finite and nothing becomes NaN.
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -187,7 +208,7 @@ def _split_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + offs[:, None] * stride_vn + offs_d[None, :], mask=kv_mask, other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
 
     seen = l_i > 0
@@ -217,23 +238,27 @@ def _split_kernel(
                     head = (h * G + g).to(tl.int64)
                 _combine_row(PartO, PartLse, Out, b64 * q_heads + head,
                              b64 * stride_ob + head * stride_oh, num_splits, stride_od,
-                             S_PAD, D, D_PAD)
+                             S_PAD, S_CHUNK, D, D_PAD)
             tl.atomic_xchg(counter, 0)  # ready for the next launch (graph replay)
 
 
 @triton.jit
 def _combine_kernel(PartO, PartLse, Out, q_heads, num_splits, stride_ob, stride_oh, stride_od,
-                    S_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+                    S_PAD: tl.constexpr, S_CHUNK: tl.constexpr, D: tl.constexpr,
+                    D_PAD: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     b = row // q_heads
     head = row % q_heads
     _combine_row(PartO, PartLse, Out, row, b * stride_ob + head * stride_oh, num_splits, stride_od,
-                 S_PAD, D, D_PAD)
+                 S_PAD, S_CHUNK, D, D_PAD)
 
 
 # ----------------------------------------------------------------------------------------------
 # Host side
 # ----------------------------------------------------------------------------------------------
+
+# True when TRITON_INTERPRET=1 was set before this module was imported (CPU tests).
+_INTERPRETED = type(_split_kernel).__name__ == "InterpretedFunction"
 
 
 @functools.lru_cache(maxsize=None)
@@ -327,12 +352,28 @@ def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_s
     return out, workspace, num_splits
 
 
+def _fit_shared_memory(config: DecodeConfig, head_dim: int, element_size: int) -> tuple[int, int]:
+    """``(block_n, num_stages)`` whose K/V pipeline buffers fit Hopper's 227 KB of shared memory:
+    fewer stages first, then smaller blocks (only large head_dim with fp32 caches get here)."""
+    block_n, stages = config.block_n, config.num_stages
+
+    def need(bn: int, st: int) -> int:
+        return 2 * bn * max(16, _next_pow2(head_dim)) * element_size * max(st - 1, 1) + (16 << 10)
+
+    while need(block_n, stages) > (227 << 10) and stages > 2:
+        stages -= 1
+    while need(block_n, stages) > (227 << 10) and block_n > 16:
+        block_n //= 2
+    return block_n, stages
+
+
 def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   lengths: torch.Tensor, starts: torch.Tensor | None,
                   q_head_index: torch.Tensor | None, group_size: int, out: torch.Tensor,
                   ws: DecodeWorkspace, num_splits: int, scale: float, config: DecodeConfig) -> None:
     batch, kv_heads, capacity, dim = k_cache.shape
     q_heads = q.shape[1]
+    block_n, num_stages = _fit_shared_memory(config, dim, k_cache.element_size())
     grid = (batch * kv_heads, num_splits)
     _split_kernel[grid](
         q, k_cache, v_cache, lengths, starts if starts is not None else lengths,
@@ -344,22 +385,24 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         out.stride(0), out.stride(1), out.stride(2),
         kv_heads, q_heads, capacity, num_splits, scale * _LOG2E,
         G=group_size, G_PAD=max(16, _next_pow2(group_size)), D=dim, D_PAD=max(16, _next_pow2(dim)),
-        BLOCK_N=config.block_n, S_PAD=_next_pow2(num_splits),
+        BLOCK_N=block_n, S_PAD=_next_pow2(num_splits),
+        S_CHUNK=min(_next_pow2(num_splits), _S_CHUNK),
         HAS_STARTS=starts is not None, HAS_QIDX=q_head_index is not None,
         FUSED_COMBINE=config.fused_combine,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        UPCAST=_INTERPRETED and k_cache.dtype == torch.bfloat16,
+        num_warps=config.num_warps, num_stages=num_stages,
     )
 
 
 def _launch_combine(out: torch.Tensor, ws: DecodeWorkspace, num_splits: int) -> None:
     batch, q_heads, dim = out.shape
-    s_pad, d_pad = _next_pow2(num_splits), max(16, _next_pow2(dim))
+    s_pad = _next_pow2(num_splits)
     _combine_kernel[(batch * q_heads,)](
         ws.partial_out, ws.partial_lse, out, q_heads, num_splits,
         out.stride(0), out.stride(1), out.stride(2),
-        S_PAD=s_pad, D=dim, D_PAD=d_pad,
-        num_warps=8 if s_pad * d_pad >= 8192 else 4,  # keep the [S, D] fp32 tile off local memory
+        S_PAD=s_pad, S_CHUNK=min(s_pad, _S_CHUNK), D=dim, D_PAD=max(16, _next_pow2(dim)),
+        num_warps=4,
     )
 
 

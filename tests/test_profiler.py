@@ -1,0 +1,181 @@
+"""The profiler end to end: capture, per-sample statistics, checkpoints and resume, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from click.testing import CliRunner
+from conftest import FAMILIES, make_tiny_model
+from transformers import DynamicCache
+
+import catekv_runtime as ck
+from catekv_profiler.capture import capture_attention
+from catekv_profiler.cli import main
+from catekv_profiler.profiler import Checkpoint, ProfilingError, profile_model, sample_statistics, statistics_key
+from catekv_profiler.reference import ReferenceSample
+from catekv_profiler.stats import layer_statistics
+from catekv_runtime.profile import ProfileParams, ReferenceSpec
+
+PARAMS = ProfileParams(budget=64, init_tokens=4, recent_tokens=16, chunk_size=4, obs_window=8, adaptive_ratio=0.4)
+
+
+def random_samples(model, count: int, length: int, seed: int = 0) -> list[ReferenceSample]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        ReferenceSample(text="", input_ids=torch.randint(0, model.config.vocab_size, (length,), generator=gen).tolist(),
+                        answer=[])
+        for _ in range(count)
+    ]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_capture_sees_post_rope_keys_of_every_layer(family):
+    """The keys handed to the profiler are exactly what the model caches (post-RoPE)."""
+    model = make_tiny_model(family)
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(0))
+    seen = {}
+    with torch.no_grad(), capture_attention(model, lambda m, q, k: seen.setdefault(m.layer_idx, (q, k))):
+        model(ids, use_cache=False)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, **{ck.cache_argument(model): cache}, use_cache=True)
+    assert sorted(seen) == list(range(model.config.num_hidden_layers))
+    for i, (q, k) in seen.items():
+        torch.testing.assert_close(k, cache.layers[i].keys, rtol=0, atol=0)
+        assert q.shape[1] == model.config.num_attention_heads and q.shape[2] == 40
+    assert model.config._attn_implementation == "sdpa"  # restored
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_profile_model_on_every_family(family):
+    model = make_tiny_model(family)
+    samples = random_samples(model, 3, 120)
+    spec = ck.model_spec(model)
+    ref = ReferenceSpec("random", 120, 3, 0, "h")
+    profile = profile_model(model, spec, samples, PARAMS, ref)
+    layers, heads = model.config.num_hidden_layers, model.config.num_key_value_heads
+    assert profile.cv.shape == (3, layers, heads)
+    assert int(profile.head_map.sum()) == math.ceil(0.4 * layers * heads)
+    # Sample statistics equal those of the (separately tested) per-layer function on captured tensors.
+    captured = {}
+    with torch.no_grad(), capture_attention(model, lambda m, q, k: captured.setdefault(m.layer_idx, (m, q, k))):
+        model(torch.tensor([samples[1].input_ids]), use_cache=False)
+    for i, (module, q, k) in captured.items():
+        expected = layer_statistics(q[0, :, -PARAMS.obs_window :], k[0], module.scaling, PARAMS)
+        torch.testing.assert_close(profile.cv[1, i], expected.cv)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_statistics_are_close_to_float32(dtype):
+    model = make_tiny_model("llama")
+    ids = random_samples(model, 1, 160)[0].input_ids
+    ref = sample_statistics(model, ids, PARAMS)
+    half = sample_statistics(model.to(dtype), ids, PARAMS)
+    assert all(torch.isfinite(half[name]).all() for name in half)
+    torch.testing.assert_close(half["threshold"], ref["threshold"], rtol=0.1, atol=1e-3)
+
+
+def test_interrupted_run_resumes_from_checkpoint(tmp_path):
+    model = make_tiny_model("qwen2")
+    samples = random_samples(model, 4, 100)
+    spec = ck.model_spec(model)
+    ref = ReferenceSpec("random", 100, 4, 0, "h")
+    out = tmp_path / "p.safetensors"
+    key = statistics_key(PARAMS, spec, "float32")
+
+    def killed(index, resumed):
+        if index == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        profile_model(model, spec, samples, PARAMS, ref, checkpoint=Checkpoint(out, key), on_sample=killed)
+    assert sorted(p.name for p in (tmp_path / "p.safetensors.ckpt").iterdir()) == [
+        "sample_00000.safetensors", "sample_00001.safetensors"
+    ]
+    resumed = []
+    result = profile_model(model, spec, samples, PARAMS, ref, checkpoint=Checkpoint(out, key),
+                           on_sample=lambda i, r: resumed.append(r))
+    assert resumed == [True, True, False, False]
+    fresh = profile_model(model, spec, samples, PARAMS, ref)
+    assert torch.equal(result.cv, fresh.cv) and torch.equal(result.head_map, fresh.head_map)
+
+    other = ProfileParams(**{**PARAMS.__dict__, "percentile": 0.95})
+    with pytest.raises(ProfilingError, match="other settings"):
+        profile_model(model, spec, samples, other, ref,
+                      checkpoint=Checkpoint(out, statistics_key(other, spec, "float32")))
+
+
+def test_too_short_reference_text_is_refused():
+    model = make_tiny_model("llama")
+    with pytest.raises(ProfilingError, match="fewer than the 32"):
+        profile_model(model, ck.model_spec(model), random_samples(model, 1, 20), PARAMS,
+                      ReferenceSpec("random", 20, 1, 0, "h"))
+
+
+# ------------------------------------------------------------------------- CLI on the real SmolLM2
+
+SMALL = ["-L", "192", "-n", "2", "-B", "64", "--obs-window", "16", "--init-tokens", "4", "--recent-tokens", "16",
+         "--chunk-size", "4", "-q"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_profile(tmp_path_factory, smollm2):
+    out = tmp_path_factory.mktemp("cli") / "smollm2.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cli_writes_a_valid_profile(smollm2_profile):
+    profile = ck.load_profile(smollm2_profile)
+    assert profile.head_map.shape == (30, 3)
+    assert int(profile.head_map.sum()) == math.ceil(0.4 * 90)
+    assert profile.model.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert profile.reference.task == "variable_tracking" and profile.reference.num_samples == 2
+    assert profile.provenance["dtype"] == "float32" and profile.provenance["tool"].startswith("catekv_profiler")
+    assert not smollm2_profile.with_name(smollm2_profile.name + ".ckpt").exists()
+
+
+def test_cli_show_reports_agreement_and_draws(smollm2_profile, tmp_path):
+    png = tmp_path / "map.png"
+    result = CliRunner().invoke(main, ["show", str(smollm2_profile), "--png", str(png)])
+    assert result.exit_code == 0, result.output
+    assert "agreement" in result.output.lower()
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    as_json = CliRunner().invoke(main, ["show", str(smollm2_profile), "--json"])
+    assert json.loads(as_json.output)["agreement"]["num_samples"] == 2
+
+
+def test_cli_refuses_to_overwrite(smollm2_profile):
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(smollm2_profile), *SMALL])
+    assert result.exit_code != 0 and "--overwrite" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-k", "1.5"], "percentile"),
+        (["--eta", "0"], "eta"),
+        (["-r", "2"], "adaptive ratio"),
+        (["--alpha", "-1"], "alpha"),
+        (["-L", "100000"], "exceeds the model's maximum"),
+    ],
+)
+def test_cli_bad_parameters(tmp_path, args, message, smollm2):
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *args])
+    assert result.exit_code != 0
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_cli_reference_file_too_short(tmp_path, smollm2):
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text(json.dumps({"text": "far too short"}) + "\n")
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, "--reference", str(ref)])
+    assert result.exit_code != 0 and "fewer than" in result.output
+    assert not out.exists()

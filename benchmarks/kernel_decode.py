@@ -8,6 +8,8 @@ A device-to-device copy in the same process gives the reference bandwidth (read 
 
     python benchmarks/kernel_decode.py --out kernel_decode.json            # 8K..512K x batch 1, 8
     python benchmarks/kernel_decode.py --sweep --out kernel_sweep.json     # config sweep at 128K
+    python benchmarks/kernel_decode.py --block-n 64 --num-warps 4 --num-stages 3 --num-splits 66 \
+        --combine fused --contexts 32768 --batches 1 --out one.json        # one explicit config
 
 Results are printed as JSON lines and written together to ``--out``.
 """
@@ -153,12 +155,9 @@ def run_sizes(args: argparse.Namespace, config: td.DecodeConfig, copy_gbps: floa
             layers = Layers(batch, context, capacity, count)
             splits = args.num_splits or td.default_num_splits(batch, KV_HEADS, capacity,
                                                               block_n=config.block_n, sms=sms)
-            variants = [("triton", config)]
-            if args.both_combines:
-                other = td.DecodeConfig(**{**asdict(config), "fused_combine": not config.fused_combine})
-                variants.append(("triton", other))
-            for name, cfg in variants:
-                label = f"{name}{'_fused' if cfg.fused_combine else ''}"
+            fused = {"kernel": [False], "fused": [True], "both": [False, True]}[args.combine]
+            for cfg in (td.DecodeConfig(**{**asdict(config), "fused_combine": f}) for f in fused):
+                label = "triton_fused" if cfg.fused_combine else "triton"
                 errs = layers.errors(cfg, splits)
                 emit(measure(layers, label, layers.triton_fn(cfg, splits), copy_gbps, capacity=capacity,
                              num_splits=splits, **errs, **asdict(cfg)), sink)
@@ -222,8 +221,8 @@ def main() -> None:
     parser.add_argument("--num-warps", type=int, default=td.DEFAULT_CONFIG.num_warps)
     parser.add_argument("--num-stages", type=int, default=td.DEFAULT_CONFIG.num_stages)
     parser.add_argument("--num-splits", type=int, default=None, help="default: the shape heuristic")
-    parser.add_argument("--fused", action="store_true", help="merge splits in the split kernel")
-    parser.add_argument("--both-combines", action="store_true", help="time both combine modes")
+    parser.add_argument("--combine", choices=["kernel", "fused", "both"], default="both",
+                        help="merge the splits in a second kernel, in the split kernel, or time both")
     parser.add_argument("--no-sdpa", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="sweep launch configs instead of sizes")
     parser.add_argument("--sweep-context", type=int, default=131072)
@@ -242,8 +241,7 @@ def main() -> None:
     if args.sweep:
         run_sweep(args, copy_gbps, records)
     else:
-        config = td.DecodeConfig(block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages,
-                                 fused_combine=args.fused)
+        config = td.DecodeConfig(block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages)
         run_sizes(args, config, copy_gbps, records)
     emit({"impl": "done", "seconds": round(time.time() - t0, 1)}, records)
     with open(args.out, "w") as f:

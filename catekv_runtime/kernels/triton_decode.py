@@ -167,8 +167,10 @@ def _split_kernel(
         start = tl.maximum(tl.load(Starts + b).to(tl.int32), 0)
     else:
         start = 0
-    n_blocks = tl.cdiv(tl.maximum(length - start, 0), BLOCK_N)
-    per_split = tl.cdiv(n_blocks, num_splits) * BLOCK_N
+    # Plain integer arithmetic, not tl.cdiv: a jit'd library function breaks the interpreter when
+    # triton was imported before TRITON_INTERPRET was set.
+    n_blocks = (tl.maximum(length - start, 0) + BLOCK_N - 1) // BLOCK_N
+    per_split = (n_blocks + num_splits - 1) // num_splits * BLOCK_N
     lo = start + split * per_split
     hi = tl.minimum(lo + per_split, length)
 

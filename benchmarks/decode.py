@@ -1,0 +1,246 @@
+"""Decode and prefill benchmarks on a random-weight Llama-3-8B-shaped model (bf16, one GPU).
+
+Arms, all in one run: CateKV on the lean path, full attention on the same lean path, and transformers'
+``generate`` (SDPA, DynamicCache). Prints one JSON object per measurement and writes them all to --out.
+
+    python benchmarks/decode.py --suite real --contexts 32768 131072 --out results.json
+    python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --out results.json
+    python benchmarks/decode.py --suite batch --out results.json
+
+``real`` prefills real prompts (peak memory includes prefill). ``synthetic`` fills the caches with random
+K/V of the sizes a prefill would leave (the decode step does not depend on the values) to time decode at
+lengths where a prefill per arm would cost minutes of GPU time. ``batch`` is the paper's throughput
+setting: 40K context, budget 256 (init 8, recent 32), the largest batch under an 80 GiB cap.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import catekv_runtime as ck  # noqa: E402
+from catekv_runtime.cache import HeadGroup  # noqa: E402
+from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
+from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec, adaptive_keep_chunks  # noqa: E402
+
+GiB = 1024**3
+LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                 num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=1 << 20,
+                 rope_theta=500000.0)
+
+
+def emit(results: list, **record) -> None:
+    results.append(record)
+    print(json.dumps(record), flush=True)
+
+
+def build_model(layers: int):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    torch.set_default_dtype(torch.float32)
+    model.eval().requires_grad_(False)
+    return model
+
+
+def random_profile(model, budget: int, ratio: float = 0.4, **kw) -> Profile:
+    spec = ck.model_spec(model)
+    cv = torch.rand(4, spec.num_layers, spec.num_kv_heads, generator=torch.Generator().manual_seed(0))
+    params = ProfileParams.for_budget(budget, adaptive_ratio=ratio, **kw)
+    return Profile.from_statistics(cv, cv, cv, params, spec, ReferenceSpec("random", 0, 4, 0, "-"))
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second (the ceiling for decode)."""
+    src = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    import triton.testing
+
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    del src, dst
+    return 2 * 2 * GiB / (ms * 1e-3)
+
+
+def weight_bytes(model) -> int:
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def decode_floor_ms(model, kv_bytes: int, bandwidth: float) -> float:
+    # The embedding table is read one row per token, not in full.
+    embed = model.get_input_embeddings().weight
+    read = weight_bytes(model) - embed.numel() * embed.element_size() + kv_bytes
+    return 1e3 * read / bandwidth
+
+
+def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileParams, batch: int,
+                    context: int, new_tokens: int) -> _DecodeState:
+    """The decode state a prefill of ``context`` tokens would leave, filled with random K/V."""
+    device = "cuda"
+    dim = LLAMA3_8B["head_dim"]
+    group = LLAMA3_8B["num_attention_heads"] // LLAMA3_8B["num_key_value_heads"]
+    chunks = max(0, (context - params.init_tokens - params.recent_tokens) // params.chunk_size)
+    tail = context - params.init_tokens - chunks * params.chunk_size
+    layers = []
+    for layer_map in head_map:
+        groups = []
+        for adaptive in (True, False):
+            heads = (layer_map == adaptive).nonzero().flatten()
+            if heads.numel() == 0:
+                continue
+            keep = adaptive_keep_chunks(chunks, params.eta) if adaptive else min(params.budget_chunks, chunks)
+            kept = params.init_tokens + keep * params.chunk_size + tail
+            shape = (batch, heads.numel(), kept + new_tokens, dim)
+            keys = torch.randn(shape, dtype=torch.bfloat16, device=device)
+            values = torch.randn(shape, dtype=torch.bfloat16, device=device)
+            q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
+            groups.append(HeadGroup(heads.to(device), q_heads, keys, values, kept, None))
+        layers.append(SimpleNamespace(groups=groups))
+    token = torch.randint(0, 1000, (batch, 1), device=device)
+    position = torch.full((batch, 1), context, device=device)
+    return _DecodeState(gen, SimpleNamespace(layers=layers), token, position, new_tokens)
+
+
+def time_graph_steps(state: _DecodeState, steps: int) -> float:
+    graph = state.capture()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    graph.replay()
+    torch.cuda.synchronize()
+    start.record()
+    for _ in range(steps):
+        graph.replay()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
+def kv_bytes_of(state: _DecodeState) -> int:
+    """KV bytes one decode step reads: every filled slot of every group."""
+    return sum(g.used_bytes for layer in state.layers for g in layer)
+
+
+def suite_synthetic(model, args, results, bandwidth) -> None:
+    for context in args.contexts:
+        for name in ("catekv", "full"):
+            torch.cuda.empty_cache()
+            if name == "catekv":
+                profile = random_profile(model, args.budget)
+                gen = LeanGenerator(model, profile)
+                head_map, params = profile.head_map, profile.params
+            else:
+                gen = LeanGenerator(model, None)
+                head_map, params = gen._head_map_and_params()
+            state = synthetic_state(gen, head_map, params, args.batch, context, args.steps + 8)
+            kv = kv_bytes_of(state)
+            ms = time_graph_steps(state, args.steps)
+            floor = decode_floor_ms(model, kv, bandwidth)
+            emit(results, suite="synthetic", arm=f"lean-{name}", context=context, batch=args.batch,
+                 decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3), ratio_to_floor=round(ms / floor, 3),
+                 kv_gib=round(kv / GiB, 3))
+            del state, gen
+
+
+def suite_real(model, args, results, bandwidth) -> None:
+    for context in args.contexts:
+        ids = torch.randint(0, 100000, (args.batch, context), device="cuda")
+        arms = [("lean-catekv", random_profile(model, args.budget)), ("lean-full", None)]
+        if context <= args.max_generate_context:
+            arms.append(("transformers-generate", None))
+        for name, profile in arms:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+            if name.startswith("lean"):
+                gen = LeanGenerator(model, profile)
+                gen.generate(ids, max_new_tokens=args.steps + 1)
+                s = gen.stats
+                record = dict(decode_ms_per_step=round(s.decode_ms_per_step, 3), prefill_s=round(s.prefill_s, 2),
+                              kv_gib=round(s.kv_bytes / GiB, 3), full_kv_gib=round(s.full_kv_bytes / GiB, 3))
+                kv_read = s.kv_bytes
+                del gen
+            else:
+                timings = []
+                for new in (1, args.steps + 1):
+                    torch.cuda.synchronize()
+                    t = time.perf_counter()
+                    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+                    torch.cuda.synchronize()
+                    timings.append(time.perf_counter() - t)
+                record = dict(decode_ms_per_step=round(1e3 * (timings[1] - timings[0]) / args.steps, 3),
+                              prefill_s=round(timings[0], 2))
+                kv_read = context * 32 * 8 * 128 * 2 * 2 * args.batch
+            peak = torch.cuda.max_memory_allocated()
+            floor = decode_floor_ms(model, kv_read, bandwidth)
+            emit(results, suite="real", arm=name, context=context, batch=args.batch, peak_gib=round(peak / GiB, 2),
+                 floor_ms=round(floor, 3), **record)
+
+
+def suite_batch(model, args, results, bandwidth) -> None:
+    """40K context, budget 256: largest batch that fits 80 GiB, and tokens/s, CateKV vs full."""
+    context, cap = 40960, 80 * GiB
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(cap / total)
+    for name in ("catekv", "full"):
+        best = None
+        batch = 1
+        while True:
+            torch.cuda.empty_cache()
+            try:
+                if name == "catekv":
+                    profile = random_profile(model, 256, init_tokens=8, recent_tokens=32)
+                    gen = LeanGenerator(model, profile)
+                    head_map, params = profile.head_map, profile.params
+                else:
+                    gen = LeanGenerator(model, None)
+                    head_map, params = gen._head_map_and_params()
+                state = synthetic_state(gen, head_map, params, batch, context, args.steps + 8)
+                ms = time_graph_steps(state, args.steps)
+                best = dict(batch=batch, decode_ms_per_step=round(ms, 3),
+                            tokens_per_s=round(batch * 1e3 / ms, 1), kv_gib=round(kv_bytes_of(state) / GiB, 2),
+                            peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
+                del state, gen
+                batch = batch * 2 if batch < 8 else batch + 4
+            except torch.OutOfMemoryError:
+                break
+            finally:
+                torch.cuda.reset_peak_memory_stats()
+        emit(results, suite="batch", arm=f"lean-{name}", context=context, memory_cap_gib=80, **(best or {}))
+    torch.cuda.set_per_process_memory_fraction(1.0)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=["real", "synthetic", "batch"], nargs="+", default=["synthetic"])
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--max-generate-context", type=int, default=131072)
+    parser.add_argument("--out", type=Path, default=None)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    model = build_model(args.layers)
+    bandwidth = copy_bandwidth()
+    results: list = []
+    emit(results, suite="setup", device=torch.cuda.get_device_name(), torch=torch.__version__,
+         copy_bandwidth_gbs=round(bandwidth / 1e9, 1), weight_gib=round(weight_bytes(model) / GiB, 2),
+         date=time.strftime("%Y-%m-%d"))
+    for suite in args.suite:
+        {"real": suite_real, "synthetic": suite_synthetic, "batch": suite_batch}[suite](model, args, results, bandwidth)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

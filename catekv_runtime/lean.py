@@ -1,0 +1,257 @@
+"""A lean greedy-generation path: static caches, one decode step captured in a CUDA graph.
+
+transformers' ``generate`` spends most of a long-context decode step on overhead (masks over the whole
+cache, host synchronisation, per-step Python). Here the prompt is prefilled by the model as usual
+(through :class:`CateKVCache`, so selection is the same code), then every decode step is a fixed
+sequence of kernels over preallocated buffers: the transformer's own modules for projections, norms
+and MLPs, an in-place K/V append at a position held in device memory, and the Triton split-K decode
+kernel over each layer's head groups, which reads the current lengths from device memory. No shape
+depends on the step, nothing syncs with the host, so the step is captured once and replayed.
+
+With ``profile=None`` the same engine keeps the full cache (one group of all heads per layer): the
+full-attention baseline of the benchmarks runs on exactly the same path.
+
+Supported: decoders whose layers have ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
+``post_attention_layernorm`` and ``mlp`` (Llama, Qwen2, Mistral without sliding window, ...).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .attention import group_attention
+from .cache import CateKVCache, CateKVLayer, HeadGroup
+from .integration import IMPLEMENTATION, cache_argument, resolve_profile
+from .profile import Profile, ProfileParams
+
+
+@dataclass
+class LeanStats:
+    """Timings and memory of the last :meth:`LeanGenerator.generate` call."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_ms_per_step: float = 0.0
+    kv_bytes: int = 0
+    full_kv_bytes: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class LeanGenerator:
+    """Greedy generation with a static hybrid cache and (on CUDA) a CUDA-graph decode step.
+
+    Args:
+        model: a transformers causal LM (Llama/Qwen2-style layers, see the module docstring).
+        profile: a CateKV profile, or None for full attention on the same engine.
+        backend: ``"triton"`` (CUDA), ``"sdpa"`` (any device, host-side lengths, no graph) or ``"auto"``.
+        cuda_graph: capture the decode step (default: on with the Triton backend).
+        overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
+    """
+
+    def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
+                 cuda_graph: bool | None = None, **overrides: Any):
+        self.model = model
+        self.profile = resolve_profile(profile, overrides) if profile is not None else None
+        device = next(model.parameters()).device
+        if backend == "auto":
+            backend = "triton" if device.type == "cuda" else "sdpa"
+        if backend not in ("triton", "sdpa"):
+            raise ValueError(f"unknown backend {backend!r}; choose 'triton', 'sdpa' or 'auto'")
+        if backend == "triton" and device.type != "cuda":
+            raise ValueError("the triton backend needs the model on a CUDA device")
+        self.backend = backend
+        self.cuda_graph = (backend == "triton") if cuda_graph is None else cuda_graph
+        if self.cuda_graph and backend != "triton":
+            raise ValueError("CUDA graphs need the triton backend (SDPA needs host-known lengths)")
+        self.decoder = model.get_decoder()
+        first = self.decoder.layers[0]
+        if not all(hasattr(first.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+            raise NotImplementedError(f"{type(model).__name__}: the lean path needs separate q/k/v/o projections")
+        self._rope = sys.modules[type(first.self_attn).__module__].apply_rotary_pos_emb
+        self.stats = LeanStats()
+
+    # ------------------------------------------------------------------------------------ prefill
+
+    def _head_map_and_params(self) -> tuple[torch.Tensor, ProfileParams]:
+        if self.profile is not None:
+            return self.profile.head_map, self.profile.params
+        config = self.model.config.get_text_config(decoder=True)
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        full = torch.ones(config.num_hidden_layers, heads, dtype=torch.bool)
+        return full, ProfileParams(adaptive_ratio=1.0, eta=1.0)
+
+    def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                 max_new_tokens: int) -> tuple[CateKVCache, torch.Tensor, torch.Tensor]:
+        head_map, params = self._head_map_and_params()
+        if self.profile is not None:
+            from .integration import model_spec
+
+            self.profile.check_model(dataclasses.replace(model_spec(self.model), model_id=""))
+        cache = CateKVCache(self.model.config, head_map, params, reserve=max_new_tokens, eager=True)
+        if not all(isinstance(layer, CateKVLayer) for layer in cache.layers):
+            raise NotImplementedError("the lean path does not support sliding-window layers; use apply() instead")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        previous = self.model.config._attn_implementation
+        self.model.set_attn_implementation(IMPLEMENTATION)
+        try:
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                             use_cache=True, logits_to_keep=1, **{cache_argument(self.model): cache})
+        finally:
+            self.model.set_attn_implementation(previous)
+        first_token = out.logits[:, -1].argmax(-1, keepdim=True)
+        return cache, first_token, positions[:, -1:] + 1
+
+    # ------------------------------------------------------------------------------------- decode
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int = 32) -> torch.Tensor:
+        """Greedy continuation of ``input_ids`` (left-padded if batched): ``[batch, max_new_tokens]``.
+
+        Exactly ``max_new_tokens`` tokens are produced per sequence (no stopping at EOS: trim after).
+        ``self.stats`` holds the prefill time and the decode time per step.
+        """
+        device = input_ids.device
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        sync()
+        start = time.perf_counter()
+        cache, token, position = self._prefill(input_ids, attention_mask, max_new_tokens)
+        sync()
+        prefill_s = time.perf_counter() - start
+        state = _DecodeState(self, cache, token, position, max_new_tokens)
+        state.tokens[:, 0:1] = token
+        steps = max_new_tokens - 1
+        start = time.perf_counter()
+        if steps > 0:
+            if self.cuda_graph:
+                graph = state.capture()
+                sync()
+                start = time.perf_counter()
+                for _ in range(steps):
+                    graph.replay()
+            else:
+                for _ in range(steps):
+                    state.step()
+        sync()
+        decode_s = time.perf_counter() - start
+        memory = cache.memory()
+        self.stats = LeanStats(
+            prompt_tokens=input_ids.shape[1], new_tokens=max_new_tokens, prefill_s=prefill_s,
+            decode_ms_per_step=1e3 * decode_s / max(steps, 1), kv_bytes=memory["allocated_bytes"],
+            full_kv_bytes=memory["full_attention_bytes"],
+        )
+        return state.tokens
+
+
+class _DecodeState:
+    """Static buffers of one generation and the decode step that reads and advances them in place."""
+
+    def __init__(self, gen: LeanGenerator, cache: CateKVCache, token: torch.Tensor, position: torch.Tensor,
+                 max_new_tokens: int):
+        self.gen = gen
+        self.layers: list[list[HeadGroup]] = [layer.groups for layer in cache.layers]
+        device = token.device
+        batch = token.shape[0]
+        self.token = token.clone()
+        self.position = position.clone()
+        self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # decode step, on the device
+        self.tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
+        groups = [g for layer in self.layers for g in layer]
+        # One lengths row per group, all advanced by a single add per step.
+        self.lengths = torch.tensor([[g.length] * batch for g in groups], dtype=torch.int32, device=device)
+        self.base = [g.length for g in groups]
+        self.row = {id(g): i for i, g in enumerate(groups)}
+        config = gen.model.config.get_text_config(decoder=True)
+        self.q_heads = config.num_attention_heads
+        attn = gen.decoder.layers[0].self_attn
+        self.head_dim = attn.head_dim
+        self.scale = attn.scaling
+        if gen.backend == "triton":
+            from .kernels.triton_decode import KVGroup, default_num_splits, make_workspace
+
+            capacity = max(g.keys.shape[2] for g in groups)
+            kv_heads = max(g.keys.shape[1] for g in groups)
+            self.num_splits = default_num_splits(batch, kv_heads, capacity)
+            self.workspace = make_workspace(batch, self.q_heads, self.head_dim, self.num_splits, device)
+            self.attn_out = torch.empty(batch, self.q_heads, self.head_dim, dtype=groups[0].keys.dtype,
+                                        device=device)
+            self.kernel_groups = {
+                id(layer[0]): [
+                    KVGroup(g.keys, g.values, self.lengths[self.row[id(g)]],
+                            g.pad.to(torch.int32) if g.pad is not None else None, g.q_heads)
+                    for g in layer
+                ]
+                for layer in self.layers
+            }
+
+    def step(self) -> None:
+        """One decode step: consume ``self.token`` at ``self.position``, write the next token."""
+        gen, model, decoder = self.gen, self.gen.model, self.gen.decoder
+        batch = self.token.shape[0]
+        hidden = decoder.embed_tokens(self.token)
+        cos, sin = decoder.rotary_emb(hidden, self.position)
+        for layer, groups in zip(decoder.layers, self.layers):
+            attn = layer.self_attn
+            x = layer.input_layernorm(hidden)
+            q = attn.q_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            k = attn.k_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            v = attn.v_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
+            q, k = gen._rope(q, k, cos, sin)
+            for g in groups:
+                g_k = k[:, g.kv_heads] if len(groups) > 1 else k
+                g_v = v[:, g.kv_heads] if len(groups) > 1 else v
+                base = self.base[self.row[id(g)]]
+                g.keys[:, :, base:].index_copy_(2, self.step_index, g_k)
+                g.values[:, :, base:].index_copy_(2, self.step_index, g_v)
+            out = self._attention(q, groups)
+            hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
+            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        logits = model.lm_head(decoder.norm(hidden))
+        self.token.copy_(logits[:, -1:].argmax(-1))
+        self.position.add_(1)
+        self.step_index.add_(1)
+        self.lengths.add_(1)
+        self.tokens.index_copy_(1, self.step_index, self.token)
+
+    def _attention(self, q: torch.Tensor, groups: list[HeadGroup]) -> torch.Tensor:
+        if self.gen.backend == "triton":
+            from .kernels.triton_decode import decode_attention_two_groups
+
+            return decode_attention_two_groups(
+                q[:, :, 0], self.kernel_groups[id(groups[0])], scale=self.scale, out=self.attn_out,
+                num_splits=self.num_splits, workspace=self.workspace,
+            )
+        appended = int(self.step_index.item()) + 1  # host-side lengths for SDPA (this path does not graph)
+        for g in groups:
+            g.length = self.base[self.row[id(g)]] + appended
+        out = torch.empty_like(q)
+        for g in groups:
+            out[:, g.q_heads] = group_attention(q[:, g.q_heads], g, self.scale)
+        return out[:, :, 0]
+
+    def capture(self) -> torch.cuda.CUDAGraph:
+        """Warm up (compiles the kernels), restore the state, capture one step as a CUDA graph."""
+        saved = [t.clone() for t in (self.token, self.position, self.step_index, self.lengths)]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                self.step()
+        torch.cuda.current_stream().wait_stream(stream)
+        for t, s in zip((self.token, self.position, self.step_index, self.lengths), saved):
+            t.copy_(s)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.step()
+        for t, s in zip((self.token, self.position, self.step_index, self.lengths), saved):
+            t.copy_(s)  # capture does not run the step, but be explicit about the starting state
+        return graph

@@ -1,0 +1,78 @@
+"""The lean path (static caches, in-place appends) against the plain transformers path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model, requires_cuda
+from test_runtime import make_profile
+
+import catekv_runtime as ck
+from catekv_runtime.lean import LeanGenerator
+
+
+def plain_greedy(model, ids, steps, mask=None):
+    model.generation_config.eos_token_id = None  # the lean path does not stop at EOS
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    return out[:, ids.shape[1]:]
+
+
+def left_padded(model, lengths, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, n in enumerate(lengths):
+        ids[b, width - n:] = torch.randint(3, model.config.vocab_size, (n,), generator=gen)
+        mask[b, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [0.5, None])  # None: full attention on the lean engine
+def test_lean_sdpa_equals_plain_generate(family, ratio):
+    model = make_tiny_model(family)
+    ids, mask = left_padded(model, [230, 170, 96])
+    if ratio is None:
+        expected = plain_greedy(model, ids, 16, mask)
+        lean = LeanGenerator(model, None, backend="sdpa")
+    else:
+        profile = make_profile(model, ratio)
+        ck.apply(model, profile)
+        expected = plain_greedy(model, ids, 16, mask)
+        ck.remove(model)
+        lean = LeanGenerator(model, profile, backend="sdpa")
+    tokens = lean.generate(ids, mask, max_new_tokens=16)
+    assert torch.equal(tokens, expected)
+    assert lean.stats.new_tokens == 16 and lean.stats.kv_bytes > 0
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_lean_refuses_sliding_window_models():
+    model = make_tiny_model("mistral", sliding_window=64)
+    lean = LeanGenerator(model, None, backend="sdpa")
+    with pytest.raises(NotImplementedError, match="sliding-window"):
+        lean.generate(torch.ones(1, 100, dtype=torch.long), max_new_tokens=2)
+
+
+def test_lean_graphs_need_triton():
+    with pytest.raises(ValueError, match="CUDA graphs need the triton backend"):
+        LeanGenerator(make_tiny_model("llama"), None, backend="sdpa", cuda_graph=True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [0.5, None])
+def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
+    model = make_tiny_model(family).cuda()
+    ids, mask = left_padded(model, [900, 700, 333])
+    ids, mask = ids.cuda(), mask.cuda()
+    profile = make_profile(model, ratio if ratio is not None else 1.0)
+    if ratio is not None:
+        ck.apply(model, profile)
+    expected = plain_greedy(model, ids, 24, mask)
+    ck.remove(model)
+    lean = LeanGenerator(model, profile if ratio is not None else None)
+    assert lean.backend == "triton" and lean.cuda_graph
+    tokens = lean.generate(ids, mask, max_new_tokens=24)
+    assert torch.equal(tokens, expected)

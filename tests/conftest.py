@@ -15,6 +15,11 @@ from typing import Any, Callable
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run through Triton's interpreter; the variable must be set before
+# anything imports triton (torch._dynamo does, via the lean path).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 # pytest's default "prepend" import mode already puts this folder on sys.path (tests/ has no
 # __init__.py); adding it here keeps `from conftest import ...` working under --import-mode=importlib.
 _TESTS_DIR = os.path.dirname(os.path.abspath(__file__))

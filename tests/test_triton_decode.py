@@ -1,50 +1,22 @@
 """Split-K Triton decode attention against a float32 PyTorch reference.
 
-Without CUDA the kernels run in Triton's interpreter on CPU (TRITON_INTERPRET=1 is set here, and
-only then: on a GPU machine the same tests run compiled). The variable must be set before Triton is
-first imported, because Triton's own library functions (tl.sum, tl.max, ...) are decorated at
-import; in a full test run something else (torch._dynamo) usually imports Triton first, so then the
-tests of this file run once more in a fresh process (``test_interpreter_in_fresh_process``) and are
-skipped here. Shapes are kept small for the interpreter; tests marked ``gpu`` add large shapes and
-CUDA graphs.
+Without CUDA the kernels run in Triton's interpreter on CPU: conftest.py sets TRITON_INTERPRET=1
+before anything imports Triton. Shapes are kept small for the interpreter; tests that need a GPU add
+large shapes and CUDA graphs.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
-INTERPRET = not torch.cuda.is_available()
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"
 triton = pytest.importorskip("triton")
 
 from catekv_runtime.kernels import triton_decode as td  # noqa: E402
-
-# Triton was imported (by someone else) before the variable was set: its library is compiled-only.
-NEEDS_FRESH_PROCESS = INTERPRET and type(getattr(triton.language.standard, "sum", None)).__name__ == "JITFunction"
-FRESH_PROCESS_TEST = "test_interpreter_in_fresh_process"
-
-
-@pytest.fixture(autouse=True)
-def _only_where_triton_can_run(request: pytest.FixtureRequest) -> None:
-    if NEEDS_FRESH_PROCESS and request.node.name != FRESH_PROCESS_TEST:
-        pytest.skip(f"triton was imported before TRITON_INTERPRET=1; covered by {FRESH_PROCESS_TEST}")
-
-
-@pytest.mark.skipif(not NEEDS_FRESH_PROCESS, reason="triton is usable in this process")
-def test_interpreter_in_fresh_process() -> None:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                         env=env, cwd=root, capture_output=True, text=True)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
-
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -63,11 +63,11 @@ def random_profile(model, budget: int, ratio: float = 0.4, **kw) -> Profile:
 
 def copy_bandwidth() -> float:
     """Device-to-device copy, bytes read + written per second (the ceiling for decode)."""
-    src = torch.empty(2 * GiB, dtype=torch.uint8, device="cuda")
+    src = torch.randn(GiB // 2, dtype=torch.float32, device="cuda")  # 2 GiB; uint8 copies run slower
     dst = torch.empty_like(src)
     import triton.testing
 
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=200, rep=500, return_mode="median")
     del src, dst
     return 2 * 2 * GiB / (ms * 1e-3)
 
@@ -100,11 +100,9 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
                 continue
             keep = adaptive_keep_chunks(chunks, params.eta) if adaptive else min(params.budget_chunks, chunks)
             kept = params.init_tokens + keep * params.chunk_size + tail
-            shape = (batch, heads.numel(), kept + new_tokens, dim)
-            keys = torch.randn(shape, dtype=torch.bfloat16, device=device)
-            values = torch.randn(shape, dtype=torch.bfloat16, device=device)
+            kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=torch.bfloat16, device=device)
             q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
-            groups.append(HeadGroup(heads.to(device), q_heads, keys, values, kept, None))
+            groups.append(HeadGroup(heads.to(device), q_heads, kv, kept, None))
         layers.append(SimpleNamespace(groups=groups))
     token = torch.randint(0, 1000, (batch, 1), device=device)
     position = torch.full((batch, 1), context, device=device)
@@ -156,6 +154,7 @@ def suite_real(model, args, results, bandwidth) -> None:
         arms = [("lean-catekv", random_profile(model, args.budget)), ("lean-full", None)]
         if context <= args.max_generate_context:
             arms.append(("transformers-generate", None))
+        arms = [arm for arm in arms if arm[0] in args.arms]
         for name, profile in arms:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -226,6 +225,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--max-generate-context", type=int, default=131072)
+    parser.add_argument("--arms", nargs="+", default=["lean-catekv", "lean-full", "transformers-generate"],
+                        help="arms of the real suite")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)

@@ -37,34 +37,40 @@ def take_pending_layer(layer_idx: int) -> CateKVLayer | None:
 class HeadGroup:
     """The KV of a set of KV heads of one layer that share a retention rule.
 
-    ``keys``/``values`` are ``[batch, heads, capacity, head_dim]``; slots ``[0, length)`` are filled.
-    Sequences of a batch may keep different numbers of prompt tokens: each is right-aligned, and the
-    ``pad[b]`` slots before its first token are masked out.
+    ``kv`` is ``[2, batch, heads, capacity, head_dim]`` (keys, then values, in one buffer so that a
+    decode step appends both with one copy); slots ``[0, length)`` are filled. Sequences of a batch may
+    keep different numbers of prompt tokens: each is right-aligned, and the ``pad[b]`` slots before its
+    first token are masked out.
     """
 
     kv_heads: torch.Tensor  # [heads] int64, KV head indices in the model
     q_heads: torch.Tensor  # [heads * group] int64, their query heads in the model's order
-    keys: torch.Tensor
-    values: torch.Tensor
+    kv: torch.Tensor
     length: int
     pad: torch.Tensor | None  # [batch] int64, or None when no sequence has padding slots
+
+    @property
+    def keys(self) -> torch.Tensor:
+        return self.kv[0]
+
+    @property
+    def values(self) -> torch.Tensor:
+        return self.kv[1]
 
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Write new tokens' ``[batch, heads, new, d]`` K/V after the filled slots, growing if needed."""
         new = keys.shape[2]
-        if self.length + new > self.keys.shape[2]:
+        if self.length + new > self.kv.shape[3]:
             self._grow(self.length + new)
-        self.keys[:, :, self.length : self.length + new].copy_(keys)
-        self.values[:, :, self.length : self.length + new].copy_(values)
+        self.kv[0, :, :, self.length : self.length + new].copy_(keys)
+        self.kv[1, :, :, self.length : self.length + new].copy_(values)
         self.length += new
 
     def _grow(self, needed: int) -> None:
-        capacity = max(needed, 2 * self.keys.shape[2])
-        for name in ("keys", "values"):
-            old = getattr(self, name)
-            grown = old.new_empty(*old.shape[:2], capacity, old.shape[3])
-            grown[:, :, : self.length].copy_(old[:, :, : self.length])
-            setattr(self, name, grown)
+        old = self.kv
+        grown = old.new_empty(*old.shape[:3], max(needed, 2 * old.shape[3]), old.shape[4])
+        grown[:, :, :, : self.length].copy_(old[:, :, :, : self.length])
+        self.kv = grown
 
     def mask(self, query_length: int) -> torch.Tensor | None:
         """Boolean attention mask ``[batch, 1, q, length]`` or None when every filled slot is visible."""
@@ -82,12 +88,12 @@ class HeadGroup:
 
     @property
     def allocated_bytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() * 2
+        return self.kv.numel() * self.kv.element_size()
 
     @property
     def used_bytes(self) -> int:
-        b, h, _, d = self.keys.shape
-        return b * h * self.length * d * self.keys.element_size() * 2
+        _, b, h, _, d = self.kv.shape
+        return 2 * b * h * self.length * d * self.kv.element_size()
 
 
 class CateKVLayer(DynamicLayer):
@@ -178,22 +184,20 @@ class CateKVLayer(DynamicLayer):
         kept = max(idx.shape[1] for idx in per_seq)
         capacity = kept + self.reserve
         device = keys.device
-        k_out = keys.new_empty(batch, heads.numel(), capacity, dim)
-        v_out = values.new_empty(batch, heads.numel(), capacity, dim)
+        kv = keys.new_empty(2, batch, heads.numel(), capacity, dim)
         pad = torch.zeros(batch, dtype=torch.int64, device=device)
         heads_dev = heads.to(device)
         for b, (idx, start) in enumerate(zip(per_seq, starts)):
             offset = kept - idx.shape[1]
             gather = (idx + start)[..., None].expand(-1, -1, dim)
-            k_out[b, :, offset:kept] = keys[b, heads_dev].gather(1, gather)
-            v_out[b, :, offset:kept] = values[b, heads_dev].gather(1, gather)
+            kv[0, b, :, offset:kept] = keys[b, heads_dev].gather(1, gather)
+            kv[1, b, :, offset:kept] = values[b, heads_dev].gather(1, gather)
             # Padding slots are masked, but must hold finite values: a masked weight of 0 times NaN is NaN.
-            k_out[b, :, :offset] = 0
-            v_out[b, :, :offset] = 0
+            kv[:, b, :, :offset] = 0
             pad[b] = offset
         q_heads = (heads[:, None] * group_size + torch.arange(group_size)).flatten().to(device)
         return HeadGroup(
-            kv_heads=heads_dev, q_heads=q_heads, keys=k_out, values=v_out, length=kept,
+            kv_heads=heads_dev, q_heads=q_heads, kv=kv, length=kept,
             pad=pad if bool(pad.any()) else None,
         )
 

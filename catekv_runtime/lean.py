@@ -52,11 +52,13 @@ class LeanGenerator:
         profile: a CateKV profile, or None for full attention on the same engine.
         backend: ``"triton"`` (CUDA), ``"sdpa"`` (any device, host-side lengths, no graph) or ``"auto"``.
         cuda_graph: capture the decode step (default: on with the Triton backend).
+        compile: fuse each layer's norms, projections, RoPE and MLP with ``torch.compile`` (default: with
+            CUDA graphs). One compilation serves every layer; it cuts the step's kernel count roughly in half.
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
-                 cuda_graph: bool | None = None, **overrides: Any):
+                 cuda_graph: bool | None = None, compile: bool | None = None, **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         device = next(model.parameters()).device
@@ -75,7 +77,28 @@ class LeanGenerator:
         if not all(hasattr(first.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise NotImplementedError(f"{type(model).__name__}: the lean path needs separate q/k/v/o projections")
         self._rope = sys.modules[type(first.self_attn).__module__].apply_rotary_pos_emb
+        self.compile = self.cuda_graph if compile is None else compile
+        self._pre, self._post = self._pre_attention, self._post_attention
+        if self.compile:
+            self._pre = torch.compile(self._pre_attention, dynamic=False, fullgraph=True)
+            self._post = torch.compile(self._post_attention, dynamic=False, fullgraph=True)
         self.stats = LeanStats()
+
+    def _pre_attention(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]`` and kv ``[2, B, Hkv, 1, D]``."""
+        attn = layer.self_attn
+        x = layer.input_layernorm(hidden)
+        shape = (hidden.shape[0], 1, -1, attn.head_dim)
+        q = attn.q_proj(x).view(shape).transpose(1, 2)
+        k = attn.k_proj(x).view(shape).transpose(1, 2)
+        v = attn.v_proj(x).view(shape).transpose(1, 2)
+        q, k = self._rope(q, k, cos, sin)
+        return q, torch.stack([k, v])
+
+    def _post_attention(self, layer: torch.nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
+        hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], 1, -1))
+        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
 
     # ------------------------------------------------------------------------------------ prefill
 
@@ -166,8 +189,9 @@ class _DecodeState:
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # decode step, on the device
         self.tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
         groups = [g for layer in self.layers for g in layer]
-        # One lengths row per group, all advanced by a single add per step.
-        self.lengths = torch.tensor([[g.length] * batch for g in groups], dtype=torch.int32, device=device)
+        # Slots each group's attention covers during the coming step: the prompt's plus the token being
+        # decoded (appended before attention). One row per group, all advanced by a single add per step.
+        self.lengths = torch.tensor([[g.length + 1] * batch for g in groups], dtype=torch.int32, device=device)
         self.base = [g.length for g in groups]
         self.row = {id(g): i for i, g in enumerate(groups)}
         config = gen.model.config.get_text_config(decoder=True)
@@ -196,25 +220,14 @@ class _DecodeState:
     def step(self) -> None:
         """One decode step: consume ``self.token`` at ``self.position``, write the next token."""
         gen, model, decoder = self.gen, self.gen.model, self.gen.decoder
-        batch = self.token.shape[0]
         hidden = decoder.embed_tokens(self.token)
         cos, sin = decoder.rotary_emb(hidden, self.position)
         for layer, groups in zip(decoder.layers, self.layers):
-            attn = layer.self_attn
-            x = layer.input_layernorm(hidden)
-            q = attn.q_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            k = attn.k_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            v = attn.v_proj(x).view(batch, 1, -1, self.head_dim).transpose(1, 2)
-            q, k = gen._rope(q, k, cos, sin)
+            q, kv = gen._pre(layer, hidden, cos, sin)
             for g in groups:
-                g_k = k[:, g.kv_heads] if len(groups) > 1 else k
-                g_v = v[:, g.kv_heads] if len(groups) > 1 else v
-                base = self.base[self.row[id(g)]]
-                g.keys[:, :, base:].index_copy_(2, self.step_index, g_k)
-                g.values[:, :, base:].index_copy_(2, self.step_index, g_v)
-            out = self._attention(q, groups)
-            hidden = hidden + attn.o_proj(out.reshape(batch, 1, -1))
-            hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+                new = kv[:, :, g.kv_heads] if len(groups) > 1 else kv
+                g.kv[:, :, :, self.base[self.row[id(g)]] :].index_copy_(3, self.step_index, new)
+            hidden = gen._post(layer, hidden, self._attention(q, groups))
         logits = model.lm_head(decoder.norm(hidden))
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)

@@ -80,8 +80,9 @@ class LeanGenerator:
         self.compile = self.cuda_graph if compile is None else compile
         self._pre, self._post = self._pre_attention, self._post_attention
         if self.compile:
-            self._pre = torch.compile(self._pre_attention, dynamic=False, fullgraph=True)
-            self._post = torch.compile(self._post_attention, dynamic=False, fullgraph=True)
+            # Not fullgraph: past dynamo's recompile limit (many batch sizes) it falls back to eager.
+            self._pre = torch.compile(self._pre_attention, dynamic=False)
+            self._post = torch.compile(self._post_attention, dynamic=False)
         self.stats = LeanStats()
 
     def _pre_attention(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):

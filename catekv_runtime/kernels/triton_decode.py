@@ -52,7 +52,9 @@ class DecodeConfig:
     split kernel (one launch) instead of a separate combine kernel.
     """
 
-    block_n: int = 64
+    # Best at 128K batch 1 on the H200 in benchmarks/kernel_decode.py --sweep (93% of copy bandwidth);
+    # 4% under the best (block_n 64, 2 stages) at batch 8.
+    block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3
     fused_combine: bool = False

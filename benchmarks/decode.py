@@ -128,21 +128,25 @@ def kv_bytes_of(state: _DecodeState) -> int:
 
 
 def suite_synthetic(model, args, results, bandwidth) -> None:
+    from catekv_runtime.kernels.triton_decode import DecodeConfig
+
+    config = DecodeConfig(**({"block_n": args.block_n} if args.block_n else {}))
     for context in args.contexts:
         for name in ("catekv", "full"):
             torch.cuda.empty_cache()
             if name == "catekv":
                 profile = random_profile(model, args.budget)
-                gen = LeanGenerator(model, profile)
+                gen = LeanGenerator(model, profile, kernel_config=config)
                 head_map, params = profile.head_map, profile.params
             else:
-                gen = LeanGenerator(model, None)
+                gen = LeanGenerator(model, None, kernel_config=config)
                 head_map, params = gen._head_map_and_params()
             state = synthetic_state(gen, head_map, params, args.batch, context, args.steps + 8)
             kv = kv_bytes_of(state)
             ms = time_graph_steps(state, args.steps)
             floor = decode_floor_ms(model, kv, bandwidth)
             emit(results, suite="synthetic", arm=f"lean-{name}", context=context, batch=args.batch,
+                 block_n=config.block_n,
                  decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3), ratio_to_floor=round(ms / floor, 3),
                  kv_gib=round(kv / GiB, 3))
             del state, gen
@@ -235,6 +239,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--max-generate-context", type=int, default=131072)
+    parser.add_argument("--block-n", type=int, default=None, help="Triton decode tile (default: the kernel's)")
     parser.add_argument("--arms", nargs="+", default=["lean-catekv", "lean-full", "transformers-generate"],
                         help="arms of the real suite")
     parser.add_argument("--out", type=Path, default=None)

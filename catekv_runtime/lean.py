@@ -54,11 +54,13 @@ class LeanGenerator:
         cuda_graph: capture the decode step (default: on with the Triton backend).
         compile: fuse each layer's norms, projections, RoPE and MLP with ``torch.compile`` (default: with
             CUDA graphs). One compilation serves every layer; it cuts the step's kernel count roughly in half.
+        kernel_config: a ``kernels.triton_decode.DecodeConfig`` (tile sizes) for the Triton backend.
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
-                 cuda_graph: bool | None = None, compile: bool | None = None, **overrides: Any):
+                 cuda_graph: bool | None = None, compile: bool | None = None, kernel_config: Any = None,
+                 **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         device = next(model.parameters()).device
@@ -77,6 +79,7 @@ class LeanGenerator:
         if not all(hasattr(first.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise NotImplementedError(f"{type(model).__name__}: the lean path needs separate q/k/v/o projections")
         self._rope = sys.modules[type(first.self_attn).__module__].apply_rotary_pos_emb
+        self.kernel_config = kernel_config
         self.compile = self.cuda_graph if compile is None else compile
         self._pre, self._post = self._pre_attention, self._post_attention
         if self.compile:
@@ -242,7 +245,7 @@ class _DecodeState:
 
             return decode_attention_two_groups(
                 q[:, :, 0], self.kernel_groups[id(groups[0])], scale=self.scale, out=self.attn_out,
-                num_splits=self.num_splits, workspace=self.workspace,
+                num_splits=self.num_splits, workspace=self.workspace, config=self.gen.kernel_config,
             )
         appended = int(self.step_index.item()) + 1  # host-side lengths for SDPA (this path does not graph)
         for g in groups:

@@ -79,6 +79,12 @@ class LeanGenerator:
         if not all(hasattr(first.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise NotImplementedError(f"{type(model).__name__}: the lean path needs separate q/k/v/o projections")
         self._rope = sys.modules[type(first.self_attn).__module__].apply_rotary_pos_emb
+        if kernel_config is None and backend == "triton" and self.profile is not None:
+            # CateKV's head groups are narrower than the full cache (fewer KV heads per launch): 64-key
+            # tiles beat 32 there (7.53 vs 7.79 ms/step at 128K, 12.32 vs 13.33 at 512K, docs/benchmarks.md).
+            from .kernels.triton_decode import DecodeConfig
+
+            kernel_config = DecodeConfig(block_n=64)
         self.kernel_config = kernel_config
         self.compile = self.cuda_graph if compile is None else compile
         self._pre, self._post = self._pre_attention, self._post_attention

@@ -1,0 +1,205 @@
+"""Write docs/benchmarks.md and docs/benchmarks.png from the JSON results of the GPU benchmarks.
+
+    python benchmarks/report.py            # reads docs/results/*.json
+
+The results come from (on one H200, 2026-11-28; see each file's "setup" record):
+    python benchmarks/kernel_decode.py --out docs/results/kernel_decode.json
+    python benchmarks/kernel_decode.py --sweep --out docs/results/kernel_sweep_128k.json
+    python benchmarks/decode.py --suite real --contexts 32768 131072 --out docs/results/decode_real_32k_128k.json
+    python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k.json
+    python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 32 --out docs/results/decode_synthetic_synth_bn32.json
+    python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 64 --out docs/results/decode_synthetic_synth_bn64.json
+    python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "docs" / "results"
+
+
+def load(name: str) -> list[dict]:
+    return json.loads((RESULTS / name).read_text())
+
+
+def rows(records: list[dict], **match) -> list[dict]:
+    return [r for r in records if all(r.get(k) == v for k, v in match.items())]
+
+
+def table(header: list[str], body: list[list]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def kib(n: int) -> str:
+    return f"{n // 1024}K"
+
+
+def main() -> None:
+    real = load("decode_real_32k_128k.json") + load("decode_real_512k.json")
+    setup = rows(real, suite="setup")[0]
+    copy = setup["copy_bandwidth_gbs"]
+    kernel = load("kernel_decode.json")
+    synth = load("decode_synthetic_synth_bn32.json") + load("decode_synthetic_synth_bn64.json")
+    batch = load("decode_batch.json")
+    out = [
+        "# Benchmarks",
+        "",
+        f"One NVIDIA H200 (torch {setup['torch']}, transformers 5.17, triton 3.6), {setup['date']}. Random-weight",
+        "Llama-3-8B shapes (32 layers, 32 query / 8 KV heads, head_dim 128, bf16, "
+        f"{setup['weight_gib']} GiB of weights), CateKV r = 0.4, eta = 1, budget 2048 (init 64, recent 256), chunk 8.",
+        f"Ceiling: device-to-device copy {copy:.0f} GB/s (read + write, measured in the same runs). The decode",
+        "floor is (weight bytes read per step + KV bytes) / copy bandwidth. Raw JSON: `docs/results/`;",
+        "commands: the docstring of `benchmarks/report.py`, which wrote this page.",
+        "",
+        "## a. Decode-attention kernel: KV bytes read per second",
+        "",
+        "`benchmarks/kernel_decode.py`: one query token per sequence, exactly-sized caches, CUDA-graph replay",
+        "over enough layers' caches to defeat the L2. SDPA is PyTorch's flash decode on exact-length tensors",
+        "(it cannot run inside a graph while the cache grows; ours reads the length from device memory).",
+        "Decode only reads, so it can exceed a copy's read + write rate.",
+        "",
+    ]
+    body = []
+    for r in rows(kernel, impl="triton"):
+        sdpa = rows(kernel, impl="sdpa", context=r["context"], batch=r["batch"])[0]
+        body.append([kib(r["context"]), r["batch"], f"{r['gbps']:.0f}", f"{100 * r['gbps'] / copy:.0f}%",
+                     f"{sdpa['gbps']:.0f}", f"{100 * sdpa['gbps'] / copy:.0f}%", f"{r['rel_err_vs_fp32']:.4f}"])
+    out += [table(["context", "batch", "Triton GB/s", "of copy", "SDPA GB/s", "of copy", "rel. err vs fp32"],
+                  body), ""]
+    out += [
+        "## b. Decode step and peak memory, batch 1",
+        "",
+        "Real prompts (random tokens), prefill included in the peak. `lean` = `catekv_runtime.lean.LeanGenerator`",
+        "(static caches, Triton decode, per-layer `torch.compile`, whole step in one CUDA graph);",
+        "`generate` = transformers `generate` with SDPA and its DynamicCache (full attention).",
+        "",
+    ]
+    body = []
+    for r in rows(real, suite="real"):
+        body.append([kib(r["context"]), r["arm"], f"{r['decode_ms_per_step']:.2f}", f"{r['floor_ms']:.2f}",
+                     f"{r['decode_ms_per_step'] / r['floor_ms']:.2f}", f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}",
+                     r.get("kv_gib", "")])
+    out += [table(["context", "arm", "ms/step", "floor ms", "x floor", "prefill s", "peak GiB", "KV GiB"], body), ""]
+    out += [
+        "Same engine, caches filled with random K/V of the sizes a prefill leaves (the step does not depend on",
+        "the values; a real prefill at 512K costs 170 s per arm), both tile sizes of the decode kernel:",
+        "",
+    ]
+    body = [[kib(r["context"]), r["arm"], r["block_n"], f"{r['decode_ms_per_step']:.2f}", f"{r['floor_ms']:.2f}",
+             f"{r['ratio_to_floor']:.2f}", r["kv_gib"]] for r in rows(synth, suite="synthetic")]
+    out += [table(["context", "arm", "kernel tile", "ms/step", "floor ms", "x floor", "KV GiB"], body), ""]
+    out += [
+        "## c. Batch throughput: 40K context, budget 256 (init 8, recent 32), 80 GiB cap",
+        "",
+        "Largest batch whose static caches and decode step fit under "
+        "`torch.cuda.set_per_process_memory_fraction(80 GiB)`",
+        "(the next size up fails), random K/V of prefill sizes; prefill not included (one sequence at a time).",
+        "",
+    ]
+    body = [[r["arm"], r["batch"], f"{r['decode_ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", r["kv_gib"],
+             r["peak_gib"]] for r in rows(batch, suite="batch") if "tokens_per_s" in r]
+    out += [table(["arm", "largest batch", "ms/step", "tokens/s", "KV GiB", "peak GiB"], body), ""]
+    out += ["## d. Prefill time and peak memory", "",
+            "From the real runs of (b): prefill is transformers' own forward (SDPA, `logits_to_keep=1`); CateKV",
+            "selects each layer's tokens as soon as that layer's attention is done.", ""]
+    body = [[kib(r["context"]), r["arm"], f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}"]
+            for r in rows(real, suite="real")]
+    out += [table(["context", "arm", "prefill s", "peak GiB"], body), ""]
+    plot(real, synth, ROOT / "docs" / "benchmarks.png")
+    out += ["![decode ms/step](benchmarks.png)", ""]
+    text = "\n".join(out)
+    target = ROOT / "docs" / "benchmarks.md"
+    fd, tmp = tempfile.mkstemp(dir=target.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text + targets(copy, kernel, real, synth, batch))
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+    print(f"wrote {target}")
+
+
+def plot(real: list[dict], synth: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for arm, style in (("lean-catekv", "o-"), ("lean-full", "s-"), ("transformers-generate", "^-")):
+        pts = sorted((r["context"], r["decode_ms_per_step"]) for r in rows(real, suite="real", arm=arm))
+        pts += sorted((r["context"], r["decode_ms_per_step"]) for r in rows(synth, suite="synthetic", arm=arm)
+                      if r["context"] > 131072 and r["block_n"] == (64 if arm == "lean-catekv" else 32))
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=arm)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel("decode ms / step (batch 1)")
+    ax.set_title("Llama-3-8B shapes, bf16, H200")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def targets(copy: float, kernel: list[dict], real: list[dict], synth: list[dict], batch: list[dict]) -> str:
+    """The issue's targets against the figures above, computed, not typed."""
+    def one(records, **match):
+        return rows(records, **match)[0]
+
+    lines = []
+    fracs = [(r["context"], r["batch"], r["gbps"] / copy) for r in rows(kernel, impl="triton") if r["context"] >= 32768]
+    worst = min(fracs, key=lambda f: f[2])
+    lines.append(["kernel >= 90% of copy bandwidth at >= 32K",
+                  f"worst {100 * worst[2]:.0f}% ({kib(worst[0])}, batch {worst[1]}); "
+                  f"{sum(f[2] >= 0.9 for f in fracs)} of {len(fracs)} sizes >= 90%",
+                  all(f[2] >= 0.9 for f in fracs)])
+    best_catekv = {c: min(r["ratio_to_floor"] for r in rows(synth, arm="lean-catekv", context=c)) for c in (131072, 524288)}
+    lines.append(["CateKV step <= 1.15 x floor at 128K and 512K",
+                  f"{best_catekv[131072]:.2f}x at 128K, {best_catekv[524288]:.2f}x at 512K",
+                  max(best_catekv.values()) <= 1.15])
+    cat512 = min(r["decode_ms_per_step"] for r in rows(synth, arm="lean-catekv", context=524288))
+    full512 = min(r["decode_ms_per_step"] for r in rows(synth, arm="lean-full", context=524288))
+    lines.append([">= 1.8x faster than full attention on the lean path at 512K",
+                  f"{full512 / cat512:.2f}x ({cat512:.2f} vs {full512:.2f} ms, each arm at its best tile)",
+                  full512 / cat512 >= 1.8])
+    gen = one(real, arm="transformers-generate", context=131072)["decode_ms_per_step"]
+    cat = one(real, arm="lean-catekv", context=131072)["decode_ms_per_step"]
+    lines.append([">= 10x faster per step than transformers generate at 128K",
+                  f"{gen / cat:.2f}x ({cat:.2f} vs {gen:.2f} ms)", gen / cat >= 10])
+    bc = one(batch, arm="lean-catekv", suite="batch")
+    bf = [r for r in rows(batch, arm="lean-full", suite="batch") if "tokens_per_s" in r][0]
+    ratio = bc["tokens_per_s"] / bf["tokens_per_s"]
+    lines.append(["batch throughput >= 2.3x full attention at 40K under 80 GiB",
+                  f"{ratio:.2f}x (batch {bc['batch']} vs {bf['batch']})", ratio >= 2.3])
+    r512 = one(real, arm="lean-catekv", context=524288)
+    setup = rows(real, suite="setup")[0]
+    layer_full = 524288 * 8 * 128 * 2 * 2 / 2**30
+    bound = setup["weight_gib"] + r512["kv_gib"] + layer_full + 6
+    lines.append(["peak memory at 512K <= weights + retained KV + one layer's full KV + 6 GiB",
+                  f"{r512['peak_gib']:.1f} GiB against {bound:.1f} GiB", r512["peak_gib"] <= bound])
+    body = [[name, measured, "met" if ok else "**missed**"] for name, measured, ok in lines]
+    return "\n## Targets of the issue\n\n" + table(["target", "measured", ""], body) + "\n" + MISSES
+
+
+MISSES = """
+Where the time goes. Measured: the weights alone take 4.2 ms per step in one CUDA graph (85% of copy
+bandwidth; shared/docs/environment.md), 0.7 ms above their share of the floor; the full-attention step
+is 2.1 ms over its floor at 32K and 1.4 ms at 512K, so a fixed cost of about 1.5-2 ms per step does not
+shrink with context. Not yet profiled kernel by kernel: by count, the step launches about 20 kernels per
+layer (compiled norm/projection/RoPE and MLP graphs, the K/V append, the head-group gather, the split
+and combine attention launches) that each move little data at batch 1; fusing the append into the
+attention kernel and the group gather into the projections are the next steps. Below 128K that fixed
+cost dominates, which is why CateKV's gain grows with context. The 512K peak is transformers' own prefill: one forward over 512K tokens holds the
+MLP activations of the whole prompt (several 14 GiB tensors); a layer-by-layer, chunked prefill would bound
+it and is not built yet.
+"""
+
+if __name__ == "__main__":
+    main()

@@ -19,6 +19,7 @@ from .profile import ProfileParams, adaptive_keep_chunks
 from .selection import Regions, chunk_scores, observation_probs, retained_indices, top_chunks
 
 DEFAULT_RESERVE = 256  # decode slots preallocated when the number of new tokens is not known
+SCORE_BYTES = 256 * 2**20  # bound on the temporary attention probabilities of chunk scoring
 
 # (cache, layer index) of the last CateKVCache.update; the attention call that follows consumes it.
 _pending: ContextVar[tuple[CateKVCache, int] | None] = ContextVar("catekv_pending_layer", default=None)
@@ -166,17 +167,17 @@ class CateKVLayer(DynamicLayer):
         all_tokens = torch.arange(n, device=keys.device).expand(heads.numel(), -1)
         if keep >= regions.num_chunks:  # prompt too short to compress (or eta = 1): keep it all, exactly
             return all_tokens
-        obs = queries.shape[1]
-        scores = torch.stack([
-            chunk_scores(
-                observation_probs(
-                    queries[h * group_size : (h + 1) * group_size], keys[h : h + 1, regions.mid_start : regions.tail_start],
-                    self.scale, n - obs, regions.mid_start,
-                ),
-                p.chunk_size,
-            )[0]
-            for h in heads.tolist()
-        ])
+        obs, n_mid = queries.shape[1], regions.num_chunks * p.chunk_size
+        mid = keys[:, regions.mid_start : regions.tail_start]
+        heads = heads.to(keys.device)
+        # Score as many heads at once as fit in SCORE_BYTES of float32 attention probabilities.
+        per_block = max(1, SCORE_BYTES // (4 * group_size * obs * n_mid))
+        scores = []
+        for block in heads.split(per_block):
+            q_heads = (block[:, None] * group_size + torch.arange(group_size, device=keys.device)).flatten()
+            probs = observation_probs(queries[q_heads], mid[block], self.scale, n - obs, regions.mid_start)
+            scores.append(chunk_scores(probs, p.chunk_size))
+        scores = torch.cat(scores)
         return retained_indices(regions, top_chunks(scores, keep))
 
     def _build_group(self, per_seq, keys, values, starts, heads, group_size) -> HeadGroup:

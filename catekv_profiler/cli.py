@@ -174,3 +174,58 @@ def show_command(profile: str, png: Path | None, as_json: bool, context_lengths:
         plot_profile(loaded, png)
         click.echo(f"wrote {png}", err=True)
 
+
+@main.command("push")
+@click.argument("profile", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.argument("repo_id")
+@click.option("--revision", default=None, help="Branch to push to, created from main if missing  [default: main]")
+@click.option("--private", is_flag=True, help="Create the repo as private (when it does not exist yet).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request (against --revision) instead of committing.")
+@click.option("--commit-message", default=None, help="Commit message  [default: model, adaptive heads, r, budget]")
+@click.option("--accuracy-json", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help='Measured accuracy for the model card: {"task": score}, {"task": {"column": value}} or a '
+                   "list of row objects.  [default: the card says not measured]")
+@click.option("--token", default=None,
+              help="Hub token with write access  [default: HF_TOKEN, or the token of `hf auth login`]")
+def push_command(profile: Path, repo_id: str, revision: str | None, private: bool, create_pr: bool,
+                 commit_message: str | None, accuracy_json: Path | None, token: str | None) -> None:
+    """Upload PROFILE to the Hub model repo REPO_ID (org/name) in one commit.
+
+    The commit holds profile.safetensors, a generated model card (README.md) and the head map (headmap.png).
+    Load it back with catekv_runtime.load_profile("REPO_ID") or `catekv-profile show REPO_ID`.
+    """
+    import warnings
+
+    from .hub import HubError, UnchangedWarning, accuracy_table, push_profile
+
+    accuracy = None
+    if accuracy_json is not None:
+        try:
+            accuracy = json.loads(accuracy_json.read_text())
+            accuracy_table(accuracy)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"{accuracy_json}: {e}", param_hint="--accuracy-json") from None
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            url = push_profile(profile, repo_id, revision=revision, private=private, create_pr=create_pr,
+                               commit_message=commit_message, token=token, accuracy=accuracy)
+        except ProfileError as e:
+            raise click.ClickException(f"not pushed, the profile is invalid: {e}") from None
+        except (HubError, ValueError) as e:
+            raise click.ClickException(str(e)) from None
+        finally:
+            for warning in caught:
+                click.echo(f"warning: {warning.message}", err=True)
+    pr_url = getattr(url, "pr_url", None)
+    if any(issubclass(w.category, UnchangedWarning) for w in caught):
+        click.echo(str(url))
+        return
+    branch = f" (branch {revision})" if revision else ""
+    click.echo(f"pushed {profile} to {repo_id}{branch}: {url}", err=True)
+    if pr_url:
+        click.echo(f"opened a pull request: {pr_url}", err=True)
+    else:
+        oid = getattr(url, "oid", None)
+        click.echo(f'load it with catekv_runtime.load_profile("{repo_id}@{oid}") to pin this commit', err=True)
+    click.echo(pr_url or str(url))

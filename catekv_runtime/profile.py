@@ -324,23 +324,56 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     if local.is_file():
         return local
     text = str(path)
+    repo_id, at, at_revision = text.partition("@")  # "org/name@rev"; the revision may hold "/" (refs/pr/1)
     looks_like_repo = (
-        text.count("/") == 1
-        and not text.startswith((".", "/"))
+        repo_id.count("/") == 1
+        and not repo_id.startswith((".", "/", "~"))
         and not text.endswith(".safetensors")
-        and not local.parent.is_dir()  # "profiles/llama" is a missing local file, not a repo id
+        and not Path(repo_id).parent.is_dir()  # "profiles/llama" is a missing local file, not a repo id
     )
     if not looks_like_repo:
         raise ProfileError(f"profile file {text!r} not found")
-    repo_id, _, rev = text.partition("@")
+    if at and not at_revision:
+        raise ProfileError(f"{text!r}: empty revision after '@'; write 'org/name@branch-tag-or-commit'")
+    if at_revision and revision and at_revision != revision:
+        raise ProfileError(f"{text!r} names revision {at_revision!r} but revision={revision!r} was also passed")
+    rev = revision or at_revision or None
+    filename = "profile.safetensors"  # docs/profile-format.md: the name looked up in a Hub repo
     try:
+        from huggingface_hub import constants as hub_constants
+        from huggingface_hub import errors as hub_errors
         from huggingface_hub import hf_hub_download
     except ImportError:
         raise ProfileError("loading a profile from the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    where = f"Hub repo {repo_id!r}" + (f" at revision {rev!r}" if rev else "")
     try:
-        return Path(hf_hub_download(repo_id, "profile.safetensors", revision=revision or rev or None))
+        return Path(hf_hub_download(repo_id, filename, revision=rev))
+    except hub_errors.LocalEntryNotFoundError:  # no answer from the Hub, and not in the cache
+        if hub_constants.HF_HUB_OFFLINE:
+            message = (
+                f"offline (HF_HUB_OFFLINE is set) and {filename} of {where} is not in the huggingface_hub cache "
+                f"({hub_constants.HF_HUB_CACHE}); load it once while online, or unset HF_HUB_OFFLINE"
+            )
+        else:
+            message = (
+                f"could not reach the Hub ({hub_constants.ENDPOINT}) and {filename} of {where} is not in the "
+                "huggingface_hub cache; check the connection (or HF_ENDPOINT)"
+            )
+        raise ProfileError(message) from None
+    except hub_errors.RevisionNotFoundError:
+        raise ProfileError(f"revision {rev!r} not found in the Hub repo {repo_id!r}") from None
+    except hub_errors.RepositoryNotFoundError:  # also a gated repo (GatedRepoError is a subclass)
+        raise ProfileError(
+            f"Hub repo {repo_id!r} not found, or it is private or gated and this token has no access "
+            "(log in with `hf auth login` or set HF_TOKEN)"
+        ) from None
+    except hub_errors.EntryNotFoundError:
+        raise ProfileError(
+            f"{where} has no {filename}; a CateKV profile repo holds it at the top level "
+            "(`catekv-profile push PROFILE REPO_ID` puts it there)"
+        ) from None
     except Exception as e:  # huggingface_hub raises many types; all mean "could not get the file"
-        raise ProfileError(f"could not get profile.safetensors from the Hub repo {repo_id!r}: {e}") from None
+        raise ProfileError(f"could not get {filename} from the {where}: {e}") from None
 
 
 def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "") -> Profile:

@@ -1,0 +1,56 @@
+"""The accuracy harness end to end (CI smoke) and the equal-budget accounting of its methods."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import make_tiny_model
+from test_runtime import make_profile
+
+import catekv_runtime as ck
+from catekv_eval.methods import METHODS, method_overrides
+from catekv_eval.run import evaluate, markdown
+from catekv_runtime.integration import resolve_profile
+
+PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.safetensors"
+
+
+@pytest.mark.parametrize("length", [400, 1000, 5000])
+def test_compressed_methods_keep_equal_kv(length):
+    """snapkv and streaming get CateKV's total KV; duo keeps B per consistent head like CateKV."""
+    model = make_tiny_model("llama")
+    profile = make_profile(model, 0.5, budget=128, init_tokens=4, recent_tokens=16)
+    kept = {}
+    for method in METHODS:
+        resolved = resolve_profile(profile, method_overrides(method, profile, length))
+        kept[method] = resolved.kv_kept_fraction(length)
+    assert kept["full"] == 1.0
+    for method in ("snapkv", "streaming"):
+        assert abs(kept[method] - kept["catekv"]) * length <= 8  # within a chunk per head
+    assert kept["duo"] == pytest.approx(kept["catekv"], abs=8 / length)
+    assert kept["streaming"] < 1.0 and kept["catekv"] < 1.0
+
+
+def test_unknown_method():
+    model = make_tiny_model("llama")
+    with pytest.raises(ValueError, match="unknown method"):
+        method_overrides("h2o", make_profile(model, 0.5), 1000)
+
+
+def test_smoke_on_smollm2(smollm2):
+    """A few samples of one task at short context, every method, through the real model on CPU."""
+    model, tokenizer, _ = smollm2
+    profile = resolve_profile(ck.load_profile(PROFILE), {"budget": 256})
+    records = evaluate(model, tokenizer, profile, tasks=["niah_single_1"], context_length=1024, num_samples=2,
+                       methods=["full", "catekv", "streaming"], max_new_tokens=12)
+    by_method = {r["method"]: r for r in records}
+    assert by_method["full"]["kv_kept_pct"] == 100.0
+    expected = 100 * profile.kv_kept_fraction(1024)
+    assert abs(by_method["catekv"]["kv_kept_pct"] - expected) < 3  # measured bytes vs formula (+12 decoded)
+    assert abs(by_method["streaming"]["kv_kept_pct"] - by_method["catekv"]["kv_kept_pct"]) < 2
+    assert all(0 <= r["score"] <= 100 for r in records)
+    assert by_method["full"]["score"] == 100.0  # SmolLM2 finds a single needle at 1K with full attention
+    table = markdown(records)
+    assert "| niah_single_1 |" in table and "KV kept" in table
+    assert not hasattr(model, "_catekv")

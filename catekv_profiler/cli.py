@@ -31,6 +31,7 @@ def main() -> None:
     \b
     catekv-profile MODEL -o profile.safetensors   profile a model (Hub id, folder, .gguf, or smollm2-135m)
     catekv-profile show profile.safetensors       summarise a profile
+    catekv-profile push profile.safetensors org/name   upload it with a model card to the Hub
     """
 
 

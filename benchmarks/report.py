@@ -109,8 +109,9 @@ def main() -> None:
     out += ["## d. Prefill time and peak memory", "",
             "From the real runs of (b): prefill is transformers' own forward (SDPA, `logits_to_keep=1`); CateKV",
             "selects each layer's tokens as soon as that layer's attention is done. The 32K CateKV prefill ran",
-            "first in its process and includes one-time CUDA start-up (about 1.4 s: at 128K, run later, CateKV",
-            "and full attention prefill in the same time); no warm-up prefill was run before it.", ""]
+            "first in its process with no warm-up prefill before it; at 128K, run later, CateKV and full attention",
+            "prefill in the same time, so its extra 1.4 s is most likely one-time start-up, not selection",
+            "(not verified; a re-run gave 2.89 s again, also first in its process).", ""]
     body = [[kib(r["context"]), r["arm"], f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}"]
             for r in rows(real, suite="real")]
     out += [table(["context", "arm", "prefill s", "peak GiB"], body), ""]

@@ -20,14 +20,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from .attention import group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
-from .integration import IMPLEMENTATION, cache_argument, resolve_profile
+from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile
 from .profile import Profile, ProfileParams
 
 
@@ -41,7 +41,6 @@ class LeanStats:
     decode_ms_per_step: float = 0.0
     kv_bytes: int = 0
     full_kv_bytes: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class LeanGenerator:
@@ -63,6 +62,8 @@ class LeanGenerator:
                  **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
+        if self.profile is not None:  # refuse a profile of another shape before any compute
+            self.profile.check_model(dataclasses.replace(model_spec(model), model_id=""))
         device = next(model.parameters()).device
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "sdpa"
@@ -123,10 +124,6 @@ class LeanGenerator:
     def _prefill(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                  max_new_tokens: int) -> tuple[CateKVCache, torch.Tensor, torch.Tensor]:
         head_map, params = self._head_map_and_params()
-        if self.profile is not None:
-            from .integration import model_spec
-
-            self.profile.check_model(dataclasses.replace(model_spec(self.model), model_id=""))
         cache = CateKVCache(self.model.config, head_map, params, reserve=max_new_tokens, eager=True)
         if not all(isinstance(layer, CateKVLayer) for layer in cache.layers):
             raise NotImplementedError("the lean path does not support sliding-window layers; use apply() instead")

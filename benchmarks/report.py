@@ -10,6 +10,7 @@ The results come from (on one H200, 2026-11-28; see each file's "setup" record):
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 32 --out docs/results/decode_synthetic_synth_bn32.json
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 64 --out docs/results/decode_synthetic_synth_bn64.json
     python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
+    python benchmarks/profile_speed.py --contexts 32768 131072 --out docs/results/profile_speed.json
 """
 
 from __future__ import annotations
@@ -115,6 +116,17 @@ def main() -> None:
     body = [[kib(r["context"]), r["arm"], f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}"]
             for r in rows(real, suite="real")]
     out += [table(["context", "arm", "prefill s", "peak GiB"], body), ""]
+    speed = load("profile_speed.json")
+    out += ["## e. Profiler", "",
+            "`benchmarks/profile_speed.py`: one reference sample through `catekv_profiler.profiler.sample_statistics`",
+            "(all parameters at the paper's defaults) against a plain prefill of the same tokens. Statistics are",
+            "computed one KV head at a time, so the peak stays that of the prefill; the time they add is mostly",
+            "`kthvalue` over the 64 x n_mid probabilities of each head (4 calls per head).", ""]
+    body = []
+    for context in sorted({r["context"] for r in speed}):
+        pre, prof = (rows(speed, context=context, run=name)[0] for name in ("prefill", "profile"))
+        body.append([kib(context), pre["seconds"], prof["seconds"], pre["peak_gib"], prof["peak_gib"]])
+    out += [table(["context", "prefill s", "profiling s / sample", "prefill peak GiB", "profiling peak GiB"], body), ""]
     plot(real, synth, ROOT / "docs" / "benchmarks.png")
     out += ["![decode ms/step](benchmarks.png)", ""]
     text = "\n".join(out)

@@ -120,8 +120,8 @@ def main() -> None:
     out += ["## e. Profiler", "",
             "`benchmarks/profile_speed.py`: one reference sample through `catekv_profiler.profiler.sample_statistics`",
             "(all parameters at the paper's defaults) against a plain prefill of the same tokens. Statistics are",
-            "computed one KV head at a time, so the peak stays that of the prefill; the time they add is mostly",
-            "`kthvalue` over the 64 x n_mid probabilities of each head (4 calls per head).", ""]
+            "computed one KV head at a time, so the peak stays that of the prefill. The time they add is not yet",
+            "broken down; the likely cost is the 4 `kthvalue` calls per head over its 64 x n_mid probabilities.", ""]
     body = []
     for context in sorted({r["context"] for r in speed}):
         pre, prof = (rows(speed, context=context, run=name)[0] for name in ("prefill", "profile"))

@@ -15,6 +15,7 @@ from .profile import (
     ProfileError,
     ProfileParams,
     ReferenceSpec,
+    list_profiles,
     load_profile,
 )
 
@@ -52,6 +53,7 @@ __all__ = [
     "ReferenceSpec",
     "apply",
     "cache_argument",
+    "list_profiles",
     "load_profile",
     "make_cache",
     "model_spec",

@@ -302,7 +302,8 @@ _TENSORS = {  # name: (dtype, shape key); "LH" = [layers, kv heads], "SLH" = [sa
 def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -> Profile:
     """Load and validate a profile.
 
-    ``path`` is a local ``.safetensors`` file, or a Hugging Face Hub repo id (``"org/name"`` or
+    ``path`` is a local ``.safetensors`` file, the short name of a shipped profile (:func:`list_profiles`),
+    or a Hugging Face Hub repo id (``"org/name"`` or
     ``"org/name@revision"``) holding ``profile.safetensors``; Hub downloads go through huggingface_hub's
     cache and work offline from it. Raises :class:`ProfileError` naming what is wrong.
     """
@@ -319,11 +320,24 @@ def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -
     return profile_from_tensors(tensors, metadata, source=str(local))
 
 
+# Profiles shipped in the repository's profiles/ folder (present in source checkouts and editable
+# installs; a wheel carries none: the Hub is how profiles travel).
+SHIPPED_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+
+
+def list_profiles() -> list[str]:
+    """Short names of the profiles shipped in ``profiles/``, for ``load_profile(name)``."""
+    return sorted(p.stem for p in SHIPPED_PROFILES.glob("*.safetensors"))
+
+
 def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     local = Path(path)
     if local.is_file():
         return local
     text = str(path)
+    shipped = SHIPPED_PROFILES / f"{text}.safetensors"
+    if "/" not in text and shipped.is_file():
+        return shipped
     repo_id, at, at_revision = text.partition("@")  # "org/name@rev"; the revision may hold "/" (refs/pr/1)
     looks_like_repo = (
         repo_id.count("/") == 1
@@ -332,7 +346,8 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
         and not Path(repo_id).parent.is_dir()  # "profiles/llama" is a missing local file, not a repo id
     )
     if not looks_like_repo:
-        raise ProfileError(f"profile file {text!r} not found")
+        names = ", ".join(list_profiles()) or "none"
+        raise ProfileError(f"profile file {text!r} not found (shipped profiles by short name: {names})")
     if at and not at_revision:
         raise ProfileError(f"{text!r}: empty revision after '@'; write 'org/name@branch-tag-or-commit'")
     if at_revision and revision and at_revision != revision:
@@ -475,6 +490,7 @@ __all__ = [
     "ReferenceSpec",
     "adaptive_keep_chunks",
     "atomic_save",
+    "list_profiles",
     "load_profile",
     "profile_from_tensors",
     "vote_adaptive_heads",

@@ -427,3 +427,14 @@ def test_check_model_refuses_another_model(change: dict, fragment: str):
     with pytest.raises(ProfileError) as info:
         make_profile().check_model(dataclasses.replace(MODEL, **change))
     assert fragment in str(info.value)
+
+
+def test_shipped_profiles_load_by_short_name():
+    from catekv_runtime import list_profiles
+
+    names = list_profiles()
+    assert "smollm2-135m-instruct" in names and "smollm2-135m-instruct-8k" in names
+    profile = load_profile("smollm2-135m-instruct-8k")
+    assert profile.params.budget == 2048 and profile.head_map.shape == (30, 3)
+    with pytest.raises(ProfileError, match="shipped profiles by short name: .*smollm2-135m-instruct"):
+        load_profile("no-such-profile")

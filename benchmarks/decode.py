@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import catekv_runtime as ck  # noqa: E402
 from catekv_runtime.cache import HeadGroup  # noqa: E402
 from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
-from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec, adaptive_keep_chunks  # noqa: E402
+from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec  # noqa: E402
 
 GiB = 1024**3
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -89,8 +89,6 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
     device = "cuda"
     dim = LLAMA3_8B["head_dim"]
     group = LLAMA3_8B["num_attention_heads"] // LLAMA3_8B["num_key_value_heads"]
-    chunks = max(0, (context - params.init_tokens - params.recent_tokens) // params.chunk_size)
-    tail = context - params.init_tokens - chunks * params.chunk_size
     layers = []
     for layer_map in head_map:
         groups = []
@@ -98,8 +96,7 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
             heads = (layer_map == adaptive).nonzero().flatten()
             if heads.numel() == 0:
                 continue
-            keep = adaptive_keep_chunks(chunks, params.eta) if adaptive else min(params.budget_chunks, chunks)
-            kept = params.init_tokens + keep * params.chunk_size + tail
+            kept = params.kept_tokens(context, adaptive)
             kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=torch.bfloat16, device=device)
             q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
             groups.append(HeadGroup(heads.to(device), q_heads, kv, kept, None))
@@ -124,7 +121,7 @@ def time_graph_steps(state: _DecodeState, steps: int) -> float:
 
 def kv_bytes_of(state: _DecodeState) -> int:
     """KV bytes one decode step reads: every filled slot of every group."""
-    return sum(g.used_bytes for layer in state.layers for g in layer)
+    return sum(slot.group.used_bytes for layer in state.layers for slot in layer)
 
 
 def suite_synthetic(model, args, results, bandwidth) -> None:
@@ -205,7 +202,7 @@ def suite_batch(model, args, results, bandwidth) -> None:
             gen = LeanGenerator(model, None)
             head_map, params = gen._head_map_and_params()
         probe = synthetic_state(gen, head_map, params, 1, context, args.steps + 8)
-        per_sequence = sum(g.allocated_bytes for layer in probe.layers for g in layer)
+        per_sequence = sum(slot.group.allocated_bytes for layer in probe.layers for slot in layer)
         del probe
         torch.cuda.empty_cache()
         batch = int((cap - weight_bytes(model) - 2 * GiB) // per_sequence) + 1

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from catekv_runtime.profile import ModelSpec, ProfileError, ProfileParams, ReferenceSpec, load_profile
+from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
 
 DEFAULTS = ProfileParams()
 
@@ -123,8 +123,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     except ReferenceSetError as e:
         raise click.ClickException(str(e)) from None
 
-    spec = ModelSpec(info.model_id, info.revision, info.architecture, info.num_layers, info.num_kv_heads,
-                     info.num_attention_heads, info.head_dim)
+    spec = info.spec()
     dtype_name = str(next(model_obj.parameters()).dtype).removeprefix("torch.")
     checkpoint = Checkpoint(output, statistics_key(params, spec, dtype_name))
     if restart:

@@ -21,7 +21,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from catekv_runtime.profile import Profile, load_profile
+from catekv_runtime.profile import Profile, is_hub_id, load_profile
 
 from . import __version__
 from .report import plot_profile, summarize
@@ -33,8 +33,6 @@ PAPER_URL = "https://proceedings.mlr.press/v267/jiang25e.html"
 
 # A Hub repo id with its namespace, as load_profile("org/name") needs (huggingface_hub's naming rules).
 _REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
-# A model id that can be `base_model:` in the card: a Hub id, not a local folder or a GGUF file.
-_HUB_MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 CITATION = """\
 @inproceedings{pmlr-v267-jiang25e,
@@ -60,17 +58,6 @@ class UnchangedWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------------------- model card
-
-
-def is_hub_model_id(model_id: str) -> bool:
-    """True if ``model_id`` reads as a Hub id ("org/name"): not a path, not a GGUF file, not a local folder."""
-    return (
-        bool(_HUB_MODEL_ID.match(model_id))
-        and "--" not in model_id
-        and ".." not in model_id
-        and not model_id.lower().endswith(".gguf")
-        and not os.path.exists(model_id)
-    )
 
 
 def _cell(value: Any) -> str:
@@ -139,7 +126,7 @@ def model_card(
     model_name = m.model_id or "an unnamed model"
 
     front = ["---", "library_name: catekv", "tags:", "- catekv", "- kv-cache", "- long-context"]
-    if m.model_id and is_hub_model_id(m.model_id):
+    if m.model_id and is_hub_id(m.model_id):
         front.append(f"base_model: {json.dumps(m.model_id)}")  # a JSON string is a valid YAML scalar
     front.append("---")
 
@@ -240,7 +227,7 @@ def model_card(
         "import catekv_runtime as ck",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "",
-        f"model_id = {json.dumps(m.model_id if m.model_id and is_hub_model_id(m.model_id) else 'BASE_MODEL')}",
+        f"model_id = {json.dumps(m.model_id if m.model_id and is_hub_id(m.model_id) else 'BASE_MODEL')}",
         'model = AutoModelForCausalLM.from_pretrained(model_id, dtype="bfloat16", device_map="cuda")',
         "tokenizer = AutoTokenizer.from_pretrained(model_id)",
         f"profile = ck.load_profile({json.dumps(repo_id)})  # pin a commit with \"{repo_id}@<commit>\" "
@@ -466,4 +453,4 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {detail}" if detail else type(error).__name__
 
 
-__all__ = ["HubError", "UnchangedWarning", "accuracy_table", "is_hub_model_id", "model_card", "push_profile"]
+__all__ = ["HubError", "UnchangedWarning", "accuracy_table", "model_card", "push_profile"]

@@ -27,6 +27,8 @@ from typing import Any, Iterator
 
 import torch
 
+from catekv_runtime.profile import ModelSpec
+
 __all__ = [
     "EMBEDDED_MODELS",
     "EmbeddedModel",
@@ -102,6 +104,11 @@ class ModelInfo:
         data["sliding_window_layers"] = list(self.sliding_window_layers)
         return data
 
+    def spec(self) -> ModelSpec:
+        """What a profile of this model records and checks (catekv_runtime's ModelSpec)."""
+        return ModelSpec(self.model_id, self.revision, self.architecture, self.num_layers, self.num_kv_heads,
+                         self.num_attention_heads, self.head_dim)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelInfo":
         """Inverse of ``to_dict``."""
@@ -161,22 +168,19 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
             "revision": _snapshot_commit(Path(name)) if name and os.path.isdir(name) else "",
             "source": ("folder" if os.path.isdir(name) else "hub") if name else "",
         }
-    num_heads = int(text.num_attention_heads)
-    num_layers = int(text.num_hidden_layers)
-    architectures = getattr(config, "architectures", None) or [type(model).__name__]
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    shape = ModelSpec.from_config(config, architecture=architecture)
     return ModelInfo(
         model_id=provenance["model_id"],
         revision=provenance["revision"],
         source=provenance["source"],
-        architecture=architectures[0],
-        num_layers=num_layers,
-        num_kv_heads=int(getattr(text, "num_key_value_heads", None) or num_heads),
-        num_attention_heads=num_heads,
-        # Same rule as the attention modules of Llama/Mistral/Qwen2/Phi-3 in transformers 5; a
-        # config may carry head_dim=None, hence `or`.
-        head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // num_heads),
+        architecture=shape.architecture,
+        num_layers=shape.num_layers,
+        num_kv_heads=shape.num_kv_heads,
+        num_attention_heads=shape.num_attention_heads,
+        head_dim=shape.head_dim,
         max_context=int(getattr(text, "max_position_embeddings", None) or 0),
-        sliding_window_layers=_sliding_window_layers(text, num_layers),
+        sliding_window_layers=_sliding_window_layers(text, shape.num_layers),
     )
 
 

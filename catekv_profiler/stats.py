@@ -57,10 +57,11 @@ def chunk_hits(probs: torch.Tensor, threshold: torch.Tensor, chunk_size: int) ->
 
 def coefficient_of_variation(hits: torch.Tensor) -> torch.Tensor:
     """std / mean over chunks, unbiased std; 0 for a head with no hits (step 6)."""
-    mean = hits.mean()
-    if hits.numel() < 2 or mean <= 0:
+    if hits.numel() < 2:
         return torch.zeros((), dtype=torch.float32, device=hits.device)
-    return hits.std(unbiased=True) / mean
+    mean = hits.mean()
+    # No host sync (on a GPU): a head without hits has mean 0 and gets 0 instead of 0 / 0.
+    return torch.where(mean > 0, hits.std(unbiased=True) / mean.clamp_min(1e-30), 0.0)
 
 
 def layer_statistics(
@@ -82,14 +83,13 @@ def layer_statistics(
     num_kv = keys.shape[0]
     group = queries.shape[0] // num_kv
     mid = keys[:, regions.mid_start : regions.tail_start]
-    cv, tau, hit_mean = (torch.empty(num_kv, dtype=torch.float32) for _ in range(3))
+    per_head = []  # (cv, tau, hit mean) of each head, kept on the device: one transfer per layer
     for h in range(num_kv):
         probs = observation_probs(
             queries[h * group : (h + 1) * group], mid[h : h + 1], scale, n - queries.shape[1], regions.mid_start
         )[0]
         threshold = head_threshold(probs, params.percentile, params.alpha)
         hits = chunk_hits(probs, threshold, params.chunk_size)
-        cv[h] = coefficient_of_variation(hits).item()
-        tau[h] = threshold.item()
-        hit_mean[h] = hits.mean().item()
+        per_head.append(torch.stack([coefficient_of_variation(hits), threshold.float(), hits.mean()]))
+    cv, tau, hit_mean = torch.stack(per_head).float().cpu().unbind(dim=1)
     return LayerStats(cv=cv, threshold=tau, hit_mean=hit_mean)

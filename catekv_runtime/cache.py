@@ -15,7 +15,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .profile import ProfileParams, adaptive_keep_chunks
+from .profile import ProfileParams
 from .selection import Regions, chunk_scores, observation_probs, retained_indices, top_chunks
 
 DEFAULT_RESERVE = 256  # decode slots preallocated when the number of new tokens is not known
@@ -108,6 +108,7 @@ class CateKVLayer(DynamicLayer):
         self.eager = eager  # compress at the end of the (single) prefill call, not at the first decode
         self.groups: list[HeadGroup] = []
         self.seen = 0  # tokens of the sequence so far, prompt padding included
+        self.token_bytes = 0  # K + V bytes of one token of every head of the batch (full attention's rate)
         self.valid_start: torch.Tensor | None = None  # [batch] first non-padding position
         self.obs_queries: torch.Tensor | None = None  # last L_obs queries of the prompt
         self.scale = 1.0
@@ -118,6 +119,8 @@ class CateKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         self.seen += key_states.shape[2]
+        b, h, _, d = key_states.shape
+        self.token_bytes = 2 * b * h * d * key_states.element_size()
         if not self.compressed and key_states.shape[2] == 1 and self.keys is not None and self.keys.numel():
             self.compress()  # first decode step after a chunked prefill
         if self.compressed:
@@ -163,7 +166,7 @@ class CateKVLayer(DynamicLayer):
         p = self.params
         n = keys.shape[1]
         regions = Regions.of(n, p.init_tokens, p.recent_tokens, p.chunk_size)
-        keep = adaptive_keep_chunks(regions.num_chunks, p.eta) if is_adaptive else p.budget_chunks
+        keep = p.kept_chunks(regions.num_chunks, is_adaptive)
         all_tokens = torch.arange(n, device=keys.device).expand(heads.numel(), -1)
         if keep >= regions.num_chunks:  # prompt too short to compress (or eta = 1): keep it all, exactly
             return all_tokens
@@ -225,6 +228,11 @@ class CateKVLayer(DynamicLayer):
             held += self.keys.numel() * self.keys.element_size() * 2
         return held
 
+    @property
+    def used_bytes(self) -> int:
+        """Filled bytes: the groups' slots, or the whole prefill buffer before selection."""
+        return sum(g.used_bytes for g in self.groups) if self.compressed else self.allocated_bytes
+
 
 def _valid_start(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
     """First non-padding position of each sequence, from the boolean 4D mask of the last query."""
@@ -276,10 +284,8 @@ class CateKVCache(DynamicCache):
         for layer in self.layers:
             if isinstance(layer, CateKVLayer):
                 held += layer.allocated_bytes
-                used += sum(g.used_bytes for g in layer.groups) or layer.allocated_bytes
-                ref = layer.groups[0].keys if layer.groups else layer.keys
-                if ref is not None and ref.numel():
-                    full += ref.shape[0] * layer.adaptive.numel() * layer.seen * ref.shape[3] * ref.element_size() * 2
+                used += layer.used_bytes
+                full += layer.token_bytes * layer.seen
             elif getattr(layer, "keys", None) is not None and layer.keys.numel():
                 size = layer.keys.numel() * layer.keys.element_size() * 2
                 held += size

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import os
 from typing import Any
 
 import torch
@@ -21,12 +20,11 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import decode_attention
 from .cache import DEFAULT_RESERVE, CateKVCache, take_pending_layer
-from .profile import ModelSpec, Profile, ProfileError, ProfileParams
+from .profile import ModelSpec, Profile, ProfileError, ProfileParams, is_hub_id
 
 IMPLEMENTATION = "catekv"
-_OVERRIDES = frozenset(
-    {"budget", "eta", "obs_window", "init_tokens", "recent_tokens", "chunk_size", "adaptive_ratio"}
-)
+# Every parameter can be changed at run time except those that only shape the profiler's statistics.
+_OVERRIDES = frozenset(f.name for f in dataclasses.fields(ProfileParams)) - {"percentile", "alpha"}
 
 
 def _catekv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -46,19 +44,9 @@ AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)
 
 def model_spec(model: torch.nn.Module) -> ModelSpec:
     """The shape (and id, when it names a Hub model) of a transformers model, to check a profile against."""
-    config = model.config.get_text_config(decoder=True)
-    heads = config.num_attention_heads
     name = getattr(model.config, "_name_or_path", "") or ""
-    is_hub_id = name.count("/") == 1 and not os.path.exists(name) and not name.startswith((".", "/"))
-    return ModelSpec(
-        model_id=name if is_hub_id else "",
-        revision="",
-        architecture=(getattr(model.config, "architectures", None) or [type(model).__name__])[0],
-        num_layers=config.num_hidden_layers,
-        num_kv_heads=getattr(config, "num_key_value_heads", None) or heads,
-        num_attention_heads=heads,
-        head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
-    )
+    architecture = (getattr(model.config, "architectures", None) or [type(model).__name__])[0]
+    return ModelSpec.from_config(model.config, model_id=name if is_hub_id(name) else "", architecture=architecture)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +110,9 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
             config = kwargs.get("generation_config") or model.generation_config
             chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or DEFAULT_RESERVE
-            kwargs[cache_arg] = make_cache(model, model._catekv.profile, reserve=new + 1, eager=not chunked)
+            # The profile was checked against the model above; no per-call check.
+            kwargs[cache_arg] = CateKVCache(model.config, profile.head_map, profile.params, reserve=new + 1,
+                                            eager=not chunked)
         return original(model, *args, **kwargs)
 
     model.generate = generate

@@ -18,6 +18,7 @@ Supported: decoders whose layers have ``self_attn.{q,k,v,o}_proj``, ``input_laye
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -69,8 +70,8 @@ class LeanGenerator:
             backend = "triton" if device.type == "cuda" else "sdpa"
         if backend not in ("triton", "sdpa"):
             raise ValueError(f"unknown backend {backend!r}; choose 'triton', 'sdpa' or 'auto'")
-        if backend == "triton" and device.type != "cuda":
-            raise ValueError("the triton backend needs the model on a CUDA device")
+        if backend == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("the triton backend needs the model on a CUDA device (or TRITON_INTERPRET=1)")
         self.backend = backend
         self.cuda_graph = (backend == "triton") if cuda_graph is None else cuda_graph
         if self.cuda_graph and backend != "triton":
@@ -173,6 +174,7 @@ class LeanGenerator:
                     state.step()
         sync()
         decode_s = time.perf_counter() - start
+        state.finish(steps)
         memory = cache.memory()
         self.stats = LeanStats(
             prompt_tokens=input_ids.shape[1], new_tokens=max_new_tokens, prefill_s=prefill_s,
@@ -182,59 +184,64 @@ class LeanGenerator:
         return state.tokens
 
 
+@dataclass
+class _Slot:
+    """One head group in the decode step: where this step's K/V goes and what the kernel reads."""
+
+    group: HeadGroup
+    base: int  # filled slots after prefill
+    decode_kv: torch.Tensor  # group.kv[..., base:, :]: decode step i writes its slot i
+    kernel_group: Any = None  # KVGroup for the Triton kernel
+
+
 class _DecodeState:
     """Static buffers of one generation and the decode step that reads and advances them in place."""
 
     def __init__(self, gen: LeanGenerator, cache: CateKVCache, token: torch.Tensor, position: torch.Tensor,
                  max_new_tokens: int):
         self.gen = gen
-        self.layers: list[list[HeadGroup]] = [layer.groups for layer in cache.layers]
         device = token.device
         batch = token.shape[0]
         self.token = token.clone()
         self.position = position.clone()
         self.step_index = torch.zeros(1, dtype=torch.long, device=device)  # decode step, on the device
+        self.steps_done = 0  # the same count on the host, for the SDPA backend (which never graphs)
         self.tokens = torch.empty(batch, max_new_tokens, dtype=torch.long, device=device)
-        groups = [g for layer in self.layers for g in layer]
+        groups = [g for layer in cache.layers for g in layer.groups]
         # Slots each group's attention covers during the coming step: the prompt's plus the token being
         # decoded (appended before attention). One row per group, all advanced by a single add per step.
         self.lengths = torch.tensor([[g.length + 1] * batch for g in groups], dtype=torch.int32, device=device)
-        self.base = [g.length for g in groups]
-        self.row = {id(g): i for i, g in enumerate(groups)}
-        config = gen.model.config.get_text_config(decoder=True)
-        self.q_heads = config.num_attention_heads
+        rows = iter(self.lengths)
+        self.layers = [
+            [_Slot(g, g.length, g.kv[:, :, :, g.length :]) for g in layer.groups] for layer in cache.layers
+        ]
         attn = gen.decoder.layers[0].self_attn
-        self.head_dim = attn.head_dim
         self.scale = attn.scaling
         if gen.backend == "triton":
             from .kernels.triton_decode import KVGroup, default_num_splits, make_workspace
 
-            capacity = max(g.keys.shape[2] for g in groups)
-            kv_heads = max(g.keys.shape[1] for g in groups)
-            self.num_splits = default_num_splits(batch, kv_heads, capacity)
-            self.workspace = make_workspace(batch, self.q_heads, self.head_dim, self.num_splits, device)
-            self.attn_out = torch.empty(batch, self.q_heads, self.head_dim, dtype=groups[0].keys.dtype,
-                                        device=device)
-            self.kernel_groups = {
-                id(layer[0]): [
-                    KVGroup(g.keys, g.values, self.lengths[self.row[id(g)]],
-                            g.pad.to(torch.int32) if g.pad is not None else None, g.q_heads)
-                    for g in layer
-                ]
-                for layer in self.layers
-            }
+            q_heads = gen.model.config.get_text_config(decoder=True).num_attention_heads
+            self.num_splits = default_num_splits(batch, max(g.keys.shape[1] for g in groups),
+                                                 max(g.keys.shape[2] for g in groups))
+            self.workspace = make_workspace(batch, q_heads, attn.head_dim, self.num_splits, device)
+            self.attn_out = torch.empty(batch, q_heads, attn.head_dim, dtype=groups[0].kv.dtype, device=device)
+            for slot in (slot for layer in self.layers for slot in layer):
+                g = slot.group
+                pad = g.pad.to(torch.int32) if g.pad is not None else None
+                slot.kernel_group = KVGroup(g.keys, g.values, next(rows), pad, g.q_heads)
 
     def step(self) -> None:
         """One decode step: consume ``self.token`` at ``self.position``, write the next token."""
         gen, model, decoder = self.gen, self.gen.model, self.gen.decoder
         hidden = decoder.embed_tokens(self.token)
         cos, sin = decoder.rotary_emb(hidden, self.position)
-        for layer, groups in zip(decoder.layers, self.layers):
+        self.steps_done += 1
+        for layer, slots in zip(decoder.layers, self.layers):
             q, kv = gen._pre(layer, hidden, cos, sin)
-            for g in groups:
-                new = kv[:, :, g.kv_heads] if len(groups) > 1 else kv
-                g.kv[:, :, :, self.base[self.row[id(g)]] :].index_copy_(3, self.step_index, new)
-            hidden = gen._post(layer, hidden, self._attention(q, groups))
+            for slot in slots:
+                new = kv[:, :, slot.group.kv_heads] if len(slots) > 1 else kv
+                slot.decode_kv.index_copy_(3, self.step_index, new)
+            hidden = gen._post(layer, hidden, self._attention(q, slots))
         logits = model.lm_head(decoder.norm(hidden))
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)
@@ -242,36 +249,38 @@ class _DecodeState:
         self.lengths.add_(1)
         self.tokens.index_copy_(1, self.step_index, self.token)
 
-    def _attention(self, q: torch.Tensor, groups: list[HeadGroup]) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
         if self.gen.backend == "triton":
             from .kernels.triton_decode import decode_attention_two_groups
 
             return decode_attention_two_groups(
-                q[:, :, 0], self.kernel_groups[id(groups[0])], scale=self.scale, out=self.attn_out,
+                q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
                 num_splits=self.num_splits, workspace=self.workspace, config=self.gen.kernel_config,
             )
-        appended = int(self.step_index.item()) + 1  # host-side lengths for SDPA (this path does not graph)
-        for g in groups:
-            g.length = self.base[self.row[id(g)]] + appended
         out = torch.empty_like(q)
-        for g in groups:
-            out[:, g.q_heads] = group_attention(q[:, g.q_heads], g, self.scale)
+        for slot in slots:
+            slot.group.length = slot.base + self.steps_done
+            out[:, slot.group.q_heads] = group_attention(q[:, slot.group.q_heads], slot.group, self.scale)
         return out[:, :, 0]
+
+    def finish(self, steps: int) -> None:
+        """Record the decoded tokens in the groups' lengths (a replayed graph does not touch the host)."""
+        for slot in (slot for layer in self.layers for slot in layer):
+            slot.group.length = slot.base + steps
 
     def capture(self) -> torch.cuda.CUDAGraph:
         """Warm up (compiles the kernels), restore the state, capture one step as a CUDA graph."""
-        saved = [t.clone() for t in (self.token, self.position, self.step_index, self.lengths)]
+        state = (self.token, self.position, self.step_index, self.lengths)
+        saved = [t.clone() for t in state]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
                 self.step()
         torch.cuda.current_stream().wait_stream(stream)
-        for t, s in zip((self.token, self.position, self.step_index, self.lengths), saved):
+        for t, s in zip(state, saved):
             t.copy_(s)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph):  # records the step without running it: the state stays as restored
             self.step()
-        for t, s in zip((self.token, self.position, self.step_index, self.lengths), saved):
-            t.copy_(s)  # capture does not run the step, but be explicit about the starting state
         return graph

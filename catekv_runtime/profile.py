@@ -9,18 +9,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .selection import Regions
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "catekv-profile"
 FORMAT_VERSION = 1
 UNLIMITED_BUDGET = -1  # budget of an adaptive head: all of its middle chunks scaled by eta, no token cap
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_id(text: str) -> bool:
+    """True if ``text`` reads as a Hugging Face Hub repo id ("org/name"), not as a local path or file."""
+    return (
+        bool(_HUB_ID.match(text))
+        and "--" not in text
+        and ".." not in text
+        and not text.lower().endswith((".gguf", ".safetensors"))
+        and not os.path.exists(text)
+    )
 
 
 class ProfileError(ValueError):
@@ -74,6 +91,16 @@ class ProfileParams:
         """Middle chunks a consistent head keeps: (B - L_init - L_rec) / c."""
         return (self.budget - self.init_tokens - self.recent_tokens) // self.chunk_size
 
+    def kept_chunks(self, num_chunks: int, adaptive: bool) -> int:
+        """Middle chunks a head keeps out of ``num_chunks``: eta of them if adaptive, else the budget's."""
+        keep = adaptive_keep_chunks(num_chunks, self.eta) if adaptive else self.budget_chunks
+        return min(keep, num_chunks)
+
+    def kept_tokens(self, length: int, adaptive: bool) -> int:
+        """Tokens of a ``length``-token prompt a head keeps: init + kept chunks + tail (all if too short)."""
+        regions = Regions.of(length, self.init_tokens, self.recent_tokens, self.chunk_size)
+        return length - (regions.num_chunks - self.kept_chunks(regions.num_chunks, adaptive)) * self.chunk_size
+
     def min_prompt_tokens(self) -> int:
         """Shortest text the profiler accepts: L_obs + L_init + L_rec + one chunk."""
         return self.obs_window + self.init_tokens + self.recent_tokens + self.chunk_size
@@ -90,6 +117,23 @@ class ModelSpec:
     num_kv_heads: int
     num_attention_heads: int
     head_dim: int
+
+    @classmethod
+    def from_config(cls, config: Any, model_id: str = "", revision: str = "",
+                    architecture: str = "") -> ModelSpec:
+        """The attention shape of a transformers config (the language model's, for multimodal ones)."""
+        text = config.get_text_config(decoder=True)
+        heads = int(text.num_attention_heads)
+        return cls(
+            model_id=model_id,
+            revision=revision,
+            architecture=architecture or (getattr(config, "architectures", None) or [""])[0],
+            num_layers=int(text.num_hidden_layers),
+            num_kv_heads=int(getattr(text, "num_key_value_heads", None) or heads),
+            num_attention_heads=heads,
+            # As the attention modules of Llama/Mistral/Qwen2/Phi-3 do; a config may hold head_dim=None.
+            head_dim=int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+        )
 
 
 @dataclass(frozen=True)
@@ -189,16 +233,9 @@ class Profile:
 
     def kv_kept_fraction(self, context_length: int) -> float:
         """Fraction of the full KV cache kept after prefill of a prompt of ``context_length`` tokens."""
-        p = self.params
         n = int(context_length)
-        num_chunks = max(0, (n - p.init_tokens - p.recent_tokens) // p.chunk_size)
-        if num_chunks == 0:
-            return 1.0
-        tail = n - p.init_tokens - num_chunks * p.chunk_size
-        adaptive_kept = p.init_tokens + adaptive_keep_chunks(num_chunks, p.eta) * p.chunk_size + tail
-        consistent_kept = p.init_tokens + min(p.budget_chunks, num_chunks) * p.chunk_size + tail
         a = self.adaptive_fraction
-        return (a * adaptive_kept + (1 - a) * consistent_kept) / n
+        return (a * self.params.kept_tokens(n, True) + (1 - a) * self.params.kept_tokens(n, False)) / n
 
     def check_model(self, spec: ModelSpec) -> None:
         """Raise :class:`ProfileError` if this profile was made for a model of another shape (or id, when known)."""
@@ -339,12 +376,8 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     if "/" not in text and shipped.is_file():
         return shipped
     repo_id, at, at_revision = text.partition("@")  # "org/name@rev"; the revision may hold "/" (refs/pr/1)
-    looks_like_repo = (
-        repo_id.count("/") == 1
-        and not repo_id.startswith((".", "/", "~"))
-        and not text.endswith(".safetensors")
-        and not Path(repo_id).parent.is_dir()  # "profiles/llama" is a missing local file, not a repo id
-    )
+    # "profiles/llama" with a profiles/ folder here is a missing local file, not a repo id.
+    looks_like_repo = is_hub_id(repo_id) and not Path(repo_id).parent.is_dir()
     if not looks_like_repo:
         names = ", ".join(list_profiles()) or "none"
         raise ProfileError(f"profile file {text!r} not found (shipped profiles by short name: {names})")
@@ -490,6 +523,7 @@ __all__ = [
     "ReferenceSpec",
     "adaptive_keep_chunks",
     "atomic_save",
+    "is_hub_id",
     "list_profiles",
     "load_profile",
     "profile_from_tensors",

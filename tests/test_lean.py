@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import make_tiny_model, requires_cuda
@@ -46,6 +48,18 @@ def test_lean_sdpa_equals_plain_generate(family, ratio):
     assert torch.equal(tokens, expected)
     assert lean.stats.new_tokens == 16 and lean.stats.kv_bytes > 0
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="runs the Triton kernel through its interpreter, on CPU")
+def test_lean_triton_kernel_path_equals_sdpa_path_on_cpu():
+    """The Triton decode step (without a CUDA graph) through Triton's interpreter: same tokens as SDPA."""
+    model = make_tiny_model("qwen2")
+    ids, mask = left_padded(model, [150, 97])
+    profile = make_profile(model, 0.5)
+    expected = LeanGenerator(model, profile, backend="sdpa").generate(ids, mask, max_new_tokens=5)
+    tokens = LeanGenerator(model, profile, backend="triton", cuda_graph=False).generate(ids, mask, max_new_tokens=5)
+    assert torch.equal(tokens, expected)
 
 
 def test_lean_refuses_sliding_window_models():

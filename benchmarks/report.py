@@ -58,7 +58,7 @@ def main() -> None:
         f"Ceiling: device-to-device copy {copy:.0f} GB/s (read + write, measured in the same runs). The decode",
         "floor is (weight bytes read per step + KV bytes) / copy bandwidth. Raw JSON: `docs/results/`;",
         "commands: the docstring of `benchmarks/report.py`, which wrote this page. Decode and kernel figures were",
-        "measured with the code of commits 759db7d to 29a714f; the later review commit reorganised the lean",
+        "measured with the code of commits 759db7d to 37280f3 (the CateKV 64-key tile default of 29a714f is the setting those runs used); the later review commit reorganised the lean",
         "step's host-side bookkeeping (same kernels, same launches) and was tested on CPU only.",
         "",
         "## a. Decode-attention kernel: KV bytes read per second",

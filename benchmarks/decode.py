@@ -42,12 +42,13 @@ def emit(results: list, **record) -> None:
     print(json.dumps(record), flush=True)
 
 
-def build_model(layers: int):
+def build_model(layers: int, device: str = "cuda", **shape):
+    """Random bf16 weights of Llama-3-8B's shapes; ``shape`` overrides config fields (tiny models for tests)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers})
+    config = LlamaConfig(**{**LLAMA3_8B, "num_hidden_layers": layers, **shape})
     torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
+    with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
     torch.set_default_dtype(torch.float32)
     model.eval().requires_grad_(False)
@@ -86,9 +87,10 @@ def decode_floor_ms(model, kv_bytes: int, bandwidth: float) -> float:
 def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileParams, batch: int,
                     context: int, new_tokens: int) -> _DecodeState:
     """The decode state a prefill of ``context`` tokens would leave, filled with random K/V."""
-    device = "cuda"
-    dim = LLAMA3_8B["head_dim"]
-    group = LLAMA3_8B["num_attention_heads"] // LLAMA3_8B["num_key_value_heads"]
+    config = gen.model.config.get_text_config(decoder=True)
+    device, dtype = gen.model.device, gen.model.dtype
+    dim = config.head_dim
+    group = config.num_attention_heads // config.num_key_value_heads
     layers = []
     for layer_map in head_map:
         groups = []
@@ -97,11 +99,11 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
             if heads.numel() == 0:
                 continue
             kept = params.kept_tokens(context, adaptive)
-            kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=torch.bfloat16, device=device)
+            kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=dtype, device=device)
             q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
             groups.append(HeadGroup(heads.to(device), q_heads, kv, kept, None))
         layers.append(SimpleNamespace(groups=groups))
-    token = torch.randint(0, 1000, (batch, 1), device=device)
+    token = torch.randint(0, min(1000, config.vocab_size), (batch, 1), device=device)
     position = torch.full((batch, 1), context, device=device)
     return _DecodeState(gen, SimpleNamespace(layers=layers), token, position, new_tokens)
 

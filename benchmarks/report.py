@@ -11,6 +11,8 @@ The results come from (on one H200, 2026-11-28; see each file's "setup" record):
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 64 --out docs/results/decode_synthetic_synth_bn64.json
     python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
     python benchmarks/profile_speed.py --contexts 32768 131072 --out docs/results/profile_speed.json
+and, where docs/results/decode_stages.json exists (its own "setup" record says when and where it ran):
+    python benchmarks/decode_stages.py --out docs/results/decode_stages.json
 """
 
 from __future__ import annotations
@@ -131,6 +133,8 @@ def main() -> None:
     out += [table(["context", "prefill s", "profiling s / sample", "prefill peak GiB", "profiling peak GiB"], body), ""]
     plot(real, synth, ROOT / "docs" / "benchmarks.png")
     out += ["![decode ms/step](benchmarks.png)", ""]
+    if (RESULTS / "decode_stages.json").exists():
+        out += stages_section(load("decode_stages.json"))
     text = "\n".join(out)
     target = ROOT / "docs" / "benchmarks.md"
     fd, tmp = tempfile.mkstemp(dir=target.parent)
@@ -139,6 +143,65 @@ def main() -> None:
     os.chmod(tmp, 0o644)
     os.replace(tmp, target)
     print(f"wrote {target}")
+
+
+def size(n: int) -> str:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= scale:
+            return f"{n / scale:.{2 if scale > 1024 else 0}f} {unit}"
+    return f"{n} B"
+
+
+STAGE_NAMES = {"step": "whole step", "pre_attention": "pre-attention (norm, q/k/v, RoPE)",
+               "kv_append": "K/V append", "attention": "attention (Triton split-K + combine)",
+               "post_attention": "post-attention (o_proj, norm, MLP)",
+               "embed_and_head": "embedding, RoPE cos/sin, norm, lm_head, argmax, counters"}
+
+
+def stages_section(records: list[dict]) -> list[str]:
+    """Section f, from benchmarks/decode_stages.py's records; [] for a --smoke file (its figures mean nothing)."""
+    setup = rows(records, suite="setup")[0]
+    if setup.get("smoke"):
+        print("decode_stages.json comes from a --smoke run: section f left out")
+        return []
+    stages = rows(records, suite="stages")
+    traced = any("kernels" in r for r in stages)
+    out = [
+        "## f. Where a decode step's time goes",
+        "",
+        f"`benchmarks/decode_stages.py` on {setup['device']} (torch {setup['torch']}), {setup['date']}; copy bandwidth",
+        f"{setup['copy_bandwidth_gbs']:.0f} GB/s in that run. The synthetic decode states of (b), batch 1: each part of the step",
+        "that `_DecodeState.step` calls runs, for all layers, in its own CUDA graph over the step's static buffers,",
+        f"replayed {setup['steps']} times per round (median of {setup['rounds']} rounds). Bytes: what a stage must move "
+        "(the weights it reads,",
+        "the embedding as one row; the retained KV the attention reads; the K/V the append writes). Floor: those",
+        "bytes at the copy bandwidth; the whole step's is the decode floor of (b), so its `over floor` is the gap to",
+        "close. `between stages` = whole step minus the sum of the stages: what running them back to back in one",
+        "graph adds.",
+        "",
+    ]
+    header = ["context", "arm", "stage", "ms", "of step", "bytes", "GB/s", "of copy", "floor ms", "over floor ms"]
+    if traced:
+        header += ["kernels", "kernel busy ms"]
+    body = []
+    for context, arm in dict.fromkeys((r["context"], r["arm"]) for r in stages):
+        mine = {r["stage"]: r for r in rows(stages, context=context, arm=arm)}
+        step_ms = mine["step"]["ms"]
+        for name in STAGE_NAMES:
+            r = mine[name]
+            row = [kib(context), arm, STAGE_NAMES[name], f"{r['ms']:.3f}", f"{100 * r['ms'] / step_ms:.0f}%",
+                   size(r["bytes"]), f"{r['gbps']:.{0 if r['gbps'] >= 10 else 1}f}", f"{100 * r['of_copy']:.0f}%",
+                   f"{r['floor_ms']:.3f}",
+                   f"{r['ms'] - r['floor_ms']:+.3f}"]
+            if traced:
+                row += [r.get("kernels", ""), r.get("kernel_busy_ms", "")]
+            body.append(row)
+        summary = mine["summary"]
+        for label, key in (("sum of stages", "sum_of_stages_ms"), ("between stages", "inter_stage_ms")):
+            ms = summary[key]
+            body.append([kib(context), arm, label, f"{ms:.3f}", f"{100 * ms / step_ms:.0f}%"]
+                        + [""] * (len(header) - 5))
+    return out + [table(header, body), ""]
 
 
 def plot(real: list[dict], synth: list[dict], path: Path) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any
 import torch
 
 import catekv_runtime as ck
+from catekv_runtime.cache import CateKVCache
+from catekv_runtime.integration import resolve_profile
 from catekv_runtime.profile import Profile
 
 from .methods import METHODS, method_overrides
@@ -28,40 +32,102 @@ from .scoring import score
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks: Sequence[str],
              context_length: int, num_samples: int, methods: Sequence[str] = METHODS,
-             seed: int = 1000, max_new_tokens: int | None = None) -> list[dict[str, Any]]:
-    """One record per (task, method): score, KV kept (% of full attention's bytes), seconds.
+             ratios: Sequence[float] | None = None, seed: int = 1000, max_new_tokens: int | None = None,
+             batch_size: int = 8) -> list[dict[str, Any]]:
+    """One record per (task, method, adaptive ratio): score, KV kept (% of full attention's bytes), seconds.
 
-    ``max_new_tokens`` caps RULER's per-task generation length (for quick runs; answers are short).
+    Every method prefills with full attention and differs only in what it keeps afterwards, so each batch
+    of samples is prefilled once and the methods fork its cache (:meth:`CateKVCache.fork`), then decode
+    greedily with ``generate``. ``full`` does not depend on r: it runs once and is reported under every r.
+    ``ratios``: adaptive ratios to evaluate (default: the profile's). ``max_new_tokens`` caps RULER's
+    per-task generation length (for quick runs; answers are short). ``batch_size`` samples are prefilled
+    and decoded together, left-padded.
     """
-    device = next(model.parameters()).device
+    ratios = list(ratios or [profile.params.adaptive_ratio])
+    configs = [(m, None) for m in methods if m == "full"] + [(m, r) for r in ratios for m in methods if m != "full"]
+    def resolve(method: str, ratio: float | None) -> Profile:
+        base = profile.with_adaptive_ratio(ratio) if ratio is not None else profile
+        return resolve_profile(base, method_overrides(method, base, context_length))
+
+    resolved = {config: resolve(*config) for config in configs}
     records = []
     for task in tasks:
         samples = make_samples(task, tokenizer, context_length, num_samples, seed=seed)
-        for method in methods:
-            ck.apply(model, profile, **method_overrides(method, profile, context_length))
-            predictions, held, full = [], 0, 0
-            started = time.perf_counter()
-            try:
-                for sample in samples:
-                    ids = torch.tensor([sample.input_ids], device=device)
-                    new = min(sample.max_new_tokens, max_new_tokens or sample.max_new_tokens)
-                    cache = ck.make_cache(model, model._catekv.profile, reserve=new + 1)
-                    with torch.inference_mode():
-                        out = model.generate(ids, max_new_tokens=new, do_sample=False,
-                                             pad_token_id=tokenizer.eos_token_id, **{ck.cache_argument(model): cache})
-                    predictions.append(tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True))
+        new = min(samples[0].max_new_tokens, max_new_tokens or samples[0].max_new_tokens)
+        predictions = {c: [] for c in configs}
+        held = {c: 0 for c in configs}
+        full = {c: 0 for c in configs}
+        seconds = {c: 0.0 for c in configs}
+        ck.apply(model, profile)  # the attention function; every cache below is made explicitly
+        try:
+            for first in range(0, len(samples), batch_size):
+                batch = samples[first : first + batch_size]
+                started = time.perf_counter()
+                source, ids, mask, first_token = _prefill(model, tokenizer, profile, batch, new)
+                prefill_s = (time.perf_counter() - started) / len(configs)
+                for config in configs:
+                    started = time.perf_counter()
+                    chosen = resolved[config]
+                    cache = source.fork(chosen.head_map, chosen.params, reserve=new + 1)
+                    tokens = _decode(model, tokenizer, cache, ids, mask, first_token, new)
+                    predictions[config] += tokens
                     memory = cache.memory()
-                    held += memory["used_bytes"]
-                    full += memory["full_attention_bytes"]
-            finally:
-                ck.remove(model)
-            records.append({
-                "task": task, "method": method, "context_length": context_length, "samples": len(samples),
-                "score": round(score(task, predictions, samples), 2), "kv_kept_pct": round(100 * held / full, 2),
-                "adaptive_ratio": profile.params.adaptive_ratio, "seconds": round(time.perf_counter() - started, 1),
-            })
-            print(json.dumps(records[-1]), flush=True)
+                    held[config] += memory["used_bytes"]
+                    full[config] += memory["full_attention_bytes"]
+                    del cache
+                    seconds[config] += prefill_s + time.perf_counter() - started
+                del source
+        finally:
+            ck.remove(model)
+        for (method, ratio) in configs:
+            scored = round(score(task, predictions[method, ratio], samples), 2)
+            kept = round(100 * held[method, ratio] / full[method, ratio], 2)
+            for r in [ratio] if ratio is not None else ratios:
+                records.append({
+                    "task": task, "method": method, "context_length": context_length, "samples": len(samples),
+                    "score": scored, "kv_kept_pct": kept, "adaptive_ratio": r,
+                    "max_new_tokens": new, "seconds": round(seconds[method, ratio], 1),
+                    "predictions": predictions[method, ratio],
+                })
+                print(json.dumps({k: v for k, v in records[-1].items() if k != "predictions"}), flush=True)
     return records
+
+
+def _prefill(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any], new: int):
+    """Prefill a left-padded batch once into an uncompressed cache; returns it, the inputs and the first tokens."""
+    device = next(model.parameters()).device
+    longest = max(len(s.input_ids) for s in batch)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(batch), longest), pad, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for row, sample in enumerate(batch):
+        ids[row, longest - len(sample.input_ids) :] = torch.tensor(sample.input_ids, device=device)
+        mask[row, longest - len(sample.input_ids) :] = 1
+    source = ck.make_cache(model, profile, reserve=new + 1, eager=False)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1,
+                    **{ck.cache_argument(model): source})
+    return source, ids, mask, out.logits[:, -1].argmax(-1)
+
+
+def _decode(model: torch.nn.Module, tokenizer: Any, cache: CateKVCache, ids: torch.Tensor, mask: torch.Tensor,
+            first_token: torch.Tensor, new: int) -> list[str]:
+    """Greedy continuation of a prefilled batch; the decoded answers, each cut at its first end token."""
+    tokens = first_token[:, None]
+    if new > 1:
+        with torch.inference_mode():
+            out = model.generate(torch.cat([ids, tokens], 1), attention_mask=torch.cat([mask, torch.ones_like(tokens)], 1),
+                                 max_new_tokens=new - 1, do_sample=False, pad_token_id=tokenizer.eos_token_id,
+                                 **{ck.cache_argument(model): cache})
+        tokens = out[:, ids.shape[1] :]
+    eos = model.generation_config.eos_token_id
+    stops = set(eos if isinstance(eos, list) else [eos]) | {tokenizer.eos_token_id}
+    answers = []
+    for row in tokens.tolist():
+        cut = next((i for i, t in enumerate(row) if t in stops), len(row))
+        answers.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return answers
 
 
 def markdown(records: Sequence[dict[str, Any]]) -> str:
@@ -97,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's generation lengths")
+    parser.add_argument("--batch-size", type=int, default=8, help="samples prefilled and decoded together")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--out", type=Path, default=None, help="JSON results (a .md table is written beside it)")
@@ -105,24 +172,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     from catekv_profiler.models import load_model
 
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, _ = load_model(args.model, device=device, dtype=args.dtype)
+    model, tokenizer, info = load_model(args.model, device=device, dtype=args.dtype)
     base = ck.load_profile(args.profile)
     if args.budget is not None:
-        from catekv_runtime.integration import resolve_profile
-
         base = resolve_profile(base, {"budget": args.budget})
     records = []
-    for ratio in args.ratios or [base.params.adaptive_ratio]:
-        profile = base.with_adaptive_ratio(ratio)
-        for length in args.lengths:
-            records += evaluate(model, tokenizer, profile, tasks=args.tasks, context_length=length,
-                                num_samples=args.samples, methods=args.methods, seed=args.seed,
-                                max_new_tokens=args.max_new_tokens)
+    for length in args.lengths:
+        records += evaluate(model, tokenizer, base, tasks=args.tasks, context_length=length, num_samples=args.samples,
+                            methods=args.methods, ratios=args.ratios, seed=args.seed,
+                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     table = markdown(records)
     print(table)
     if args.out:
+        run = {
+            "model": args.model, "profile": args.profile, "model_id": info.model_id,
+            "date": time.strftime("%Y-%m-%d"), "command": "catekv-eval " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
+            "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
+            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "records": records,
+        }
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(records, indent=1))
+        partial = args.out.with_name(args.out.name + ".partial")
+        partial.write_text(json.dumps(run, indent=1))
+        partial.replace(args.out)
         args.out.with_suffix(".md").write_text(table + "\n")
 
 

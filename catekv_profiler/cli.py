@@ -61,6 +61,11 @@ def main() -> None:
                    "built-in variable-tracking samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in reference samples.")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--device-map", default=None,
+              help="Split the model over several devices (a model too large for one GPU): auto, balanced, "
+                   "balanced_low_0, sequential, or a JSON object from module names to devices, e.g. "
+                   "'{\"model.embed_tokens\": 0, \"model.layers.0\": 0, ..., \"lm_head\": 1}'. "
+                   "Instead of --device.")
 @click.option("--dtype", default="auto", show_default=True,
               help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
@@ -71,13 +76,14 @@ def main() -> None:
 def profile_command(model: str, output: Path, percentile: float, alpha: float, adaptive_ratio: float, eta: float,
                     budget: int, chunk_size: int, obs_window: int, init_tokens: int | None,
                     recent_tokens: int | None, num_samples: int, context_length: int | None,
-                    reference: Path | None, seed: int, device: str, dtype: str, revision: str | None,
-                    trust_remote_code: bool, overwrite: bool, restart: bool, quiet: bool) -> None:
+                    reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
+                    revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
+                    quiet: bool) -> None:
     """Profile MODEL (a Hub id, a local folder, a .gguf file, or the embedded `smollm2-135m`)."""
     import torch
     from tqdm.auto import tqdm
 
-    from .models import ModelError, load_model
+    from .models import ModelError, load_model, model_devices
     from .profiler import Checkpoint, ProfilingError, default_provenance, profile_model, statistics_key
     from .reference import ReferenceSetError, load_reference_jsonl, reference_hash, variable_tracking_samples
 
@@ -95,14 +101,19 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
 
+    device_map_arg = _parse_device_map(device_map)
+    if device_map_arg is not None and device != "auto":
+        raise click.UsageError("pass either --device or --device-map, not both")
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     started = time.perf_counter()
     try:
-        model_obj, tokenizer, info = load_model(model, device=device, dtype=dtype, revision=revision,
-                                                trust_remote_code=trust_remote_code)
+        model_obj, tokenizer, info = load_model(model, device=device, device_map=device_map_arg, dtype=dtype,
+                                                revision=revision, trust_remote_code=trust_remote_code)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
+    if device_map_arg is not None:  # recorded in the profile's provenance: where the model actually ran
+        device = ",".join(model_devices(model_obj))
     if tokenizer is None:
         raise click.ClickException(
             f"{model} has no tokenizer files; the reference set is tokenized with the model's own tokenizer"
@@ -151,6 +162,17 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         f"(r={params.adaptive_ratio}), {len(samples)} samples of {context_length} tokens, {elapsed:.0f} s",
         err=True,
     )
+
+
+def _parse_device_map(text: str | None) -> str | dict | None:
+    """--device-map: a strategy name as is, or a JSON object (module name -> GPU index or device string)."""
+    if text is None or not text.strip().startswith("{"):
+        return text
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--device-map") from None
+    return value
 
 
 @main.command("show")

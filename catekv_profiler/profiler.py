@@ -39,7 +39,8 @@ def sample_statistics(model: torch.nn.Module, input_ids: Sequence[int], params: 
         obs = query[0, :, -params.obs_window :]
         per_layer[module.layer_idx] = layer_statistics(obs, key[0], module.scaling, params)
 
-    device = next(model.parameters()).device
+    # Where the token ids are looked up; a model split by a device map moves activations between its layers.
+    device = model.get_input_embeddings().weight.device
     ids = torch.tensor([list(input_ids)], dtype=torch.long, device=device)
     # The decoder alone: the logits of a long prompt (tokens x vocabulary) are large and not needed.
     with torch.inference_mode(), capture_attention(model, on_layer):
@@ -49,8 +50,9 @@ def sample_statistics(model: torch.nn.Module, input_ids: Sequence[int], params: 
             f"saw attention in layers {sorted(per_layer)} but the model has {num_layers}; the model does not "
             "dispatch attention through transformers' AttentionInterface and cannot be profiled"
         )
+    # Each layer's statistics stayed on that layer's device; one gather to the CPU at the end.
     return {
-        name: torch.stack([getattr(per_layer[i], name) for i in range(num_layers)])
+        name: torch.stack([getattr(per_layer[i], name).cpu() for i in range(num_layers)])
         for name in ("cv", "threshold", "hit_mean")
     }
 

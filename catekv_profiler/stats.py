@@ -67,7 +67,7 @@ def coefficient_of_variation(hits: torch.Tensor) -> torch.Tensor:
 def layer_statistics(
     queries: torch.Tensor, keys: torch.Tensor, scale: float, params: ProfileParams
 ) -> LayerStats:
-    """Statistics of every KV head of a layer for one sequence.
+    """Statistics of every KV head of a layer for one sequence, on the device of ``queries`` and ``keys``.
 
     Args:
         queries: ``[num_q_heads, L_obs, d]``: the last ``L_obs`` post-RoPE queries of the prompt.
@@ -83,7 +83,7 @@ def layer_statistics(
     num_kv = keys.shape[0]
     group = queries.shape[0] // num_kv
     mid = keys[:, regions.mid_start : regions.tail_start]
-    per_head = []  # (cv, tau, hit mean) of each head, kept on the device: one transfer per layer
+    per_head = []  # (cv, tau, hit mean) of each head, kept on the layer's device (no host sync)
     for h in range(num_kv):
         probs = observation_probs(
             queries[h * group : (h + 1) * group], mid[h : h + 1], scale, n - queries.shape[1], regions.mid_start
@@ -91,5 +91,5 @@ def layer_statistics(
         threshold = head_threshold(probs, params.percentile, params.alpha)
         hits = chunk_hits(probs, threshold, params.chunk_size)
         per_head.append(torch.stack([coefficient_of_variation(hits), threshold.float(), hits.mean()]))
-    cv, tau, hit_mean = torch.stack(per_head).float().cpu().unbind(dim=1)
+    cv, tau, hit_mean = torch.stack(per_head).float().unbind(dim=1)
     return LayerStats(cv=cv, threshold=tau, hit_mean=hit_mean)

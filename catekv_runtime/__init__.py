@@ -27,12 +27,22 @@ _LAZY = {
     "make_cache": "integration",
     "model_spec": "integration",
     "cache_argument": "integration",
+    "local_head_map": "integration",
+    "tensor_parallel_rank": "integration",
     "CateKVCache": "cache",
 }
 
 if TYPE_CHECKING:
     from .cache import CateKVCache
-    from .integration import apply, cache_argument, make_cache, model_spec, remove
+    from .integration import (
+        apply,
+        cache_argument,
+        local_head_map,
+        make_cache,
+        model_spec,
+        remove,
+        tensor_parallel_rank,
+    )
 
 
 def __getattr__(name: str) -> Any:
@@ -55,7 +65,9 @@ __all__ = [
     "cache_argument",
     "list_profiles",
     "load_profile",
+    "local_head_map",
     "make_cache",
     "model_spec",
     "remove",
+    "tensor_parallel_rank",
 ]

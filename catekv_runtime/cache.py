@@ -8,6 +8,7 @@ appends every new token to every head in place, into preallocated capacity that 
 
 from __future__ import annotations
 
+import copy
 from contextvars import ContextVar
 from dataclasses import dataclass
 
@@ -118,8 +119,11 @@ class CateKVLayer(DynamicLayer):
         return bool(self.groups)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        self.seen += key_states.shape[2]
         b, h, _, d = key_states.shape
+        if h != self.adaptive.numel():
+            raise ValueError(f"the head map has {self.adaptive.numel()} KV heads per layer but the model computes {h}; "
+                             "under tensor parallelism make the cache with catekv_runtime.make_cache(model, profile)")
+        self.seen += key_states.shape[2]
         self.token_bytes = 2 * b * h * d * key_states.element_size()
         if not self.compressed and key_states.shape[2] == 1 and self.keys is not None and self.keys.numel():
             self.compress()  # first decode step after a chunked prefill
@@ -273,6 +277,34 @@ class CateKVCache(DynamicCache):
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         _pending.set((self, layer_idx))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
+
+    def fork(self, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE) -> CateKVCache:
+        """A new cache holding what ``head_map``/``params`` keep of this cache's prefill; this one is unchanged.
+
+        One prefill then serves several retention settings (the evaluation harness compares methods this
+        way): this cache must have been made with ``eager=False`` and not have decoded yet, so that every
+        layer still holds its full prompt KV and the last ``obs_window`` queries. The full KV is shared,
+        not copied; only the selected tokens are.
+        """
+        if head_map.shape[0] != len(self.layers):
+            raise ValueError(f"head map has {head_map.shape[0]} layers, the cache {len(self.layers)}")
+        forked = copy.copy(self)
+        forked.layers = []
+        for i, layer in enumerate(self.layers):
+            # A plain transformers layer replaces its tensors on update (torch.cat), so sharing them is safe.
+            new = copy.copy(layer)
+            if isinstance(layer, CateKVLayer):
+                if layer.compressed or layer.obs_queries is None:
+                    raise ValueError("fork() needs a finished prefill that is not yet compressed: make the "
+                                     "cache with eager=False and fork it before the first decode step")
+                if params.obs_window > layer.params.obs_window and layer.obs_queries.shape[2] < layer.seen:
+                    raise ValueError(f"the prefill kept the last {layer.params.obs_window} queries; "
+                                     f"cannot select with obs_window={params.obs_window}")
+                new.adaptive, new.params, new.reserve, new.groups = head_map[i].bool().cpu(), params, reserve, []
+                new.obs_queries = layer.obs_queries[:, :, -params.obs_window :]
+                new.compress()
+            forked.layers.append(new)
+        return forked
 
     def catekv_layer(self, layer_idx: int) -> CateKVLayer | None:
         layer = self.layers[layer_idx]

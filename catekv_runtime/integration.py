@@ -74,14 +74,75 @@ def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
     return profile.replace_params(ProfileParams(**values))
 
 
+# Names of the projections whose output holds the keys (separate, or fused with queries and values), and the
+# transformers TP styles that split that output by head across ranks, or leave every head on every rank.
+_KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value")
+_HEAD_SHARDING_STYLES = frozenset({"colwise"})
+_REPLICATING_STYLES = frozenset({"colwise_gather_output", "colwise_rep"})
+
+
+def tensor_parallel_rank(model: torch.nn.Module) -> tuple[int, int]:
+    """``(rank, size)`` of the tensor-parallel group transformers sharded ``model`` over; ``(0, 1)`` without TP.
+
+    ``from_pretrained(..., tp_plan="auto")`` (or ``distributed_config=DistributedConfig(tp_plan="auto")``) sets
+    ``model._tp_size`` and ``model._device_mesh``: in transformers 5.17 the 1-D TP mesh, in 5.2x a
+    ``(pp, fsdp, tp)`` mesh whose ``"tp"`` dimension is the TP group.
+    """
+    size = getattr(model, "_tp_size", None) or 1
+    mesh = getattr(model, "_device_mesh", None)
+    if size <= 1 or mesh is None:
+        return 0, 1
+    if "tp" in (getattr(mesh, "mesh_dim_names", None) or ()):
+        mesh = mesh["tp"]
+    elif mesh.ndim != 1:
+        raise ProfileError(f"cannot find the tensor-parallel dimension of the model's device mesh {mesh}")
+    return mesh.get_local_rank(), mesh.size()
+
+
+def local_head_map(model: torch.nn.Module, head_map: torch.Tensor) -> torch.Tensor:
+    """The columns of ``head_map`` ``[layers, kv_heads]`` for the KV heads this process computes.
+
+    Without tensor parallelism, all of them. Under transformers' TP, ``k_proj``/``v_proj`` are ``colwise``:
+    their weight is split by output rows in equal contiguous blocks (DTensor ``Shard(0)``), so rank ``r`` of
+    ``t`` computes KV heads ``[r * H / t, (r + 1) * H / t)`` and its cache holds only those. A plan that
+    gathers the key projection's output (Phi-3's fused ``qkv_proj``) leaves every head on every rank.
+    Raises :class:`ProfileError` when the KV heads do not divide by the TP size, or the plan splits the keys
+    in a way CateKV does not know.
+    """
+    rank, size = tensor_parallel_rank(model)
+    if size == 1:
+        return head_map
+    plan = getattr(model, "tp_plan", None) or {}
+    styles = {style for name, style in plan.items() if name.rsplit(".", 1)[-1] in _KEY_PROJECTIONS}
+    if not styles or styles <= _REPLICATING_STYLES:
+        return head_map
+    if not styles <= _HEAD_SHARDING_STYLES:
+        raise ProfileError(
+            f"the model's tensor-parallel plan splits the key projection with {sorted(styles)}; CateKV knows "
+            f"only {sorted(_HEAD_SHARDING_STYLES)} (heads split in contiguous blocks) and replicated keys"
+        )
+    heads = head_map.shape[1]
+    if heads % size:
+        raise ProfileError(
+            f"the model has {heads} KV heads, which do not divide by the tensor-parallel size {size}: each rank "
+            f"must hold whole KV heads for CateKV; run with a TP size that divides {heads}"
+        )
+    per_rank = heads // size
+    return head_map[:, rank * per_rank : (rank + 1) * per_rank]
+
+
 def make_cache(model: torch.nn.Module, profile: Profile, *, reserve: int = DEFAULT_RESERVE,
                eager: bool = True) -> CateKVCache:
-    """A fresh :class:`CateKVCache` for ``model`` (checks the profile fits the model's shape)."""
+    """A fresh :class:`CateKVCache` for ``model`` (checks the profile fits the model's shape).
+
+    Under tensor parallelism the cache holds this rank's KV heads only (:func:`local_head_map`).
+    """
     spec = model_spec(model)
     profile.check_model(dataclasses.replace(spec, model_id=""))
     if model.config._attn_implementation != IMPLEMENTATION:
         raise ProfileError("the model is not set up for CateKV: call catekv_runtime.apply(model, profile) first")
-    return CateKVCache(model.config, profile.head_map, profile.params, reserve=reserve, eager=eager)
+    return CateKVCache(model.config, local_head_map(model, profile.head_map), profile.params, reserve=reserve,
+                       eager=eager)
 
 
 def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: bool = False,
@@ -91,12 +152,16 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
     ``overrides``: ``budget``, ``eta``, ``adaptive_ratio``, ``obs_window``, ``init_tokens``,
     ``recent_tokens``, ``chunk_size``. A profile made for a model of another shape (layers, KV heads,
     head_dim), or for another Hub model id, is refused before any compute. Returns ``model``.
+
+    A model loaded with transformers' tensor parallelism (``tp_plan="auto"`` under ``torchrun``) works as
+    is: call ``apply`` on every rank; each rank's cache keeps its own KV heads (:func:`local_head_map`).
     """
     profile = resolve_profile(profile, overrides)
     spec = model_spec(model)
     if allow_model_mismatch:
         spec = dataclasses.replace(spec, model_id="")
     profile.check_model(spec)
+    head_map = local_head_map(model, profile.head_map)  # before the model is changed: it may refuse
     if hasattr(model, "_catekv"):
         remove(model)
     model._catekv = _Applied(profile, model.config._attn_implementation)
@@ -111,7 +176,7 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
             chunked = kwargs.get("prefill_chunk_size", getattr(config, "prefill_chunk_size", None)) is not None
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or DEFAULT_RESERVE
             # The profile was checked against the model above; no per-call check.
-            kwargs[cache_arg] = CateKVCache(model.config, profile.head_map, profile.params, reserve=new + 1,
+            kwargs[cache_arg] = CateKVCache(model.config, head_map, profile.params, reserve=new + 1,
                                             eager=not chunked)
         return original(model, *args, **kwargs)
 

@@ -28,7 +28,7 @@ import torch
 
 from .attention import group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
-from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile
+from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile, tensor_parallel_rank
 from .profile import Profile, ProfileParams
 
 
@@ -65,6 +65,9 @@ class LeanGenerator:
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         if self.profile is not None:  # refuse a profile of another shape before any compute
             self.profile.check_model(dataclasses.replace(model_spec(model), model_id=""))
+        if tensor_parallel_rank(model)[1] > 1:
+            raise ValueError("the lean path does not support tensor parallelism yet; under tp_plan='auto' use "
+                             "catekv_runtime.apply(model, profile) and model.generate")
         device = next(model.parameters()).device
         if backend == "auto":
             backend = "triton" if device.type == "cuda" else "sdpa"
@@ -231,18 +234,36 @@ class _DecodeState:
                 slot.kernel_group = KVGroup(g.keys, g.values, next(rows), pad, g.q_heads)
 
     def step(self) -> None:
-        """One decode step: consume ``self.token`` at ``self.position``, write the next token."""
-        gen, model, decoder = self.gen, self.gen.model, self.gen.decoder
+        """One decode step: consume ``self.token`` at ``self.position``, write the next token.
+
+        Its parts are methods of their own, each over the same static buffers, so that a benchmark can
+        run one alone (``benchmarks/decode_stages.py`` times each in its own CUDA graph).
+        """
+        gen = self.gen
+        hidden, cos, sin = self._embed()
+        self.steps_done += 1
+        for layer, slots in zip(gen.decoder.layers, self.layers):
+            q, kv = gen._pre(layer, hidden, cos, sin)
+            self._append(kv, slots)
+            hidden = gen._post(layer, hidden, self._attention(q, slots))
+        self._next_token(hidden)
+
+    def _embed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The embedding of ``self.token`` and the RoPE cos/sin of ``self.position``."""
+        decoder = self.gen.decoder
         hidden = decoder.embed_tokens(self.token)
         cos, sin = decoder.rotary_emb(hidden, self.position)
-        self.steps_done += 1
-        for layer, slots in zip(decoder.layers, self.layers):
-            q, kv = gen._pre(layer, hidden, cos, sin)
-            for slot in slots:
-                new = kv[:, :, slot.group.kv_heads] if len(slots) > 1 else kv
-                slot.decode_kv.index_copy_(3, self.step_index, new)
-            hidden = gen._post(layer, hidden, self._attention(q, slots))
-        logits = model.lm_head(decoder.norm(hidden))
+        return hidden, cos, sin
+
+    def _append(self, kv: torch.Tensor, slots: list[_Slot]) -> None:
+        """Write one layer's new K/V ``[2, B, Hkv, 1, D]`` into its groups, at slot ``self.step_index``."""
+        for slot in slots:
+            new = kv[:, :, slot.group.kv_heads] if len(slots) > 1 else kv
+            slot.decode_kv.index_copy_(3, self.step_index, new)
+
+    def _next_token(self, hidden: torch.Tensor) -> None:
+        """Final norm, lm_head and greedy pick into ``self.token``; advance position, step and lengths."""
+        logits = self.gen.model.lm_head(self.gen.decoder.norm(hidden))
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)
         self.step_index.add_(1)

@@ -5,12 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_model
 from test_runtime import make_profile
 
 import catekv_runtime as ck
 from catekv_eval.methods import METHODS, method_overrides
 from catekv_eval.run import evaluate, markdown
+from catekv_eval.tasks import make_samples
 from catekv_runtime.integration import resolve_profile
 
 PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.safetensors"
@@ -54,3 +56,23 @@ def test_smoke_on_smollm2(smollm2):
     table = markdown(records)
     assert "| niah_single_1 |" in table and "KV kept" in table
     assert not hasattr(model, "_catekv")
+
+
+def test_shared_prefill_equals_a_run_per_method(smollm2):
+    """Forking one prefill per batch gives each method the answers of its own plain generate run."""
+    model, tokenizer, _ = smollm2
+    profile = resolve_profile(ck.load_profile(PROFILE), {"budget": 256})
+    methods = ["catekv", "snapkv", "streaming"]
+    kwargs = dict(tasks=["niah_single_2"], context_length=1024, num_samples=3, methods=methods, max_new_tokens=10)
+    batched = evaluate(model, tokenizer, profile, batch_size=2, **kwargs)
+    singles = evaluate(model, tokenizer, profile, batch_size=1, **kwargs)
+    samples = make_samples("niah_single_2", tokenizer, 1024, 3)
+    for record, single in zip(batched, singles):
+        assert record["predictions"] == single["predictions"]  # left padding changes nothing
+        ck.apply(model, profile, **method_overrides(record["method"], profile, 1024))
+        for sample, prediction in zip(samples, record["predictions"]):
+            ids = torch.tensor([sample.input_ids])
+            with torch.inference_mode():
+                out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+            assert prediction == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+        ck.remove(model)

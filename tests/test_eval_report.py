@@ -1,0 +1,38 @@
+"""docs/accuracy.md is built from catekv-eval's JSON: merged runs, averages, the target check."""
+
+from __future__ import annotations
+
+import json
+
+from catekv_eval.report import averages, load_runs, render, target_lines
+
+
+def record(task, method, score, kv, ratio=0.4, length=4096):
+    return {"task": task, "method": method, "context_length": length, "samples": 20, "score": score,
+            "kv_kept_pct": kv, "adaptive_ratio": ratio, "max_new_tokens": 8, "seconds": 1.0, "predictions": []}
+
+
+def run_file(tmp_path, name, records):
+    path = tmp_path / name
+    path.write_text(json.dumps({"model": "m", "profile": "p.safetensors", "model_id": "org/m", "date": "2026-11-28",
+                                "command": f"catekv-eval m p --tasks {name}", "device": "cpu", "dtype": "float32",
+                                "records": records}))
+    return path
+
+
+def test_target_check_from_merged_runs(tmp_path):
+    first = [record("a", "full", 90, 100), record("a", "catekv", 90, 40), record("a", "snapkv", 80, 40),
+             record("a", "streaming", 50, 41)]
+    second = [record("b", "full", 70, 100), record("b", "catekv", 69, 44), record("b", "snapkv", 66, 44),
+              record("b", "streaming", 40, 43)]
+    runs = load_runs([run_file(tmp_path, "x.json", first), run_file(tmp_path, "y.json", second)])
+    records = runs["org/m"]["records"]
+    assert averages(records)[4096, 0.4, "catekv"] == (79.5, 42.0, 2)
+    # CateKV 79.5 vs full 80.0 (-0.5), at 42% KV; +6.5 over snapkv (73.0), +34.5 over streaming (45.0): met.
+    assert target_lines(records) == [
+        "- met: 4096 tokens, r = 0.4: CateKV 79.5 at 42.0% KV, full 80.0, snapkv 73.0 (+6.5), streaming 45.0 (+34.5)"]
+    records[2]["score"] = 85  # snapkv now within 5 points of CateKV
+    assert target_lines(records)[0].startswith("- missed:")
+    text = render(runs, None)
+    assert "## org/m" in text and "catekv-eval m p --tasks x.json" in text and "catekv-eval m p --tasks y.json" in text
+    assert "| **average** |" in text

@@ -25,13 +25,15 @@ def load_runs(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     for path in paths:
         run = json.loads(Path(path).read_text())
         merged = runs.setdefault(run["model_id"], {"records": [], "commands": [], "dates": set(), "devices": set(),
-                                                   "dtypes": set(), "profiles": set()})
+                                                   "dtypes": set(), "profiles": set(), "notes": []})
         merged["records"] += run["records"]
         merged["commands"].append(run["command"])
         merged["dates"].add(run["date"])
         merged["devices"].add(run["device"])
         merged["dtypes"].add(run["dtype"])
         merged["profiles"].add(run["profile"])
+        if run.get("note"):
+            merged["notes"].append(f"`{Path(path).name}`: {run['note']}")
     return runs
 
 
@@ -55,7 +57,7 @@ def target_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         cate, full = get("catekv"), get("full")
         if cate is None or full is None:
             continue
-        parts = [f"{length} tokens, r = {ratio}: CateKV {cate[0]:.1f} at {cate[1]:.1f}% KV, full {full[0]:.1f}"]
+        parts = [f"{length} tokens, r = {ratio}, {cate[2]} tasks: CateKV {cate[0]:.1f} at {cate[1]:.1f}% KV, full {full[0]:.1f}"]
         ok = cate[1] <= MAX_KV_PCT and full[0] - cate[0] <= MAX_LOSS
         for rival in ("snapkv", "streaming"):
             other = get(rival)
@@ -64,6 +66,15 @@ def target_lines(records: Sequence[dict[str, Any]]) -> list[str]:
                 ok = ok and cate[0] - other[0] >= MIN_MARGIN
         lines.append(f"- {'met' if ok else 'missed'}: " + ", ".join(parts))
     return lines
+
+
+def largest_losses(records: Sequence[dict[str, Any]], points: float = 10.0) -> list[str]:
+    """Tasks where CateKV scores ``points`` or more below full attention, worst first."""
+    score = {(r["context_length"], r["adaptive_ratio"], r["task"], r["method"]): r["score"] for r in records}
+    losses = sorted((full - score[k[:3] + ("catekv",)], k) for k, full in score.items()
+                    if k[3] == "full" and k[:3] + ("catekv",) in score)
+    return [f"{task} at {length} tokens, r = {ratio}: {full_minus:.1f} points" for full_minus, (length, ratio, task, _)
+            in reversed(losses) if full_minus >= points]
 
 
 def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
@@ -106,9 +117,19 @@ def render(runs: dict[str, dict[str, Any]], image: str | None) -> str:
                 f"Date {', '.join(sorted(run['dates']))}; {', '.join(sorted(run['devices']))}, "
                 f"{', '.join(sorted(run['dtypes']))}; {', '.join(map(str, samples))} samples per task; "
                 f"profile {', '.join(sorted(run['profiles']))}.", "", "Commands:", "", "```bash"]
-        out += run["commands"] + ["```", "", "Targets (CateKV <= 45% KV, within 1 point of full, >= 5 points above "
+        out += run["commands"] + ["```", ""]
+        out += [f"Note: {note}" for note in run["notes"]] + ([""] if run["notes"] else [])
+        out += ["Targets (CateKV <= 45% KV, within 1 point of full, >= 5 points above "
                                   "SnapKV and StreamingLLM):", ""]
-        out += target_lines(run["records"]) + ["", markdown(run["records"]), ""]
+        out += target_lines(run["records"]) + [""]
+        per_task = min(samples)
+        out += [f"One sample moves a task's score by up to {100 / per_task:.0f} points; the standard error of an average "
+                f"over T tasks of {per_task} samples is at most 50 / sqrt({per_task} T) points (binomial, p = 0.5), "
+                f"{50 / (per_task * 11) ** 0.5:.1f} for 11 tasks.", ""]
+        losses = largest_losses(run["records"])
+        if losses:
+            out += ["Tasks where CateKV is 10 points or more below full attention: " + "; ".join(losses) + ".", ""]
+        out += [markdown(run["records"]), ""]
     return "\n".join(out).rstrip() + "\n"
 
 

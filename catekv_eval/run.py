@@ -145,7 +145,7 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
                 out.append(f"| {task} | " + " | ".join(f"{cell[task, m]['score']:.1f}" for m in methods) + " |")
             avg = [sum(cell[t, m]["score"] for t in tasks) / len(tasks) for m in methods]
             kv = [sum(cell[t, m]["kv_kept_pct"] for t in tasks) / len(tasks) for m in methods]
-            out.append("| **average** | " + " | ".join(f"**{a:.1f}**" for a in avg) + " |")
+            out.append(f"| **average** ({len(tasks)} tasks) | " + " | ".join(f"**{a:.1f}**" for a in avg) + " |")
             out.append("| KV kept (% of full, measured) | " + " | ".join(f"{k:.1f}%" for k in kv) + " |")
             out.append("")
     return "\n".join(out)

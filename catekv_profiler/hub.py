@@ -84,9 +84,13 @@ def _table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
 def accuracy_table(accuracy: Any) -> list[str]:
     """Markdown table lines for measured accuracy, as given to ``--accuracy-json``.
 
-    Accepted shapes: ``{"task": score, ...}``; ``{"task": {"column": value, ...}, ...}``; or a list of row
-    objects ``[{"column": value, ...}, ...]``. Raises ``ValueError`` for anything else.
+    Accepted shapes: ``{"task": score, ...}``; ``{"task": {"column": value, ...}, ...}``; a list of row
+    objects ``[{"column": value, ...}, ...]``; or the JSON that ``catekv-eval --out`` writes (its records,
+    without the predictions). Raises ``ValueError`` for anything else.
     """
+    if isinstance(accuracy, Mapping) and isinstance(accuracy.get("records"), list):
+        accuracy = [{k: v for k, v in row.items() if k not in ("predictions", "seconds")}
+                    for row in accuracy["records"] if isinstance(row, Mapping)]
     values = list(accuracy.values()) if isinstance(accuracy, Mapping) else []
     if values and all(not isinstance(v, (Mapping, list)) for v in values):
         return _table(["task", "score"], list(accuracy.items()))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from catekv_eval.report import averages, load_runs, render, target_lines
+from catekv_eval.report import averages, largest_losses, load_runs, render, target_lines
 
 
 def record(task, method, score, kv, ratio=0.4, length=4096):
@@ -30,9 +30,15 @@ def test_target_check_from_merged_runs(tmp_path):
     assert averages(records)[4096, 0.4, "catekv"] == (79.5, 42.0, 2)
     # CateKV 79.5 vs full 80.0 (-0.5), at 42% KV; +6.5 over snapkv (73.0), +34.5 over streaming (45.0): met.
     assert target_lines(records) == [
-        "- met: 4096 tokens, r = 0.4: CateKV 79.5 at 42.0% KV, full 80.0, snapkv 73.0 (+6.5), streaming 45.0 (+34.5)"]
+        "- met: 4096 tokens, r = 0.4, 2 tasks: CateKV 79.5 at 42.0% KV, full 80.0, snapkv 73.0 (+6.5), streaming 45.0 (+34.5)"]
     records[2]["score"] = 85  # snapkv now within 5 points of CateKV
     assert target_lines(records)[0].startswith("- missed:")
     text = render(runs, None)
     assert "## org/m" in text and "catekv-eval m p --tasks x.json" in text and "catekv-eval m p --tasks y.json" in text
-    assert "| **average** |" in text
+    assert "| **average** (2 tasks) |" in text
+
+
+def test_largest_losses_worst_first():
+    records = [record("a", "full", 90, 100), record("a", "catekv", 60, 40), record("b", "full", 50, 100),
+               record("b", "catekv", 45, 40), record("c", "full", 80, 100), record("c", "catekv", 65, 40)]
+    assert largest_losses(records) == ["a at 4096 tokens, r = 0.4: 30.0 points", "c at 4096 tokens, r = 0.4: 15.0 points"]

@@ -582,6 +582,10 @@ def test_model_card_variants() -> None:
     assert "Not measured" in gguf and 'model_id = "BASE_MODEL"' in gguf
 
     assert accuracy_table({"a|b": 0.5}) == ["| task | score |", "|---|---|", "| a\\|b | 0.5 |"]
+    run = {"model": "m", "records": [{"task": "vt", "method": "catekv", "score": 90.0, "kv_kept_pct": 41.0,
+                                      "seconds": 3.0, "predictions": ["x"]}]}  # what catekv-eval --out writes
+    assert accuracy_table(run) == ["| task | method | score | kv_kept_pct |", "|---|---|---|---|",
+                                   "| vt | catekv | 90 | 41 |"]
     assert accuracy_table([{"task": "x", "acc": 1}, {"task": "y", "f1": 0.25}])[2:] == [
         "| x | 1 | - |", "| y | - | 0.25 |"]
     for bad in ({}, [], [1, 2], {"a": [1]}, "text"):

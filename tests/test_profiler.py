@@ -135,7 +135,8 @@ def test_cli_writes_a_valid_profile(smollm2_profile):
     assert int(profile.head_map.sum()) == math.ceil(0.4 * 90)
     assert profile.model.model_id == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert profile.reference.task == "variable_tracking" and profile.reference.num_samples == 2
-    assert profile.provenance["dtype"] == "float32" and profile.provenance["tool"].startswith("catekv_profiler")
+    auto_dtype = "bfloat16" if torch.cuda.is_available() else "float32"  # --dtype auto: bf16 on a GPU
+    assert profile.provenance["dtype"] == auto_dtype and profile.provenance["tool"].startswith("catekv_profiler")
     assert not smollm2_profile.with_name(smollm2_profile.name + ".ckpt").exists()
 
 
@@ -224,8 +225,11 @@ def test_cli_device_map_gives_the_same_profile(tmp_path):
     args = ["-L", "512", "-n", "2", "-B", "64", "--obs-window", "16", "--init-tokens", "4", "--recent-tokens", "16",
             "--chunk-size", "4", "-q"]
     runs = {}
-    for name, where in (("device", ["--device", "cpu"]), ("strategy", ["--device-map", "auto"]),
-                        ("layers", ["--device-map", json.dumps(per_layer_map(make_tiny_model("llama")))])):
+    # accelerate's "auto" places the model on the GPU when there is one: compare against that device.
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
+    layers = per_layer_map(make_tiny_model("llama"), device)
+    for name, where in (("device", ["--device", device]), ("strategy", ["--device-map", "auto"]),
+                        ("layers", ["--device-map", json.dumps(layers)])):
         out = tmp_path / f"{name}.safetensors"
         result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), *args, *where])
         assert result.exit_code == 0, result.output
@@ -233,7 +237,7 @@ def test_cli_device_map_gives_the_same_profile(tmp_path):
     for name in ("strategy", "layers"):
         assert torch.equal(runs[name].cv, runs["device"].cv)
         assert torch.equal(runs[name].head_map, runs["device"].head_map)
-        assert runs[name].provenance["device"] == "cpu"
+        assert runs[name].provenance["device"] == device
 
 
 @pytest.mark.parametrize(

@@ -45,6 +45,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     """
     ratios = list(ratios or [profile.params.adaptive_ratio])
     configs = [(m, None) for m in methods if m == "full"] + [(m, r) for r in ratios for m in methods if m != "full"]
+
     def resolve(method: str, ratio: float | None) -> Profile:
         base = profile.with_adaptive_ratio(ratio) if ratio is not None else profile
         return resolve_profile(base, method_overrides(method, base, context_length))
@@ -79,7 +80,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
                 del source
         finally:
             ck.remove(model)
-        for (method, ratio) in configs:
+        for method, ratio in configs:
             scored = round(score(task, predictions[method, ratio], samples), 2)
             kept = round(100 * held[method, ratio] / full[method, ratio], 2)
             for r in [ratio] if ratio is not None else ratios:

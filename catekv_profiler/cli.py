@@ -29,7 +29,7 @@ def main() -> None:
     """Find the consistent and adaptive KV heads of a model (CateKV, ICML 2025) and write a profile.
 
     \b
-    catekv-profile MODEL -o profile.safetensors   profile a model (Hub id, folder, .gguf, or smollm2-135m)
+    catekv-profile MODEL -o profile.safetensors   profile a model (Hub id, folder, .gguf, or an embedded one)
     catekv-profile show profile.safetensors       summarise a profile
     catekv-profile push profile.safetensors org/name   upload it with a model card to the Hub
     """
@@ -79,7 +79,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
                     reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
                     revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
                     quiet: bool) -> None:
-    """Profile MODEL (a Hub id, a local folder, a .gguf file, or the embedded `smollm2-135m`)."""
+    """Profile MODEL: a Hub id, a local folder, a .gguf file, or an embedded model (smollm2-135m, qwen2.5-coder-0.5b)."""
     import torch
     from tqdm.auto import tqdm
 

@@ -22,10 +22,17 @@ MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
 def load_runs(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
     """Runs merged per model: ``{model_id: {"records": [...], "commands": [...], "dates": {...}, ...}}``."""
     runs: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple, Path] = {}
     for path in paths:
         run = json.loads(Path(path).read_text())
         merged = runs.setdefault(run["model_id"], {"records": [], "commands": [], "dates": set(), "devices": set(),
                                                    "dtypes": set(), "profiles": set(), "notes": []})
+        for r in run["records"]:  # a task run twice would be averaged twice: refuse it
+            key = (run["model_id"], r["context_length"], r["adaptive_ratio"], r["task"], r["method"])
+            if key in seen:
+                raise ValueError(f"{path} and {seen[key]} both hold {r['task']} / {r['method']} at "
+                                 f"{r['context_length']} tokens, r = {r['adaptive_ratio']}: keep one of them")
+            seen[key] = path
         merged["records"] += run["records"]
         merged["commands"].append(run["command"])
         merged["dates"].add(run["date"])

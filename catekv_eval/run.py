@@ -10,6 +10,7 @@ keeps is measured from the cache's bytes. Results: JSON records and a markdown t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import shlex
 import sys
@@ -62,22 +63,12 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
         ck.apply(model, profile)  # the attention function; every cache below is made explicitly
         try:
             for first in range(0, len(samples), batch_size):
-                batch = samples[first : first + batch_size]
-                started = time.perf_counter()
-                source, ids, mask, first_token = _prefill(model, tokenizer, profile, batch, new)
-                prefill_s = (time.perf_counter() - started) / len(configs)
-                for config in configs:
-                    started = time.perf_counter()
-                    chosen = resolved[config]
-                    cache = source.fork(chosen.head_map, chosen.params, reserve=new + 1)
-                    tokens = _decode(model, tokenizer, cache, ids, mask, first_token, new)
-                    predictions[config] += tokens
-                    memory = cache.memory()
-                    held[config] += memory["used_bytes"]
-                    full[config] += memory["full_attention_bytes"]
-                    del cache
-                    seconds[config] += prefill_s + time.perf_counter() - started
-                del source
+                for config, (answers, used, full_bytes, spent) in _run_batch(
+                        model, tokenizer, profile, samples[first : first + batch_size], resolved, new).items():
+                    predictions[config] += answers
+                    held[config] += used
+                    full[config] += full_bytes
+                    seconds[config] += spent
         finally:
             ck.remove(model)
         for method, ratio in configs:
@@ -92,6 +83,44 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
                 })
                 print(json.dumps({k: v for k, v in records[-1].items() if k != "predictions"}), flush=True)
     return records
+
+
+def _run_batch(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any],
+               resolved: dict[tuple[str, float | None], Profile], new: int) -> dict[tuple[str, float | None], tuple]:
+    """Every method on one batch: ``{config: (answers, KV bytes used, full-attention bytes, seconds)}``.
+
+    A batch that runs out of GPU memory is retried in two halves (down to single samples), so one
+    ``--batch-size`` serves every context length.
+    """
+    try:
+        return _run_batch_once(model, tokenizer, profile, batch, resolved, new)
+    except torch.OutOfMemoryError:
+        if len(batch) == 1:
+            raise
+    # Outside the except block, so that the failed attempt's tensors are no longer referenced.
+    gc.collect()
+    torch.cuda.empty_cache()
+    print(f"out of memory with {len(batch)} samples in a batch: running them in two halves", file=sys.stderr)
+    halves = [_run_batch(model, tokenizer, profile, part, resolved, new)
+              for part in (batch[: len(batch) // 2], batch[len(batch) // 2 :])]
+    return {config: tuple(a + b for a, b in zip(halves[0][config], halves[1][config])) for config in resolved}
+
+
+def _run_batch_once(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any],
+                    resolved: dict[tuple[str, float | None], Profile], new: int) -> dict[tuple[str, float | None], tuple]:
+    started = time.perf_counter()
+    source, ids, mask, first_token = _prefill(model, tokenizer, profile, batch, new)
+    prefill_s = (time.perf_counter() - started) / len(resolved)  # shared by the methods
+    results = {}
+    for config, chosen in resolved.items():
+        started = time.perf_counter()
+        cache = source.fork(chosen.head_map, chosen.params, reserve=new + 1)
+        answers = _decode(model, tokenizer, cache, ids, mask, first_token, new)
+        memory = cache.memory()
+        del cache
+        results[config] = (answers, memory["used_bytes"], memory["full_attention_bytes"],
+                           prefill_s + time.perf_counter() - started)
+    return results
 
 
 def _prefill(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any], new: int):
@@ -161,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--ratios", type=float, nargs="+", default=None, help="adaptive ratios r (default: the profile's)")
     parser.add_argument("--budget", type=int, default=None, help="consistent-head budget (default: the profile's)")
+    parser.add_argument("--obs-window", type=int, default=None,
+                        help="observation window L_obs of the runtime selection (default: the profile's)")
     parser.add_argument("--samples", type=int, default=20)
     parser.add_argument("--seed", type=int, default=1000)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's generation lengths")
@@ -175,8 +206,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, tokenizer, info = load_model(args.model, device=device, dtype=args.dtype)
     base = ck.load_profile(args.profile)
-    if args.budget is not None:
-        base = resolve_profile(base, {"budget": args.budget})
+    overrides = {name: value for name, value in (("budget", args.budget), ("obs_window", args.obs_window))
+                 if value is not None}
+    base = resolve_profile(base, overrides)
     records = []
     for length in args.lengths:
         records += evaluate(model, tokenizer, base, tasks=args.tasks, context_length=length, num_samples=args.samples,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from catekv_eval.report import averages, largest_losses, load_runs, render, target_lines
 
 
@@ -42,3 +44,9 @@ def test_largest_losses_worst_first():
     records = [record("a", "full", 90, 100), record("a", "catekv", 60, 40), record("b", "full", 50, 100),
                record("b", "catekv", 45, 40), record("c", "full", 80, 100), record("c", "catekv", 65, 40)]
     assert largest_losses(records) == ["a at 4096 tokens, r = 0.4: 30.0 points", "c at 4096 tokens, r = 0.4: 15.0 points"]
+
+
+def test_a_task_in_two_files_is_refused(tmp_path):
+    rows = [record("a", "full", 90, 100)]
+    with pytest.raises(ValueError, match="both hold a / full at 4096 tokens"):
+        load_runs([run_file(tmp_path, "x.json", rows), run_file(tmp_path, "y.json", rows)])

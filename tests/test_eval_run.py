@@ -76,3 +76,25 @@ def test_shared_prefill_equals_a_run_per_method(smollm2):
                 out = model.generate(ids, max_new_tokens=10, do_sample=False, pad_token_id=tokenizer.eos_token_id)
             assert prediction == tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         ck.remove(model)
+
+
+def test_a_batch_out_of_memory_is_split(smollm2, monkeypatch, capsys):
+    """A batch too large for the device runs in halves, with the answers a batch size of 1 gives."""
+    from catekv_eval import run
+
+    model, tokenizer, _ = smollm2
+    profile = resolve_profile(ck.load_profile(PROFILE), {"budget": 256})
+    kwargs = dict(tasks=["niah_single_1"], context_length=1024, num_samples=3, methods=["catekv"], max_new_tokens=6)
+    singles = evaluate(model, tokenizer, profile, batch_size=1, **kwargs)
+    prefill = run._prefill
+
+    def small_device(model, tokenizer, profile, batch, new):
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return prefill(model, tokenizer, profile, batch, new)
+
+    monkeypatch.setattr(run, "_prefill", small_device)
+    split = evaluate(model, tokenizer, profile, batch_size=3, **kwargs)
+    assert [r["predictions"] for r in split] == [r["predictions"] for r in singles]
+    assert [r["kv_kept_pct"] for r in split] == [r["kv_kept_pct"] for r in singles]
+    assert "running them in two halves" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+"""Decode ms/step through plain transformers ``generate``: full attention (SDPA) against a CateKV cache.
+
+The path users of ``catekv_runtime.apply`` get (no CUDA graph). On the H200 the CateKV arm measured
+660 ms/step at 128K with Llama-3-8B shapes (docs/benchmarks.md, section g) against ~70 ms for full
+attention; this script is the minimal reproduction, one JSON record per arm, and with ``--profile-step``
+a torch.profiler table of one decode step of the CateKV arm.
+
+    python benchmarks/plain_decode.py --context 131072                   # GPU, Llama-3-8B shapes
+    python benchmarks/plain_decode.py --tiny --context 65536 --device cpu   # CPU: 2 small layers
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import catekv_runtime as ck  # noqa: E402
+from benchmarks.decode import build_model, random_profile  # noqa: E402
+
+TINY = dict(hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
+            num_key_value_heads=2, head_dim=128, vocab_size=1000)
+
+
+class _StepClock:
+    """A stopping criterion that never stops: it marks the end of every generated token."""
+
+    def __init__(self, device: torch.device, on_mark=None):
+        self.device, self.marks, self.on_mark = device, [], on_mark
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.marks.append(time.perf_counter())
+        if self.on_mark is not None:
+            self.on_mark()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def decode_ms(model, ids: torch.Tensor, new_tokens: int, on_mark=None) -> float:
+    """Mean ms between generated tokens, the first two (prefill, warm-up) left out."""
+    from transformers import StoppingCriteriaList
+
+    clock = _StepClock(ids.device, on_mark)
+    with torch.inference_mode():
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                       do_sample=False, stopping_criteria=StoppingCriteriaList([clock]))
+    steps = [b - a for a, b in zip(clock.marks[1:], clock.marks[2:])]
+    return 1e3 * sum(steps) / len(steps)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--context", type=int, default=131072)
+    parser.add_argument("--new-tokens", type=int, default=12)
+    parser.add_argument("--budget", type=int, default=2048)
+    parser.add_argument("--tiny", action="store_true", help="2 small layers instead of Llama-3-8B shapes")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--profile-step", action="store_true", help="print torch.profiler's table of one step")
+    args = parser.parse_args(argv)
+
+    model = build_model(2 if args.tiny else 32, device=args.device, **(TINY if args.tiny else {}))
+    ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=args.device,
+                        generator=torch.Generator(args.device).manual_seed(0))
+    records = [{"arm": "full-sdpa", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)}]
+    profile = random_profile(model, args.budget)
+    ck.apply(model, profile)
+    records.append({"arm": "catekv", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)})
+    for record in records:
+        record.update(device=str(model.device), layers=model.config.num_hidden_layers)
+        print(json.dumps(record), flush=True)
+    if args.profile_step:  # one decode step of the CateKV arm: skip the prefill and a warm-up step
+        from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+        def report(prof) -> None:
+            print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
+
+        with torch_profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=1, repeat=1),
+                           on_trace_ready=report) as prof:
+            decode_ms(model, ids, 5, on_mark=prof.step)
+    ck.remove(model)
+    return records
+
+
+if __name__ == "__main__":
+    main()

@@ -9,6 +9,7 @@ This file is also the worker: ``torchrun --nproc-per-node 2 tests/test_tp.py --w
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -66,6 +67,31 @@ def run_catekv(model) -> dict:
     return dict(tokens=out.sequences, logits=torch.stack(out.logits, dim=1), cache_tokens=tokens, layers=layers)
 
 
+def save_result(result: dict, path: Path) -> None:
+    """A rank's result as safetensors (tensors) plus JSON metadata (head lists, pads): nothing is pickled."""
+    from safetensors.torch import save_file
+
+    tensors = {name: result[name].contiguous() for name in ("tokens", "logits", "cache_tokens", "k_proj")}
+    layout = []
+    for i, layer in enumerate(result["layers"]):
+        layout.append([dict(heads=g["heads"], pad=g["pad"]) for g in layer])
+        for j, group in enumerate(layer):
+            tensors[f"layer{i}.group{j}"] = group["kv"].contiguous()
+    save_file(tensors, str(path), metadata={"rank": str(result["rank"]), "layers": json.dumps(layout)})
+
+
+def load_result(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as file:
+        meta = file.metadata()
+        result = {name: file.get_tensor(name) for name in ("tokens", "logits", "cache_tokens", "k_proj")}
+        result["layers"] = [[dict(group, kv=file.get_tensor(f"layer{i}.group{j}")) for j, group in enumerate(layer)]
+                            for i, layer in enumerate(json.loads(meta["layers"]))]
+    result["rank"] = int(meta["rank"])
+    return result
+
+
 def worker(model_dir: str, out_dir: str) -> None:
     """One rank: load the model sharded by transformers, run CateKV, save what the test compares."""
     import torch.distributed as dist
@@ -83,7 +109,7 @@ def worker(model_dir: str, out_dir: str) -> None:
     k_proj = model.model.layers[0].self_attn.k_proj.weight
     result["k_proj"] = k_proj.to_local().clone() if hasattr(k_proj, "to_local") else k_proj.detach().clone()
     result["rank"] = rank
-    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    save_result(result, Path(out_dir) / f"rank{rank}.safetensors")
     dist.barrier()
     dist.destroy_process_group()
 
@@ -116,7 +142,7 @@ def tp_run(tmp_path_factory):
                __file__, "--worker", str(root / "model"), str(root)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, f"torchrun failed:\n{done.stdout[-4000:]}\n{done.stderr[-8000:]}"
-    ranks = [torch.load(root / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+    ranks = [load_result(root / f"rank{r}.safetensors") for r in range(WORLD)]
     with torch.no_grad():
         reference = run_catekv(model)
     return SimpleNamespace(model=model, ranks=ranks, reference=reference)

@@ -35,6 +35,9 @@ GiB = 1024**3
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
                  num_key_value_heads=8, head_dim=128, vocab_size=128256, max_position_embeddings=1 << 20,
                  rope_theta=500000.0)
+# Smoke runs and CPU tests of the benchmarks: seconds on CPU; 4 KV heads, so 2 per rank at TP=2.
+TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=16,
+            vocab_size=512, max_position_embeddings=8192, rope_theta=10000.0)
 
 
 def emit(results: list, **record) -> None:
@@ -74,7 +77,48 @@ def copy_bandwidth() -> float:
 
 
 def weight_bytes(model) -> int:
-    return sum(p.numel() * p.element_size() for p in model.parameters())
+    """Bytes of the parameters this process holds (its shards under tensor parallelism)."""
+    local = (p.to_local() if hasattr(p, "to_local") else p for p in model.parameters())
+    return sum(t.numel() * t.element_size() for t in local)
+
+
+class StepTimer:
+    """A ``generate`` stopping criterion that never stops: it timestamps the end of every generated token.
+
+    ``generate`` calls it once per new token, after the forward and the token choice, so consecutive marks
+    bound one decode step; the first mark minus :meth:`start` is the prefill (with the first token).
+    ``on_mark`` is called at every mark (e.g. ``torch.profiler.profile.step``).
+    """
+
+    def __init__(self, on_mark=None):
+        self.cuda = torch.cuda.is_available()
+        self.on_mark = on_mark
+        self.events: list = []
+        self.walls: list[float] = []
+
+    def start(self) -> None:
+        self.events, self.walls = [], []
+        self._mark()
+
+    def _mark(self) -> None:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            self.events.append(event)
+        self.walls.append(time.perf_counter())
+
+    def __call__(self, input_ids, scores, **kwargs):
+        self._mark()
+        if self.on_mark is not None:
+            self.on_mark()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def intervals_ms(self) -> list[float]:
+        """Milliseconds between consecutive marks: [prefill, step 1, step 2, ...]."""
+        if self.cuda:
+            torch.cuda.synchronize()
+            return [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
+        return [1e3 * (b - a) for a, b in zip(self.walls, self.walls[1:])]
 
 
 def decode_floor_ms(model, kv_bytes: int, bandwidth: float) -> float:

@@ -57,6 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import (  # noqa: E402
     GiB,
+    TINY,
     build_model,
     copy_bandwidth,
     decode_floor_ms,
@@ -72,11 +73,6 @@ from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
 STAGES = ("pre_attention", "kv_append", "attention", "post_attention", "embed_and_head")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "decode_stages.json"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "decode_stages_smoke.json"  # never into docs/results
-# --smoke: 2 layers, 4 query / 2 KV heads of 16 dims, vocabulary 256.
-SMOKE_SHAPE = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
-                   head_dim=16, vocab_size=256, max_position_embeddings=4096)
-
-
 # ------------------------------------------------------------------------------------ bytes per stage
 
 
@@ -365,7 +361,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = build_model(args.layers)
         bandwidth = copy_bandwidth()
     else:
-        model = build_model(args.layers, device="cpu", **SMOKE_SHAPE)
+        model = build_model(args.layers, device="cpu", **TINY)
         bandwidth = cpu_copy_bandwidth()
     weights = stage_weight_bytes(model, args.batch)
     results: list = []

@@ -43,13 +43,10 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
-from benchmarks.decode import LLAMA3_8B, random_profile  # noqa: E402
+from benchmarks.decode import LLAMA3_8B, TINY, StepTimer, random_profile, weight_bytes  # noqa: E402
 from catekv_runtime.profile import Profile  # noqa: E402
 
 GiB = 1024**3
-# --smoke: the same code on a model that runs in seconds on CPU (4 KV heads: 2 per rank at TP=2).
-TINY = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
-            num_key_value_heads=4, head_dim=16, vocab_size=512, max_position_embeddings=8192, rope_theta=10000.0)
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -127,15 +124,6 @@ def random_prompt(length: int, vocab: int, device) -> tuple[torch.Tensor, torch.
     return ids.to(device), torch.ones_like(ids, device=device)
 
 
-def local_weight_bytes(model) -> int:
-    """Bytes of the parameters this rank holds (its shards under TP)."""
-    total = 0
-    for p in model.parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
-        total += local.numel() * local.element_size()
-    return total
-
-
 def gather(value):
     """``value`` of every rank, in rank order (a one-element list without torch.distributed)."""
     import torch.distributed as dist
@@ -145,41 +133,6 @@ def gather(value):
     values = [None] * dist.get_world_size()
     dist.all_gather_object(values, value)
     return values
-
-
-class StepTimer:
-    """A stopping criterion that never stops: it timestamps the end of every generation step.
-
-    ``generate`` calls it once per new token, after the forward and the token choice, so consecutive marks
-    bound one decode step; the first mark minus the start is the prefill (with the first token).
-    """
-
-    def __init__(self):
-        self.cuda = torch.cuda.is_available()
-        self.events: list = []
-        self.walls: list[float] = []
-
-    def start(self) -> None:
-        self.events, self.walls = [], []
-        self._mark()
-
-    def _mark(self) -> None:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            self.events.append(event)
-        self.walls.append(time.perf_counter())
-
-    def __call__(self, input_ids, scores, **kwargs):
-        self._mark()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-
-    def intervals_ms(self) -> list[float]:
-        """Milliseconds between consecutive marks: [prefill, step 1, step 2, ...]."""
-        if self.cuda:
-            torch.cuda.synchronize()
-            return [a.elapsed_time(b) for a, b in zip(self.events, self.events[1:])]
-        return [1e3 * (b - a) for a, b in zip(self.walls, self.walls[1:])]
 
 
 def correctness(model, args, dtype_name: str) -> dict:
@@ -236,7 +189,7 @@ def decode_benchmark(model, profile: Profile, args) -> dict:
         rank=ck.tensor_parallel_rank(model)[0],
         local_kv_heads=int(ck.local_head_map(model, profile.head_map).shape[1]),
         peak_bytes=torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None,
-        weight_bytes=local_weight_bytes(model),
+        weight_bytes=weight_bytes(model),
         kv_bytes=memory["allocated_bytes"],  # held by this rank's cache at the end (decode capacity included)
         kv_used_bytes=memory["used_bytes"],
         full_kv_bytes=memory["full_attention_bytes"],  # full attention for this rank's heads
@@ -276,7 +229,7 @@ def main() -> None:
     if args.smoke:
         args.context, args.prompt_tokens, args.new_tokens, args.budget = 1024, 320, 8, 128
         args.warmup, args.steps = 2, 4
-    shape = TINY if args.smoke else LLAMA3_8B
+    shape = {**TINY, "num_hidden_layers": 4} if args.smoke else LLAMA3_8B
     folder = args.model_dir or Path("/tmp/catekv-tiny-random" if args.smoke else "/tmp/catekv-llama3-8b-random")
     rank, world = rank_and_world()
     started = time.perf_counter()

@@ -111,6 +111,8 @@ def _join_parts(parts: list[Path], target: Path, expected_sha256: str) -> None:
             raise ModelError(f"the parts {', '.join(map(str, parts))} join to sha256 {digest.hexdigest()}, expected "
                              f"{expected_sha256}: a part is corrupt or of another version; reinstall the packages")
         os.replace(partial, target)
+        stat = target.stat()  # hashed while joined: spare load_model's check a second pass over the file
+        _HASHED[(str(target), stat.st_size, stat.st_mtime_ns)] = expected_sha256
     finally:
         partial.unlink(missing_ok=True)
 

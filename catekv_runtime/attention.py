@@ -1,10 +1,9 @@
 """Decode attention over a layer's head groups, plain PyTorch (SDPA): runs on CPU and GPU.
 
 Each group holds a different number of tokens, so attention runs once per group and the outputs are
-scattered back to the model's query-head order. K/V are never repeated per query head: SDPA's own GQA
-support is used, except for one new token off CUDA or with a padding mask, where the query heads of a KV
-head are folded into the query-length axis instead (their keys are the same), which keeps SDPA on its
-fused kernels there.
+scattered back to the model's query-head order. K/V are never repeated per query head: for one new
+token, the query heads of a KV head are folded into the query-length axis (their keys are the same),
+which keeps SDPA on its fused kernels; for several new tokens SDPA's own GQA support is used.
 """
 
 from __future__ import annotations
@@ -22,9 +21,7 @@ def group_attention(query: torch.Tensor, group: HeadGroup, scale: float) -> torc
     keys = group.keys[:, :, : group.length]
     values = group.values[:, :, : group.length]
     mask = group.mask(q_len)
-    # On CUDA, SDPA's own GQA decode (q_len 1, no mask) reads K/V at ~4 TB/s on an H200; elsewhere, and with
-    # a mask, fold the query heads of a KV head into the query axis.
-    if q_len == 1 and (mask is not None or query.device.type != "cuda"):
+    if q_len == 1:
         folded = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
         out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
         return out.reshape(batch, q_heads, 1, dim)

@@ -50,7 +50,7 @@ def test_smoke_records(tmp_path):
         assert summary["floor_ms"] == pytest.approx(by_stage["step"]["floor_ms"], abs=1e-3)
         # The stages' bytes are the step's (the floor's), plus the one embedding row and the appended K/V.
         stage_bytes = sum(by_stage[name]["bytes"] for name in decode_stages.STAGES)
-        embed_row = 64 * 2  # hidden 64, bf16
+        embed_row = decode_stages.TINY["hidden_size"] * 2  # bf16
         assert stage_bytes == by_stage["step"]["bytes"] + embed_row + by_stage["kv_append"]["bytes"]
     # A smoke file never becomes a section of docs/benchmarks.md; a real one does.
     assert report.stages_section(records) == []
@@ -78,7 +78,7 @@ def test_stages_are_exactly_one_step(arm):
     from benchmarks.decode import build_model, random_profile, synthetic_state
     from catekv_runtime.lean import LeanGenerator
 
-    model = build_model(2, device="cpu", **decode_stages.SMOKE_SHAPE)
+    model = build_model(2, device="cpu", **decode_stages.TINY)
     profile = random_profile(model, 64) if arm == "catekv" else None
     gen = LeanGenerator(model, profile, backend="triton", cuda_graph=False)
     head_map, params = (profile.head_map, profile.params) if profile is not None else gen._head_map_and_params()

@@ -1,11 +1,11 @@
 """Decode ms/step through plain transformers ``generate``: full attention (SDPA) against a CateKV cache.
 
-The path users of ``catekv_runtime.apply`` get (no CUDA graph). On the H200 the CateKV arm measured
-660 ms/step at 128K with Llama-3-8B shapes (docs/benchmarks.md, section g) against ~70 ms for full
-attention; this script is the minimal reproduction, one JSON record per arm, and with ``--profile-step``
-a torch.profiler table of one decode step of the CateKV arm.
+The path users of ``catekv_runtime.apply`` get (no CUDA graph): one JSON record per arm, and with
+``--profile-step`` a torch.profiler table of one decode step of the CateKV arm. It found why that path
+once took 660 ms/step at 128K on the H200: SDPA chose cuDNN for the decode call, which builds a new plan
+for every cache length (catekv_runtime/attention.py now leaves cuDNN out).
 
-    python benchmarks/plain_decode.py --context 131072                   # GPU, Llama-3-8B shapes
+    python benchmarks/plain_decode.py --context 131072 --out docs/results/plain_decode.json   # GPU, Llama-3-8B shapes
     python benchmarks/plain_decode.py --tiny --context 65536 --device cpu   # CPU: 2 small layers
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--tiny", action="store_true", help="2 small layers (CPU_SHAPE) instead of Llama-3-8B shapes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--profile-step", action="store_true", help="print torch.profiler's table of one step")
+    parser.add_argument("--out", type=Path, default=None, help="also write the records here as one JSON list")
     args = parser.parse_args(argv)
 
     model = build_model(2 if args.tiny else 32, device=args.device, **(CPU_SHAPE if args.tiny else {}))
@@ -58,9 +60,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     profile = random_profile(model, args.budget)
     ck.apply(model, profile)
     records.append({"arm": "catekv", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)})
+    import transformers
+
+    device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     for record in records:
-        record.update(device=str(model.device), layers=model.config.num_hidden_layers)
+        record.update(device=device, layers=model.config.num_hidden_layers, torch=torch.__version__,
+                      transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"))
         print(json.dumps(record), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(records, indent=1))
     if args.profile_step:  # one decode step of the CateKV arm: skip the prefill and a warm-up step
         from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 

@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .cache import HeadGroup
+
+# Not cuDNN: on an H200 SDPA picks it for these shapes, and it builds a new plan for every new cache
+# length (~40 ms per call at 128K) and runs 10x slower than flash even with the plan cached
+# (0.11 vs 1.5 ms at 128K: benchmarks/sdpa_decode_backends.py).
+_DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def group_attention(query: torch.Tensor, group: HeadGroup, scale: float) -> torch.Tensor:
@@ -21,11 +27,12 @@ def group_attention(query: torch.Tensor, group: HeadGroup, scale: float) -> torc
     keys = group.keys[:, :, : group.length]
     values = group.values[:, :, : group.length]
     mask = group.mask(q_len)
-    if q_len == 1:
-        folded = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
-        out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
-        return out.reshape(batch, q_heads, 1, dim)
-    return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
+    with sdpa_kernel(_DECODE_BACKENDS):
+        if q_len == 1:
+            folded = query.reshape(batch, kv_heads, q_heads // kv_heads, dim)
+            out = F.scaled_dot_product_attention(folded, keys, values, attn_mask=mask, scale=scale)
+            return out.reshape(batch, q_heads, 1, dim)
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, scale=scale, enable_gqa=True)
 
 
 def decode_attention(query: torch.Tensor, groups: list[HeadGroup], scale: float) -> torch.Tensor:

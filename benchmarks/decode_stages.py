@@ -5,9 +5,9 @@ r = 0.4, eta = 1, budget 2048, caches filled with random K/V of the sizes a pref
 for full attention on the lean path. For each context and arm it times:
 
     step            the whole decode step, one CUDA graph (``decode.time_graph_steps``, as decode.py does)
-    pre_attention   every layer's input norm, q/k/v projections, RoPE          (LeanGenerator._pre)
-    kv_append       every layer's K/V write into its head groups (gather + index_copy_)  (_DecodeState._append)
-    attention       every layer's Triton split-K kernels over its head groups + combine  (_DecodeState._attention)
+    pre_attention   every layer's input norm, q/k/v projection (fused), RoPE   (LeanGenerator._pre)
+    attention       every layer's Triton split-K kernels over its head groups, which also append this
+                    step's K/V, + combine                                       (_DecodeState._attention)
     post_attention  every layer's o_proj, residual, norm, MLP, residual        (LeanGenerator._post)
     embed_and_head  embedding, RoPE cos/sin, final norm, lm_head, argmax, position/step/length update
                     (_DecodeState._embed + _DecodeState._next_token)
@@ -70,7 +70,7 @@ from benchmarks.decode import (  # noqa: E402
 )
 from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
 
-STAGES = ("pre_attention", "kv_append", "attention", "post_attention", "embed_and_head")
+STAGES = ("pre_attention", "attention", "post_attention", "embed_and_head")
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "results" / "decode_stages.json"
 SMOKE_OUT = Path(tempfile.gettempdir()) / "decode_stages_smoke.json"  # never into docs/results
 # ------------------------------------------------------------------------------------ bytes per stage
@@ -126,19 +126,15 @@ def stage_functions(state: _DecodeState) -> dict[str, Callable[[], None]]:
     layers = list(zip(gen.decoder.layers, state.layers))
     hidden, cos, sin = state._embed()
     pre = [gen._pre(layer, hidden, cos, sin) for layer, _ in layers]
-    attn_out = state._attention(pre[0][0], layers[0][1])  # triton: the step's static output buffer
+    attn_out = state._attention(*pre[0], layers[0][1])  # triton: the step's static output buffer
 
     def pre_attention():
         for layer, _ in layers:
             gen._pre(layer, hidden, cos, sin)
 
-    def kv_append():
-        for (_, slots), (_, kv) in zip(layers, pre):
-            state._append(kv, slots)
-
     def attention():
-        for (_, slots), (q, _) in zip(layers, pre):
-            state._attention(q, slots)
+        for (_, slots), (q, kv) in zip(layers, pre):
+            state._attention(q, kv, slots)
 
     def post_attention():
         h = hidden
@@ -149,8 +145,8 @@ def stage_functions(state: _DecodeState) -> dict[str, Callable[[], None]]:
         state._embed()
         state._next_token(hidden)
 
-    fns = dict(pre_attention=pre_attention, kv_append=kv_append, attention=attention,
-               post_attention=post_attention, embed_and_head=embed_and_head)
+    fns = dict(pre_attention=pre_attention, attention=attention, post_attention=post_attention,
+               embed_and_head=embed_and_head)
     assert tuple(fns) == STAGES
     return fns
 
@@ -295,7 +291,8 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
     # steps + 8 spare slots, as decode.py: no timing round writes past them (counters restored per round).
     state = synthetic_state(gen, head_map, params, args.batch, context, args.steps + 8)
     kv = kv_bytes_of(state)
-    nbytes = dict(stage_weight_bytes(model, args.batch), attention=kv, kv_append=append_bytes(state))
+    appended = append_bytes(state)
+    nbytes = dict(stage_weight_bytes(model, args.batch), attention=kv + appended)
     floor = decode_floor_ms(model, kv, bandwidth)
     embed = model.get_input_embeddings().weight
     step_bytes = weight_bytes(model) - embed.numel() * embed.element_size() + kv  # the bytes of that floor
@@ -305,7 +302,7 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
         from catekv_runtime.kernels.triton_decode import DEFAULT_CONFIG as config
     common = dict(suite="stages", arm=f"lean-{arm}", context=context, batch=args.batch, block_n=config.block_n,
                   num_splits=state.num_splits, head_groups=sum(len(slots) for slots in state.layers),
-                  kv_gib=round(kv / GiB, 3))
+                  kv_gib=round(kv / GiB, 3), append_bytes=appended)
     del state
     for name in ("step", *STAGES):
         t = dict(times[name])

@@ -231,7 +231,7 @@ def size(n: int) -> str:
 
 
 STAGE_NAMES = {"step": "whole step", "pre_attention": "pre-attention (norm, q/k/v, RoPE)",
-               "kv_append": "K/V append", "attention": "attention (Triton split-K + combine)",
+               "attention": "K/V append + attention (Triton split-K + combine)",
                "post_attention": "post-attention (o_proj, norm, MLP)",
                "embed_and_head": "embedding, RoPE cos/sin, norm, lm_head, argmax, counters"}
 
@@ -252,7 +252,7 @@ def stages_section(records: list[dict]) -> list[str]:
         "that `_DecodeState.step` calls runs, for all layers, in its own CUDA graph over the step's static buffers,",
         f"replayed {setup['steps']} times per round (median of {setup['rounds']} rounds). Bytes: what a stage must move "
         "(the weights it reads,",
-        "the embedding as one row; the retained KV the attention reads; the K/V the append writes). Floor: those",
+        "the embedding as one row; the retained KV the attention reads and the K/V it appends). Floor: those",
         "bytes at the copy bandwidth; the whole step's is the decode floor of (b), so its `over floor` is the gap to",
         "close. `between stages` = whole step minus the sum of the stages: what running them back to back in one",
         "graph adds.",

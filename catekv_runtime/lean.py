@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from .attention import group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
@@ -55,12 +56,16 @@ class LeanGenerator:
         compile: fuse each layer's norms, projections, RoPE and MLP with ``torch.compile`` (default: with
             CUDA graphs). One compilation serves every layer; it cuts the step's kernel count roughly in half.
         kernel_config: a ``kernels.triton_decode.DecodeConfig`` (tile sizes) for the Triton backend.
+        fuse: let the decode step run q/k/v as one projection and gate/up as another. Their weights are
+            concatenated once, per layer, and the model's own parameters become views of the result: no
+            extra memory, and the model (``forward``, ``generate``, ``save_pretrained``) is unchanged in
+            use. Layers whose projections are not plain ``nn.Linear`` of one dtype and device are left alone.
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
                  cuda_graph: bool | None = None, compile: bool | None = None, kernel_config: Any = None,
-                 **overrides: Any):
+                 fuse: bool = True, **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         if self.profile is not None:  # refuse a profile of another shape before any compute
@@ -92,28 +97,44 @@ class LeanGenerator:
             kernel_config = DecodeConfig(block_n=64)
         self.kernel_config = kernel_config
         self.compile = self.cuda_graph if compile is None else compile
-        self._pre, self._post = self._pre_attention, self._post_attention
+        self._fused = {layer: _fuse_layer(layer) for layer in self.decoder.layers} if fuse else {
+            layer: _FusedLayer() for layer in self.decoder.layers}
+        self._pre_step, self._post_step = self._pre_attention, self._post_attention
         if self.compile:
             # Not fullgraph: past dynamo's recompile limit (many batch sizes) it falls back to eager.
-            self._pre = torch.compile(self._pre_attention, dynamic=False)
-            self._post = torch.compile(self._post_attention, dynamic=False)
+            self._pre_step = torch.compile(self._pre_attention, dynamic=False)
+            self._post_step = torch.compile(self._post_attention, dynamic=False)
         self.stats = LeanStats()
 
-    def _pre_attention(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    def _pre(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]`` and kv ``[2, B, Hkv, 1, D]``."""
+        fused = self._fused[layer]
+        return self._pre_step(layer, hidden, cos, sin, fused.qkv_weight, fused.qkv_bias, fused.q_rows)
+
+    def _post(self, layer: torch.nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
+        """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
+        return self._post_step(layer, hidden, attn_out, self._fused[layer].gate_up_weight)
+
+    def _pre_attention(self, layer, hidden, cos, sin, qkv_weight, qkv_bias, q_rows: int):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         shape = (hidden.shape[0], 1, -1, attn.head_dim)
-        q = attn.q_proj(x).view(shape).transpose(1, 2)
-        k = attn.k_proj(x).view(shape).transpose(1, 2)
-        v = attn.v_proj(x).view(shape).transpose(1, 2)
-        q, k = self._rope(q, k, cos, sin)
-        return q, torch.stack([k, v])
+        if qkv_weight is None:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        else:  # one GEMV instead of three (at batch 1 the small k/v ones run far below bandwidth)
+            q, kv = F.linear(x, qkv_weight, qkv_bias).split([q_rows, qkv_weight.shape[0] - q_rows], dim=-1)
+            k, v = kv.chunk(2, dim=-1)
+        q, k = self._rope(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
+        return q, torch.stack([k, v.view(shape).transpose(1, 2)])
 
-    def _post_attention(self, layer: torch.nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
+    def _post_attention(self, layer, hidden, attn_out, gate_up_weight):
         hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], 1, -1))
-        return hidden + layer.mlp(layer.post_attention_layernorm(hidden))
+        x = layer.post_attention_layernorm(hidden)
+        if gate_up_weight is None:
+            return hidden + layer.mlp(x)
+        mlp = layer.mlp
+        gate, up = F.linear(x, gate_up_weight, None).chunk(2, dim=-1)
+        return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
 
     # ------------------------------------------------------------------------------------ prefill
 
@@ -188,6 +209,65 @@ class LeanGenerator:
 
 
 @dataclass
+class _FusedLayer:
+    """One layer's concatenated projection weights (None where its projections could not be fused)."""
+
+    qkv_weight: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+    q_rows: int = 0
+    gate_up_weight: torch.Tensor | None = None
+
+
+def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) holding the rows of ``linears`` in order; their parameters become views of it.
+
+    Weights that already lie back to back in one storage (a previous fusion) are viewed, not copied. Returns
+    None, changing nothing, unless all are plain ``nn.Linear`` with weights of one dtype on one real device
+    and all or none have a bias.
+    """
+    weights = [m.weight for m in linears]
+    biases = [m.bias for m in linears]
+    first = weights[0]
+    if (any(type(m) is not torch.nn.Linear for m in linears) or first.device.type == "meta"
+            or any(w.dtype != first.dtype or w.device != first.device or type(w) is not torch.nn.Parameter
+                   for w in weights)
+            or len({b is None for b in biases}) > 1):
+        return None
+    return _concatenate_rows(linears, "weight"), (_concatenate_rows(linears, "bias") if biases[0] is not None else None)
+
+
+def _concatenate_rows(linears: list[torch.nn.Module], name: str) -> torch.Tensor:
+    parts = [getattr(m, name) for m in linears]
+    rows = sum(p.shape[0] for p in parts)
+    storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
+    in_place = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage.data_ptr() for p in parts) and all(
+        p.storage_offset() == offset + sum(q.numel() for q in parts[:i]) for i, p in enumerate(parts))
+    if in_place:
+        return parts[0].detach().new_empty(0).set_(storage, offset, (rows, *parts[0].shape[1:]))
+    fused = torch.cat([p.detach() for p in parts])
+    start = 0
+    for m, p in zip(linears, parts):
+        setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=p.requires_grad))
+        start += p.shape[0]
+    return fused
+
+
+def _fuse_layer(layer: torch.nn.Module) -> _FusedLayer:
+    attn, mlp = layer.self_attn, layer.mlp
+    fused = _FusedLayer()
+    qkv = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    if qkv is not None:
+        fused.qkv_weight, fused.qkv_bias = qkv
+        fused.q_rows = attn.q_proj.weight.shape[0]
+    # Llama-style gated MLP only: down(act(gate(x)) * up(x)), no bias on gate/up.
+    if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and mlp.gate_proj.bias is None:
+        gate_up = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+        if gate_up is not None:
+            fused.gate_up_weight = gate_up[0]
+    return fused
+
+
+@dataclass
 class _Slot:
     """One head group in the decode step: where this step's K/V goes and what the kernel reads."""
 
@@ -228,10 +308,12 @@ class _DecodeState:
                                                  max(g.keys.shape[2] for g in groups))
             self.workspace = make_workspace(batch, q_heads, attn.head_dim, self.num_splits, device)
             self.attn_out = torch.empty(batch, q_heads, attn.head_dim, dtype=groups[0].kv.dtype, device=device)
-            for slot in (slot for layer in self.layers for slot in layer):
-                g = slot.group
-                pad = g.pad.to(torch.int32) if g.pad is not None else None
-                slot.kernel_group = KVGroup(g.keys, g.values, next(rows), pad, g.q_heads)
+            for slots in self.layers:
+                for slot in slots:
+                    g = slot.group
+                    pad = g.pad.to(torch.int32) if g.pad is not None else None
+                    kv_index = g.kv_heads if len(slots) > 1 else None
+                    slot.kernel_group = KVGroup(g.keys, g.values, next(rows), pad, g.q_heads, kv_index)
 
     def step(self) -> None:
         """One decode step: consume ``self.token`` at ``self.position``, write the next token.
@@ -244,8 +326,7 @@ class _DecodeState:
         self.steps_done += 1
         for layer, slots in zip(gen.decoder.layers, self.layers):
             q, kv = gen._pre(layer, hidden, cos, sin)
-            self._append(kv, slots)
-            hidden = gen._post(layer, hidden, self._attention(q, slots))
+            hidden = gen._post(layer, hidden, self._attention(q, kv, slots))
         self._next_token(hidden)
 
     def _embed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -256,7 +337,8 @@ class _DecodeState:
         return hidden, cos, sin
 
     def _append(self, kv: torch.Tensor, slots: list[_Slot]) -> None:
-        """Write one layer's new K/V ``[2, B, Hkv, 1, D]`` into its groups, at slot ``self.step_index``."""
+        """Write one layer's new K/V ``[2, B, Hkv, 1, D]`` into its groups, at slot ``self.step_index``
+        (the SDPA backend; the Triton kernel appends by itself)."""
         for slot in slots:
             new = kv[:, :, slot.group.kv_heads] if len(slots) > 1 else kv
             slot.decode_kv.index_copy_(3, self.step_index, new)
@@ -270,14 +352,17 @@ class _DecodeState:
         self.lengths.add_(1)
         self.tokens.index_copy_(1, self.step_index, self.token)
 
-    def _attention(self, q: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+    def _attention(self, q: torch.Tensor, kv: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
+        """Append this step's K/V ``[2, B, Hkv, 1, D]`` to the layer's groups and attend: ``[B, Hq, D]``."""
         if self.gen.backend == "triton":
             from .kernels.triton_decode import decode_attention_two_groups
 
             return decode_attention_two_groups(
                 q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
                 num_splits=self.num_splits, workspace=self.workspace, config=self.gen.kernel_config,
+                new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0],
             )
+        self._append(kv, slots)
         out = torch.empty_like(q)
         for slot in slots:
             slot.group.length = slot.base + self.steps_done

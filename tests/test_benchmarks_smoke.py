@@ -51,7 +51,9 @@ def test_smoke_records(tmp_path):
         # The stages' bytes are the step's (the floor's), plus the one embedding row and the appended K/V.
         stage_bytes = sum(by_stage[name]["bytes"] for name in decode_stages.STAGES)
         embed_row = decode_stages.TINY["hidden_size"] * 2  # bf16
-        assert stage_bytes == by_stage["step"]["bytes"] + embed_row + by_stage["kv_append"]["bytes"]
+        assert stage_bytes == by_stage["step"]["bytes"] + embed_row + summary["append_bytes"]
+        # K and V, x KV heads x 2 layers x head_dim x 2 bytes (bf16): one slot per head, whatever the groups
+        assert summary["append_bytes"] == 2 * decode_stages.TINY["num_key_value_heads"] * 2 * decode_stages.TINY["head_dim"] * 2
     # A smoke file never becomes a section of docs/benchmarks.md; a real one does.
     assert report.stages_section(records) == []
     records[0] = dict(setup, smoke=False)
@@ -73,7 +75,7 @@ class _Ops(TorchDispatchMode):
 
 @pytest.mark.parametrize("arm", ["catekv", "full"])
 def test_stages_are_exactly_one_step(arm):
-    """The five stages, each run once, run the same operators as one decode step, as many times each."""
+    """The stages, each run once, run the same operators as one decode step, as many times each."""
     from benchmarks import decode_stages
     from benchmarks.decode import build_model, random_profile, synthetic_state
     from catekv_runtime.lean import LeanGenerator

@@ -134,3 +134,45 @@ def test_cache_of_another_head_count_is_refused():
     with pytest.raises(ValueError, match="make_cache"):
         model(torch.ones(1, 8, dtype=torch.long), **{ck.cache_argument(model): cache})
     ck.remove(model)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_fused_projections_share_the_models_storage_and_change_nothing(family, tmp_path):
+    """The lean step's fused q/k/v and gate/up weights are the model's own parameters, viewed, not copied."""
+    from transformers import AutoModelForCausalLM
+
+    model = make_tiny_model(family)
+    ids = torch.randint(3, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    before = model(ids).logits
+    lean = LeanGenerator(model, None, backend="sdpa")
+    layer = model.model.layers[0]
+    fused = lean._fused[layer]
+    attn, mlp = layer.self_attn, layer.mlp
+    assert fused.qkv_weight is not None and fused.gate_up_weight is not None
+    assert (fused.qkv_bias is not None) == (family == "qwen2")
+    for part, rows in ((attn.q_proj.weight, 0), (attn.v_proj.weight, fused.qkv_weight.shape[0] - attn.v_proj.weight.shape[0])):
+        assert part.untyped_storage().data_ptr() == fused.qkv_weight.untyped_storage().data_ptr()
+        assert torch.equal(part, fused.qkv_weight[rows : rows + part.shape[0]])
+    assert torch.equal(mlp.up_proj.weight, fused.gate_up_weight[mlp.gate_proj.weight.shape[0] :])
+    assert torch.equal(model(ids).logits, before)
+    # A second generator views the same storage again instead of copying.
+    again = LeanGenerator(model, None, backend="sdpa")._fused[layer]
+    assert again.qkv_weight.data_ptr() == fused.qkv_weight.data_ptr()
+    assert again.gate_up_weight.data_ptr() == fused.gate_up_weight.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="sdpa")
+    assert torch.equal(reloaded(ids).logits, before)
+
+
+def test_projections_that_cannot_be_fused_are_left_alone():
+    model = make_tiny_model("llama")
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.to(torch.float64)  # one dtype is the condition for one GEMV
+    weight = attn.q_proj.weight
+    fused = LeanGenerator(model, None, backend="sdpa")._fused[model.model.layers[0]]
+    assert fused.qkv_weight is None and attn.q_proj.weight is weight
+    assert fused.gate_up_weight is not None  # the MLP of the same layer still is
+    other = make_tiny_model("llama")
+    q_weight = other.model.layers[0].self_attn.q_proj.weight
+    unfused = LeanGenerator(other, None, backend="sdpa", fuse=False)._fused[other.model.layers[0]]
+    assert unfused.qkv_weight is None and other.model.layers[0].self_attn.q_proj.weight is q_weight

@@ -183,6 +183,57 @@ def test_two_groups_bf16() -> None:
     _check(out, ref, torch.bfloat16)
 
 
+@pytest.mark.parametrize("config", [SMALL, FUSED], ids=["combine-kernel", "fused"])
+@pytest.mark.parametrize("splits", [1, 5])
+def test_new_token_appended_in_the_kernel(config: td.DecodeConfig, splits: int) -> None:
+    """new_k/new_v: the slot lengths-1 ends up holding them, and the output equals attention over the cache
+    with them written there first (the slot's old content, poisoned here, must never be read)."""
+    batch, kv_heads, group, cap, dim = 3, 2, 3, 120, 64
+    q, k, v = _case(batch, kv_heads, group, cap, dim, torch.float32, seed=41)
+    lengths, starts = _ints([1, 120, 77]), _ints([0, 30, 76])
+    fresh = _rand(2, batch, kv_heads, dim, seed=43)  # [k|v, B, H, D]
+    expected_k, expected_v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        expected_k[b, :, n - 1], expected_v[b, :, n - 1] = fresh[0, b], fresh[1, b]
+        k[b, :, n - 1] = v[b, :, n - 1] = float("nan")
+    ref = td.decode_attention_reference(q, expected_k, expected_v, lengths, starts)
+    out = _poisoned(q)
+    td.decode_attention(q, k, v, lengths, starts, num_splits=splits, out=out, config=config,
+                        new_k=fresh[0], new_v=fresh[1])
+    _check(out, ref, torch.float32)
+    assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
+
+
+def test_new_token_appended_to_each_group() -> None:
+    """Two head groups: each appends the model KV heads its kv_head_index names, from one [B, H_kv, D] tensor."""
+    q, groups, _ = _two_groups(torch.float32, seed=47)
+    batch, dim = q.shape[0], q.shape[2]
+    fresh = _rand(2, batch, 4, dim, seed=53)
+    heads = ([1, 3], [0, 2])
+    with_index, expected = [], []
+    for g, kv_index in zip(groups, heads):
+        k, v = g.k_cache.clone(), g.v_cache.clone()
+        for b, n in enumerate(g.lengths.tolist()):
+            k[b, :, n - 1], v[b, :, n - 1] = fresh[0, b, kv_index], fresh[1, b, kv_index]
+        expected.append((k, v))
+        with_index.append(g._replace(kv_head_index=torch.tensor(kv_index, device=DEVICE)))
+    ref = torch.empty_like(q)
+    for g, (k, v) in zip(groups, expected):
+        ref[:, g.q_head_index] = td.decode_attention_reference(q[:, g.q_head_index], k, v, g.lengths, g.starts)
+    out = _poisoned(q)
+    td.decode_attention_two_groups(q, with_index, out=out, num_splits=4, config=SMALL,
+                                   new_k=fresh[0], new_v=fresh[1])
+    _check(out, ref, torch.float32)
+    for g, (k, v) in zip(with_index, expected):
+        assert torch.equal(g.k_cache, k) and torch.equal(g.v_cache, v)
+    with pytest.raises(ValueError, match="kv_head_index"):
+        td.decode_attention_two_groups(q, groups, new_k=fresh[0], new_v=fresh[1])
+    with pytest.raises(ValueError, match="new_k must be"):
+        td.decode_attention_two_groups(q, with_index, new_k=fresh[0, :, :3], new_v=fresh[1, :, :3])
+    with pytest.raises(ValueError, match="both"):
+        td.decode_attention_two_groups(q, with_index, new_k=fresh[0])
+
+
 def test_workspace_is_reused_and_validated() -> None:
     q, k, v = _case(2, 2, 2, 128, 64, torch.float32, seed=29)
     ws = td.make_workspace(2, 4, 64, 5, DEVICE)

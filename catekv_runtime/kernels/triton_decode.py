@@ -86,7 +86,9 @@ class KVGroup(NamedTuple):
     """One head group of a layer for :func:`decode_attention_two_groups`.
 
     ``q_head_index`` (int, on the device) lists the model query heads of the group in cache order:
-    entries ``[h * G, (h + 1) * G)`` are the query heads of the group's KV head ``h``.
+    entries ``[h * G, (h + 1) * G)`` are the query heads of the group's KV head ``h``. ``kv_head_index``
+    (int, on the device) gives the model KV head of each cache head; it is needed only to append new
+    K/V (``new_k``/``new_v`` are indexed by model KV head), and None means cache head h is model head h.
     """
 
     k_cache: torch.Tensor
@@ -94,6 +96,7 @@ class KVGroup(NamedTuple):
     lengths: torch.Tensor
     starts: torch.Tensor | None
     q_head_index: torch.Tensor
+    kv_head_index: torch.Tensor | None = None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -145,15 +148,17 @@ def _combine_row(PartO, PartLse, Out, row, out_offset, num_splits, stride_od,
 
 @triton.jit
 def _split_kernel(
-    Q, K, V, Lens, Starts, QIdx, PartO, PartLse, Out, Counters,
+    Q, K, V, Lens, Starts, QIdx, PartO, PartLse, Out, Counters, NewK, NewV, KVIdx,
     stride_qb, stride_qh, stride_qd,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_od,
+    stride_nkb, stride_nkh, stride_nvb, stride_nvh,
     kv_heads, q_heads, capacity, num_splits, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_STARTS: tl.constexpr, HAS_QIDX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
+    HAS_NEW: tl.constexpr, HAS_KVIDX: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -165,16 +170,20 @@ def _split_kernel(
     # This program's share of the valid range, in whole blocks; depends on the device-side length
     # only, so the grid is fixed and the split sizes follow the fill.
     length = tl.minimum(tl.load(Lens + b).to(tl.int32), capacity)
+    if HAS_NEW:  # the last slot is this step's token: split 0 writes it and attends to it from registers
+        cached = length - 1
+    else:
+        cached = length
     if HAS_STARTS:
         start = tl.maximum(tl.load(Starts + b).to(tl.int32), 0)
     else:
         start = 0
     # Plain integer arithmetic, not tl.cdiv: a jit'd library function breaks the interpreter when
     # triton was imported before TRITON_INTERPRET was set.
-    n_blocks = (tl.maximum(length - start, 0) + BLOCK_N - 1) // BLOCK_N
+    n_blocks = (tl.maximum(cached - start, 0) + BLOCK_N - 1) // BLOCK_N
     per_split = (n_blocks + num_splits - 1) // num_splits * BLOCK_N
     lo = start + split * per_split
-    hi = tl.minimum(lo + per_split, length)
+    hi = tl.minimum(lo + per_split, cached)
 
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D_PAD)
@@ -196,6 +205,23 @@ def _split_kernel(
     m_i = tl.full([G_PAD], float("-inf"), tl.float32)
     l_i = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D_PAD], tl.float32)
+    if HAS_NEW:
+        if split == 0:
+            # Append in place (no other program of this launch reads slot `cached`), then start the
+            # online softmax from the new key: m = its score, l = 1, acc = its value.
+            if HAS_KVIDX:
+                kv_head = tl.load(KVIdx + h).to(tl.int64)
+            else:
+                kv_head = h.to(tl.int64)
+            d_mask = offs_d < D
+            new_k = tl.load(NewK + b64 * stride_nkb + kv_head * stride_nkh + offs_d, mask=d_mask, other=0.0)
+            new_v = tl.load(NewV + b64 * stride_nvb + kv_head * stride_nvh + offs_d, mask=d_mask, other=0.0)
+            tl.store(k_base + cached.to(tl.int64) * stride_kn + offs_d, new_k.to(K.dtype.element_ty), mask=d_mask)
+            tl.store(v_base + cached.to(tl.int64) * stride_vn + offs_d, new_v.to(V.dtype.element_ty), mask=d_mask)
+            new_k = new_k.to(K.dtype.element_ty).to(tl.float32)
+            m_i = tl.sum(q.to(tl.float32) * new_k[None, :], 1) * qk_scale
+            l_i = tl.full([G_PAD], 1.0, tl.float32)
+            acc = tl.zeros([G_PAD, D_PAD], tl.float32) + new_v.to(V.dtype.element_ty).to(tl.float32)[None, :]
     for n0 in range(lo, hi, BLOCK_N):
         offs = n0 + offs_n
         n_mask = offs < hi
@@ -329,6 +355,18 @@ def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
             raise ValueError(f"{name} is on {t.device}, q on {q.device}")
 
 
+def _check_new(q: torch.Tensor, new_k: torch.Tensor | None, new_v: torch.Tensor | None, kv_heads: int) -> None:
+    if (new_k is None) != (new_v is None):
+        raise ValueError("give both new_k and new_v, or neither")
+    if new_k is None:
+        return
+    expected = (q.shape[0], kv_heads, q.shape[2])
+    for name, t in (("new_k", new_k), ("new_v", new_v)):
+        if tuple(t.shape) != expected or t.stride(2) != 1 or t.device != q.device:
+            raise ValueError(f"{name} must be {expected} on {q.device} with a contiguous last dim, got "
+                             f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
+
+
 def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_splits: int | None,
              config: DecodeConfig, out: torch.Tensor | None,
              workspace: DecodeWorkspace | None) -> tuple[torch.Tensor, DecodeWorkspace, int]:
@@ -374,25 +412,31 @@ def _fit_shared_memory(config: DecodeConfig, head_dim: int, element_size: int) -
 def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   lengths: torch.Tensor, starts: torch.Tensor | None,
                   q_head_index: torch.Tensor | None, group_size: int, out: torch.Tensor,
-                  ws: DecodeWorkspace, num_splits: int, scale: float, config: DecodeConfig) -> None:
+                  ws: DecodeWorkspace, num_splits: int, scale: float, config: DecodeConfig,
+                  new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
+                  kv_head_index: torch.Tensor | None = None) -> None:
     batch, kv_heads, capacity, dim = k_cache.shape
     q_heads = q.shape[1]
     block_n, num_stages = _fit_shared_memory(config, dim, k_cache.element_size())
     grid = (batch * kv_heads, num_splits)
+    has_new = new_k is not None
     _split_kernel[grid](
         q, k_cache, v_cache, lengths, starts if starts is not None else lengths,
         q_head_index if q_head_index is not None else lengths,
         ws.partial_out, ws.partial_lse, out, ws.counters,
+        new_k if has_new else q, new_v if has_new else q,
+        kv_head_index if kv_head_index is not None else lengths,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
+        *(new_k.stride()[:2] if has_new else (0, 0)), *(new_v.stride()[:2] if has_new else (0, 0)),
         kv_heads, q_heads, capacity, num_splits, scale * _LOG2E,
         G=group_size, G_PAD=max(16, _next_pow2(group_size)), D=dim, D_PAD=max(16, _next_pow2(dim)),
         BLOCK_N=block_n, S_PAD=_next_pow2(num_splits),
         S_CHUNK=min(_next_pow2(num_splits), _S_CHUNK),
         HAS_STARTS=starts is not None, HAS_QIDX=q_head_index is not None,
-        FUSED_COMBINE=config.fused_combine,
+        FUSED_COMBINE=config.fused_combine, HAS_NEW=has_new, HAS_KVIDX=kv_head_index is not None,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST=_INTERPRETED and k_cache.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=num_stages,
@@ -414,7 +458,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      lengths: torch.Tensor, starts: torch.Tensor | None = None,
                      scale: float | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, *, config: DecodeConfig | None = None,
-                     workspace: DecodeWorkspace | None = None) -> torch.Tensor:
+                     workspace: DecodeWorkspace | None = None, new_k: torch.Tensor | None = None,
+                     new_v: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one new query per sequence over a dense KV cache; returns ``[B, H_q, D]``.
 
     ``q`` ``[B, H_q, D]`` (query heads ``h*G .. h*G+G-1`` belong to KV head ``h``);
@@ -423,16 +468,21 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     with no valid slot gets a zero output. ``num_splits`` None picks :func:`default_num_splits`
     from shapes (or the workspace's). No host sync and no allocation when ``out`` and ``workspace``
     are given: safe to capture in a CUDA graph. Launches 2 kernels (1 with ``fused_combine``).
+
+    With ``new_k``/``new_v`` ``[B, H_kv, D]`` (this step's token, any strides with a contiguous last
+    dim), the kernel also appends: it writes them into slot ``lengths[b] - 1`` and attends to them from
+    registers, so that slot's old content is never read (no separate copy kernel before the call).
     """
     config = config or DEFAULT_CONFIG
     _check_cache(q, k_cache, v_cache, lengths, starts)
+    _check_new(q, new_k, new_v, k_cache.shape[1])
     batch, kv_heads, capacity, dim = k_cache.shape
     if q.shape[1] % kv_heads:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv_heads} KV heads")
     out, ws, num_splits = _prepare(q, capacity, kv_heads, num_splits, config, out, workspace)
     scale = dim ** -0.5 if scale is None else scale
     _launch_split(q, k_cache, v_cache, lengths, starts, None, q.shape[1] // kv_heads, out, ws,
-                  num_splits, scale, config)
+                  num_splits, scale, config, new_k, new_v)
     if not config.fused_combine:
         _launch_combine(out, ws, num_splits)
     return out
@@ -441,7 +491,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tuple],
                                 scale: float | None = None, out: torch.Tensor | None = None, *,
                                 num_splits: int | None = None, config: DecodeConfig | None = None,
-                                workspace: DecodeWorkspace | None = None) -> torch.Tensor:
+                                workspace: DecodeWorkspace | None = None, new_k: torch.Tensor | None = None,
+                                new_v: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of a layer whose KV heads live in several caches (CateKV's head groups).
 
     ``groups`` are ``(k_cache, v_cache, lengths, starts, q_head_index)`` (see :class:`KVGroup`);
@@ -450,7 +501,8 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     shared workspace indexed by model query head, then one combine writes every head of ``out`` in
     place, so nothing is scattered afterwards. All groups use the same ``num_splits`` (default from
     the group with the most KV-head slots). Launches ``len(groups) + 1`` kernels
-    (``len(groups)`` with ``fused_combine``).
+    (``len(groups)`` with ``fused_combine``). ``new_k``/``new_v`` ``[B, H_kv_model, D]`` append this step's
+    token to every group as in :func:`decode_attention` (each group picks its heads by ``kv_head_index``).
     """
     config = config or DEFAULT_CONFIG
     groups = [KVGroup(*g) for g in groups]
@@ -468,6 +520,9 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
         total += g.q_head_index.numel()
     if total != q.shape[1]:
         raise ValueError(f"groups cover {total} query heads, q has {q.shape[1]}")
+    if new_k is not None and len(groups) > 1 and any(g.kv_head_index is None for g in groups):
+        raise ValueError("appending new K/V to several groups needs each group's kv_head_index")
+    _check_new(q, new_k, new_v, sum(g.k_cache.shape[1] for g in groups))
     big = max(groups, key=lambda g: g.k_cache.shape[1] * g.k_cache.shape[2])
     out, ws, num_splits = _prepare(q, big.k_cache.shape[2], big.k_cache.shape[1], num_splits,
                                    config, out, workspace)
@@ -475,7 +530,7 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     for g in groups:
         group_size = g.q_head_index.numel() // g.k_cache.shape[1]
         _launch_split(q, g.k_cache, g.v_cache, g.lengths, g.starts, g.q_head_index, group_size,
-                      out, ws, num_splits, scale, config)
+                      out, ws, num_splits, scale, config, new_k, new_v, g.kv_head_index)
     if not config.fused_combine:
         _launch_combine(out, ws, num_splits)
     return out

@@ -60,12 +60,16 @@ class LeanGenerator:
             concatenated once, per layer, and the model's own parameters become views of the result: no
             extra memory, and the model (``forward``, ``generate``, ``save_pretrained``) is unchanged in
             use. Layers whose projections are not plain ``nn.Linear`` of one dtype and device are left alone.
+        prefill_chunk: prefill unpadded prompts layer by layer, ``prefill_chunk`` tokens at a time, selecting
+            each layer's tokens before the next layer starts: the prompt's activations then never exceed one
+            hidden state plus one chunk's, and one layer's full K/V (peak memory: weights + retained KV + one
+            layer's full KV + that). None, or a left-padded batch, prefills with the model's own forward.
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
                  cuda_graph: bool | None = None, compile: bool | None = None, kernel_config: Any = None,
-                 fuse: bool = True, **overrides: Any):
+                 fuse: bool = True, prefill_chunk: int | None = 8192, **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         if self.profile is not None:  # refuse a profile of another shape before any compute
@@ -96,6 +100,9 @@ class LeanGenerator:
 
             kernel_config = DecodeConfig(block_n=64)
         self.kernel_config = kernel_config
+        if prefill_chunk is not None and prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.compile = self.cuda_graph if compile is None else compile
         self._fused = {layer: _fuse_layer(layer) for layer in self.decoder.layers} if fuse else {
             layer: _FusedLayer() for layer in self.decoder.layers}
@@ -155,6 +162,10 @@ class LeanGenerator:
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.prefill_chunk is not None and bool(attention_mask.all()):
+            hidden = self._prefill_by_layer(input_ids, positions, cache)
+            logits = self.model.lm_head(self.decoder.norm(hidden))
+            return cache, logits[:, -1].argmax(-1, keepdim=True), positions[:, -1:] + 1
         previous = self.model.config._attn_implementation
         self.model.set_attn_implementation(IMPLEMENTATION)
         try:
@@ -164,6 +175,52 @@ class LeanGenerator:
             self.model.set_attn_implementation(previous)
         first_token = out.logits[:, -1].argmax(-1, keepdim=True)
         return cache, first_token, positions[:, -1:] + 1
+
+    def _prefill_by_layer(self, input_ids: torch.Tensor, positions: torch.Tensor, cache: CateKVCache) -> torch.Tensor:
+        """The prompt through every layer in turn, in chunks of tokens; returns the last token's hidden state.
+
+        Per layer: first the K/V of every chunk (they only need the layer's input), then each chunk's queries
+        attend to the keys up to their own (causal, aligned bottom-right), and the chunk's hidden state is
+        replaced in place by the layer's output (later chunks' K/V are already computed). The layer's cache
+        selects its tokens at once, so only one layer's full K/V ever exists.
+        """
+        from torch.nn.attention.bias import causal_lower_right
+
+        decoder, chunk = self.decoder, self.prefill_chunk
+        hidden = decoder.embed_tokens(input_ids)
+        cos, sin = decoder.rotary_emb(hidden, positions)
+        batch, length, _ = hidden.shape
+        spans = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
+        for layer, layer_cache in zip(decoder.layers, cache.layers):
+            attn = layer.self_attn
+            dim = attn.head_dim
+            keys = values = None
+            for start, end in spans:
+                x = layer.input_layernorm(hidden[:, start:end])
+                k = attn.k_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
+                v = attn.v_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
+                if keys is None:
+                    keys = k.new_empty(batch, k.shape[1], length, dim)
+                    values = torch.empty_like(keys)
+                _, k = self._rope(k, k, cos[:, start:end], sin[:, start:end])  # RoPE of the keys alone
+                keys[:, :, start:end] = k
+                values[:, :, start:end] = v
+            window = layer_cache.params.obs_window
+            last_queries = None
+            for start, end in spans:
+                x = layer.input_layernorm(hidden[:, start:end])
+                q = attn.q_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
+                q, _ = self._rope(q, q, cos[:, start:end], sin[:, start:end])
+                tail = q[:, :, -window:]
+                last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
+                mask = causal_lower_right(end - start, end) if start else None
+                out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
+                                                     is_causal=not start, scale=attn.scaling, enable_gqa=True)
+                h = hidden[:, start:end] + attn.o_proj(out.transpose(1, 2).reshape(batch, end - start, -1))
+                hidden[:, start:end] = h + layer.mlp(layer.post_attention_layernorm(h))
+            layer_cache.select_from(keys, values, last_queries, attn.scaling)
+            del keys, values
+        return hidden[:, -1:]
 
     # ------------------------------------------------------------------------------------- decode
 

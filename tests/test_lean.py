@@ -78,8 +78,7 @@ def test_lean_graphs_need_triton():
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("ratio", [0.5, None])
 def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
-    """Same tokens as the plain path; where a random tiny model has a near tie (top-2 logits within
-    1e-4), summation order may pick the other token: the first difference must be such a tie."""
+    """Same tokens as the plain path (up to near ties, see assert_same_up_to_ties)."""
     model = make_tiny_model(family).cuda()
     model.generation_config.eos_token_id = None
     ids, mask = left_padded(model, [900, 700, 333])
@@ -93,7 +92,12 @@ def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
     expected, logits = out.sequences[:, ids.shape[1]:], torch.stack(out.logits, dim=1)
     lean = LeanGenerator(model, profile if ratio is not None else None)
     assert lean.backend == "triton" and lean.cuda_graph
-    tokens = lean.generate(ids, mask, max_new_tokens=24)
+    assert_same_up_to_ties(lean.generate(ids, mask, max_new_tokens=24), expected, logits)
+
+
+def assert_same_up_to_ties(tokens, expected, logits):
+    """Where a random tiny model has a near tie (top-2 logits within 1e-4), summation order may pick the
+    other token: the first difference of each sequence must be such a tie."""
     for b in range(tokens.shape[0]):
         differ = (tokens[b] != expected[b]).nonzero()
         if differ.numel():
@@ -101,6 +105,25 @@ def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
             top2 = logits[b, t].topk(2).values
             assert (top2[0] - top2[1]).item() < 1e-4, (b, t, tokens[b], expected[b])
             assert (top2[0] - logits[b, t, tokens[b, t]]).item() < 1e-4
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])  # bf16: SDPA's flash kernel, bottom-right causal
+def test_layer_by_layer_prefill_on_gpu(dtype):
+    """The chunked prefill on CUDA (uneven chunks, every chunk after the first bottom-right aligned) against
+    the model's own forward: the full-attention cache holds the same K/V, and greedy tokens agree."""
+    model = make_tiny_model("llama").to("cuda", dtype)
+    ids = torch.randint(3, model.config.vocab_size, (2, 900), generator=torch.Generator().manual_seed(7)).cuda()
+    chunked, token, _ = LeanGenerator(model, None, prefill_chunk=128)._prefill(ids, None, 4)
+    whole, whole_token, _ = LeanGenerator(model, None, prefill_chunk=None)._prefill(ids, None, 4)
+    tolerance = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.05)
+    for a, b in zip(chunked.layers, whole.layers):
+        torch.testing.assert_close(a.groups[0].kv[..., :900, :], b.groups[0].kv[..., :900, :], **tolerance)
+    if dtype == torch.float32:
+        model.generation_config.eos_token_id = None
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, output_logits=True, return_dict_in_generate=True)
+        tokens = LeanGenerator(model, None, prefill_chunk=128).generate(ids, max_new_tokens=16)
+        assert_same_up_to_ties(tokens, out.sequences[:, 900:], torch.stack(out.logits, dim=1))
 
 
 class _Mesh1D:
@@ -176,3 +199,40 @@ def test_projections_that_cannot_be_fused_are_left_alone():
     q_weight = other.model.layers[0].self_attn.q_proj.weight
     unfused = LeanGenerator(other, None, backend="sdpa", fuse=False)._fused[other.model.layers[0]]
     assert unfused.qkv_weight is None and other.model.layers[0].self_attn.q_proj.weight is q_weight
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("ratio", [0.5, None])
+def test_layer_by_layer_prefill_equals_the_models_forward(family, ratio):
+    """Chunked, layer-by-layer prefill: the same tokens as the plain path, and every head group keeps the same
+    token K/V as after the model's own forward (chunks of 64 over 230 tokens: uneven last chunk)."""
+    model = make_tiny_model(family)
+    ids = torch.randint(3, model.config.vocab_size, (2, 230), generator=torch.Generator().manual_seed(5))
+    profile = make_profile(model, ratio) if ratio is not None else None
+    if profile is not None:
+        ck.apply(model, profile)
+    expected = plain_greedy(model, ids, 12)
+    if profile is not None:
+        ck.remove(model)
+    by_layer = LeanGenerator(model, profile, backend="sdpa", prefill_chunk=64)
+    whole = LeanGenerator(model, profile, backend="sdpa", prefill_chunk=None)
+    assert torch.equal(by_layer.generate(ids, max_new_tokens=12), expected)
+    assert torch.equal(whole.generate(ids, max_new_tokens=12), expected)
+    chunked_cache, token, _ = by_layer._prefill(ids, None, 4)
+    model_cache, model_token, _ = whole._prefill(ids, None, 4)
+    assert torch.equal(token, model_token)
+    for a, b in zip(chunked_cache.layers, model_cache.layers):
+        assert len(a.groups) == len(b.groups) and a.seen == b.seen == 230
+        for ga, gb in zip(a.groups, b.groups):
+            assert ga.length == gb.length and torch.equal(ga.kv_heads, gb.kv_heads)
+            torch.testing.assert_close(ga.kv[..., : ga.length, :], gb.kv[..., : gb.length, :], atol=1e-5, rtol=1e-4)
+
+
+def test_padded_batches_prefill_through_the_model():
+    model = make_tiny_model("llama")
+    ids, mask = left_padded(model, [120, 80])
+    lean = LeanGenerator(model, None, backend="sdpa", prefill_chunk=32)
+    lean._prefill_by_layer = None  # would raise if called
+    assert lean.generate(ids, mask, max_new_tokens=3).shape == (2, 3)
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        LeanGenerator(model, None, backend="sdpa", prefill_chunk=0)

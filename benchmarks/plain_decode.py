@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -28,6 +29,7 @@ from benchmarks.decode import StepTimer, build_model, random_profile  # noqa: E4
 # attention over a long context, not per-call overhead, dominates a step (as at 128K on the GPU).
 CPU_SHAPE = dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=8, num_key_value_heads=2,
                  head_dim=128, vocab_size=1000)
+
 
 def decode_ms(model, ids: torch.Tensor, new_tokens: int, on_mark=None) -> float:
     """Mean ms between generated tokens, the prefill and the first decode step (warm-up) left out."""
@@ -60,8 +62,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     profile = random_profile(model, args.budget)
     ck.apply(model, profile)
     records.append({"arm": "catekv", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)})
-    import transformers
-
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     for record in records:
         record.update(device=device, layers=model.config.num_hidden_layers, torch=torch.__version__,
@@ -73,6 +73,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
+
         def report(prof) -> None:
             print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=25))
 

@@ -120,9 +120,7 @@ class CateKVLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         b, h, _, d = key_states.shape
-        if h != self.adaptive.numel():
-            raise ValueError(f"the head map has {self.adaptive.numel()} KV heads per layer but the model computes {h}; "
-                             "under tensor parallelism make the cache with catekv_runtime.make_cache(model, profile)")
+        self._check_head_count(h)
         self.seen += key_states.shape[2]
         self.token_bytes = 2 * b * h * d * key_states.element_size()
         if not self.compressed and key_states.shape[2] == 1 and self.keys is not None and self.keys.numel():
@@ -132,6 +130,12 @@ class CateKVLayer(DynamicLayer):
                 group.append(key_states[:, group.kv_heads], value_states[:, group.kv_heads])
             return key_states, value_states
         return super().update(key_states, value_states)
+
+    def _check_head_count(self, heads: int) -> None:
+        if heads != self.adaptive.numel():
+            raise ValueError(f"the head map has {self.adaptive.numel()} KV heads per layer but the model computes "
+                             f"{heads}; under tensor parallelism make the cache with catekv_runtime.make_cache(model, "
+                             "profile)")
 
     def record_prefill(self, query: torch.Tensor, attention_mask: torch.Tensor | None, scale: float) -> None:
         """Remember what selection needs from a prefill call: the last queries and where padding ends."""
@@ -150,8 +154,7 @@ class CateKVLayer(DynamicLayer):
         (``LeanGenerator``'s layer-by-layer prefill); ``last_queries`` are the prompt's last query states.
         Unpadded sequences only. The full K/V is released when this returns (if the caller holds no reference)."""
         b, h, n, d = keys.shape
-        if h != self.adaptive.numel():
-            raise ValueError(f"the head map has {self.adaptive.numel()} KV heads per layer but the model computes {h}")
+        self._check_head_count(h)
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.keys, self.values = keys, values
         self.seen, self.token_bytes = n, 2 * b * h * d * keys.element_size()

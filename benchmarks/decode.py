@@ -16,6 +16,7 @@ setting: 40K context, budget 256 (init 8, recent 32), the largest batch under an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -170,20 +171,21 @@ def kv_bytes_of(state: _DecodeState) -> int:
     return sum(slot.group.used_bytes for layer in state.layers for slot in layer)
 
 
-def suite_synthetic(model, args, results, bandwidth) -> None:
-    from catekv_runtime.kernels.triton_decode import DecodeConfig
+def kernel_config(profile: Profile | None, block_n: int | None = None, programs_per_sm: float | None = None):
+    """LeanGenerator's decode-kernel config for ``profile``, with the given fields overridden."""
+    config = LeanGenerator.default_kernel_config(profile)
+    return dataclasses.replace(config, block_n=block_n or config.block_n,
+                               programs_per_sm=programs_per_sm or config.programs_per_sm)
 
-    config = DecodeConfig(**({"block_n": args.block_n} if args.block_n else {}))
+
+def suite_synthetic(model, args, results, bandwidth) -> None:
     for context in args.contexts:
         for name in ("catekv", "full"):
             torch.cuda.empty_cache()
-            if name == "catekv":
-                profile = random_profile(model, args.budget)
-                gen = LeanGenerator(model, profile, kernel_config=config)
-                head_map, params = profile.head_map, profile.params
-            else:
-                gen = LeanGenerator(model, None, kernel_config=config)
-                head_map, params = gen._head_map_and_params()
+            profile = random_profile(model, args.budget) if name == "catekv" else None
+            config = kernel_config(profile, args.block_n, args.programs_per_sm)
+            gen = LeanGenerator(model, profile, kernel_config=config)
+            head_map, params = gen._head_map_and_params()
             state = synthetic_state(gen, head_map, params, args.batch, context, args.steps + 8)
             kv = kv_bytes_of(state)
             ms = time_graph_steps(state, args.steps)
@@ -206,7 +208,8 @@ def suite_real(model, args, results, bandwidth) -> None:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
             if name.startswith("lean"):
-                gen = LeanGenerator(model, profile)
+                gen = LeanGenerator(model, profile, kernel_config=kernel_config(profile, args.block_n,
+                                                                                args.programs_per_sm))
                 gen.generate(ids, max_new_tokens=args.steps + 1)
                 s = gen.stats
                 record = dict(decode_ms_per_step=round(s.decode_ms_per_step, 3), prefill_s=round(s.prefill_s, 2),
@@ -282,7 +285,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=64)
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--max-generate-context", type=int, default=131072)
-    parser.add_argument("--block-n", type=int, default=None, help="Triton decode tile (default: the kernel's)")
+    parser.add_argument("--block-n", type=int, default=None, help="Triton decode tile (default: LeanGenerator's)")
+    parser.add_argument("--programs-per-sm", type=float, default=None,
+                        help="DecodeConfig.programs_per_sm of the decode kernel (default: LeanGenerator's)")
     parser.add_argument("--arms", nargs="+", default=["lean-catekv", "lean-full", "transformers-generate"],
                         help="arms of the real suite")
     parser.add_argument("--out", type=Path, default=None)

@@ -23,6 +23,8 @@ copy bandwidth, as in decode.py.
 
     python benchmarks/decode_stages.py                                   # 128K and 512K, CateKV and full
     python benchmarks/decode_stages.py --contexts 131072 --arms catekv --trace --out /tmp/trace.json
+    python benchmarks/decode_stages.py --projections triton torch     # fused Triton GEMVs vs cuBLAS, side by side
+    python benchmarks/decode_stages.py --programs-per-sm 1.5 2 3 4    # split counts of the decode kernel, side by side
     python benchmarks/decode_stages.py --smoke                           # CPU: tests the script, times nothing
 
 ``--trace`` also runs each stage's graph once under torch.profiler (CUDA activity only) and adds the number
@@ -37,6 +39,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import itertools
 import gc
 import json
 import os
@@ -62,6 +65,7 @@ from benchmarks.decode import (  # noqa: E402
     copy_bandwidth,
     decode_floor_ms,
     emit,
+    kernel_config,
     kv_bytes_of,
     random_profile,
     synthetic_state,
@@ -300,7 +304,9 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
     config = gen.kernel_config
     if config is None:
         from catekv_runtime.kernels.triton_decode import DEFAULT_CONFIG as config
-    common = dict(suite="stages", arm=f"lean-{arm}", context=context, batch=args.batch, block_n=config.block_n,
+    common = dict(suite="stages", arm=f"lean-{arm}", projections=gen.projections,
+                  programs_per_sm=config.programs_per_sm, context=context,
+                  batch=args.batch, block_n=config.block_n,
                   num_splits=state.num_splits, head_groups=sum(len(slots) for slots in state.layers),
                   kv_gib=round(kv / GiB, 3), append_bytes=appended)
     del state
@@ -325,8 +331,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="replays per timing round (default 64; --smoke: 2)")
     parser.add_argument("--rounds", type=int, default=None, help="timing rounds, median taken (default 3; --smoke: 1)")
     parser.add_argument("--layers", type=int, default=None, help="decoder layers (default 32; --smoke: 2)")
-    parser.add_argument("--block-n", type=int, default=None,
-                        help="Triton decode tile (default: LeanGenerator's, 64 for CateKV and 32 for full)")
+    parser.add_argument("--block-n", type=int, nargs="+", default=[None],
+                        help="Triton decode tile, each value an arm (default: LeanGenerator's, 64 for CateKV and "
+                             "32 for full)")
+    parser.add_argument("--projections", nargs="+", choices=["triton", "torch"], default=["triton"],
+                        help="LeanGenerator(projections=...): fused Triton kernels and/or cuBLAS (each a separate arm)")
+    parser.add_argument("--programs-per-sm", type=float, nargs="+", default=[None],
+                        help="DecodeConfig.programs_per_sm of the decode kernel, each value an arm (default: "
+                             "LeanGenerator's)")
     parser.add_argument("--trace", action="store_true", help="also count each stage's kernels with torch.profiler")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny model, no CUDA graphs")
     parser.add_argument("--out", type=Path, default=None,
@@ -368,19 +380,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
          weight_gib=round(weight_bytes(model) / GiB, 2), unattributed_weight_bytes=weights["unattributed"],
          layers=args.layers, steps=args.steps, rounds=args.rounds, budget=args.budget, trace=args.trace,
          date=time.strftime("%Y-%m-%d"))
-    from catekv_runtime.kernels.triton_decode import DecodeConfig
-
-    config = DecodeConfig(block_n=args.block_n) if args.block_n else None
     gens = {}
     for arm in args.arms:  # one generator per arm: torch.compile runs once per arm, not per context
         profile = random_profile(model, args.budget) if arm == "catekv" else None
-        gens[arm] = LeanGenerator(model, profile, backend="triton", cuda_graph=cuda, kernel_config=config)
+        for projections in args.projections:
+            for block_n, per_sm in itertools.product(args.block_n, args.programs_per_sm):
+                config = kernel_config(profile, block_n, per_sm)
+                gens[arm, projections, block_n, per_sm] = LeanGenerator(model, profile, backend="triton", cuda_graph=cuda,
+                                                                kernel_config=config, projections=projections)
     for context in args.contexts:
-        for arm in args.arms:
+        for (arm, *_), gen in gens.items():
             gc.collect()  # the previous arm's caches and graphs go before this arm's are allocated
             if cuda:
                 torch.cuda.empty_cache()
-            run_arm(model, gens[arm], arm, context, args, bandwidth, cuda, results)
+            run_arm(model, gen, arm, context, args, bandwidth, cuda, results)
             write(args.out, results)  # after every arm: a later failure keeps what was measured
     write(args.out, results)
     return results

@@ -33,6 +33,10 @@ from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_pro
 from .profile import Profile, ProfileParams
 
 
+# Target programs per SM of each CateKV head group's decode launch (see default_kernel_config).
+CATEKV_PROGRAMS_PER_SM = 2.0
+
+
 @dataclass
 class LeanStats:
     """Timings and memory of the last :meth:`LeanGenerator.generate` call."""
@@ -64,12 +68,17 @@ class LeanGenerator:
             each layer's tokens before the next layer starts: the prompt's activations then never exceed one
             hidden state plus one chunk's, and one layer's full K/V (peak memory: weights + retained KV + one
             layer's full KV + that). None, or a left-padded batch, prefills with the model's own forward.
+        projections: how a batch-1 decode step runs its projections: ``"triton"`` (one kernel per projection,
+            ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and residual adds fused in),
+            ``"torch"`` (``F.linear``, i.e. cuBLAS, with the small ops around it compiled) or ``"auto"`` (triton
+            with the triton backend). Layers the fused kernel cannot reproduce (norms other than Llama's RMSNorm,
+            activations other than SiLU, unfused projections) and batches above 1 use ``"torch"``.
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, backend: str = "auto",
                  cuda_graph: bool | None = None, compile: bool | None = None, kernel_config: Any = None,
-                 fuse: bool = True, prefill_chunk: int | None = 8192, **overrides: Any):
+                 fuse: bool = True, prefill_chunk: int | None = 8192, projections: str = "auto", **overrides: Any):
         self.model = model
         self.profile = resolve_profile(profile, overrides) if profile is not None else None
         if self.profile is not None:  # refuse a profile of another shape before any compute
@@ -93,12 +102,8 @@ class LeanGenerator:
         if not all(hasattr(first.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
             raise NotImplementedError(f"{type(model).__name__}: the lean path needs separate q/k/v/o projections")
         self._rope = sys.modules[type(first.self_attn).__module__].apply_rotary_pos_emb
-        if kernel_config is None and backend == "triton" and self.profile is not None:
-            # CateKV's head groups are narrower than the full cache (fewer KV heads per launch): 64-key
-            # tiles beat 32 there (7.53 vs 7.79 ms/step at 128K, 12.32 vs 13.33 at 512K, docs/benchmarks.md).
-            from .kernels.triton_decode import DecodeConfig
-
-            kernel_config = DecodeConfig(block_n=64)
+        if kernel_config is None and backend == "triton":
+            kernel_config = self.default_kernel_config(self.profile)
         self.kernel_config = kernel_config
         if prefill_chunk is not None and prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be a positive number of tokens or None, got {prefill_chunk}")
@@ -106,31 +111,88 @@ class LeanGenerator:
         self.compile = self.cuda_graph if compile is None else compile
         self._fused = {layer: _fuse_layer(layer) for layer in self.decoder.layers} if fuse else {
             layer: _FusedLayer() for layer in self.decoder.layers}
-        self._pre_step, self._post_step = self._pre_attention, self._post_attention
+        if projections == "auto":
+            projections = "triton" if backend == "triton" else "torch"
+        if projections not in ("triton", "torch"):
+            raise ValueError(f"unknown projections {projections!r}; choose 'triton', 'torch' or 'auto'")
+        if projections == "triton" and backend != "triton":
+            raise ValueError("projections='triton' needs the triton backend")
+        self._head_eps = None
+        if projections == "triton":
+            for layer in self.decoder.layers:
+                _check_fused_kernels(layer, self._fused[layer])
+            self._head_eps = _rms_norm_eps(self.decoder.norm) if type(model.lm_head) is torch.nn.Linear else None
+        self.projections = projections
+        self._pre_step, self._post_step, self._heads_step = self._pre_attention, self._post_attention, self._split_heads
         if self.compile:
             # Not fullgraph: past dynamo's recompile limit (many batch sizes) it falls back to eager.
             self._pre_step = torch.compile(self._pre_attention, dynamic=False)
             self._post_step = torch.compile(self._post_attention, dynamic=False)
+            self._heads_step = torch.compile(self._split_heads, dynamic=False)
         self.stats = LeanStats()
+
+    @staticmethod
+    def default_kernel_config(profile: Profile | None) -> Any:
+        """The Triton decode kernel's ``DecodeConfig`` for a CateKV ``profile`` (None: full attention).
+
+        CateKV's head groups are narrower than the full cache (fewer KV heads per launch): 64-key tiles beat
+        32 there, and each group's split count aims at 2 programs per SM, not the full cache's 4. On the H200 at
+        Llama-3-8B shapes (``benchmarks/decode_stages.py --block-n 32 64 --programs-per-sm 2 4``,
+        docs/results/decode_stages_split_sweep.json) the step took 6.23 / 10.80 ms at 128K / 512K this way,
+        against 6.42 / 11.37 with 4 programs per SM and 6.37 / 11.39 with 32-key tiles.
+        """
+        from .kernels.triton_decode import DEFAULT_CONFIG, DecodeConfig
+
+        return DEFAULT_CONFIG if profile is None else DecodeConfig(block_n=64, programs_per_sm=CATEKV_PROGRAMS_PER_SM)
 
     def _pre(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]`` and kv ``[2, B, Hkv, 1, D]``."""
         fused = self._fused[layer]
+        if fused.input_eps is not None and hidden.shape[0] == 1:
+            from .kernels.triton_linear import fused_linear
+
+            qkv = fused_linear(hidden, fused.qkv_weight, fused.qkv_bias, norm_weight=layer.input_layernorm.weight,
+                               eps=fused.input_eps)
+            return self._heads_step(layer, qkv, cos, sin, fused.q_rows)
         return self._pre_step(layer, hidden, cos, sin, fused.qkv_weight, fused.qkv_bias, fused.q_rows)
 
     def _post(self, layer: torch.nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
-        return self._post_step(layer, hidden, attn_out, self._fused[layer].gate_up_weight)
+        fused = self._fused[layer]
+        if fused.input_eps is not None and hidden.shape[0] == 1:
+            from .kernels.triton_linear import fused_linear
+
+            o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
+            hidden = fused_linear(attn_out.reshape(hidden.shape), o_proj.weight, o_proj.bias, residual=hidden)
+            act = fused_linear(hidden, fused.gate_up_weight, norm_weight=layer.post_attention_layernorm.weight,
+                               eps=fused.post_eps, glu=True)
+            return fused_linear(act, down_proj.weight, down_proj.bias, residual=hidden)
+        return self._post_step(layer, hidden, attn_out, fused.gate_up_weight)
+
+    def _head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm and lm_head of the last position: logits ``[B, 1, vocab]``."""
+        if self._head_eps is not None and hidden.shape[0] == 1:
+            from .kernels.triton_linear import fused_linear
+
+            head = self.model.lm_head
+            return fused_linear(hidden, head.weight, head.bias, norm_weight=self.decoder.norm.weight,
+                                eps=self._head_eps)
+        return self.model.lm_head(self.decoder.norm(hidden))
 
     def _pre_attention(self, layer, hidden, cos, sin, qkv_weight, qkv_bias, q_rows: int):
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
-        shape = (hidden.shape[0], 1, -1, attn.head_dim)
         if qkv_weight is None:
-            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-        else:  # one GEMV instead of three (at batch 1 the small k/v ones run far below bandwidth)
-            q, kv = F.linear(x, qkv_weight, qkv_bias).split([q_rows, qkv_weight.shape[0] - q_rows], dim=-1)
-            k, v = kv.chunk(2, dim=-1)
+            return self._rope_heads(attn, attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cos, sin)
+        # One GEMV instead of three (at batch 1 the small k/v ones run far below bandwidth).
+        return self._split_heads(layer, F.linear(x, qkv_weight, qkv_bias), cos, sin, q_rows)
+
+    def _split_heads(self, layer, qkv, cos, sin, q_rows: int):
+        q, kv = qkv.split([q_rows, qkv.shape[-1] - q_rows], dim=-1)
+        return self._rope_heads(layer.self_attn, q, *kv.chunk(2, dim=-1), cos, sin)
+
+    def _rope_heads(self, attn, q, k, v, cos, sin):
+        shape = (q.shape[0], 1, -1, attn.head_dim)
         q, k = self._rope(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
         return q, torch.stack([k, v.view(shape).transpose(1, 2)])
 
@@ -273,6 +335,9 @@ class _FusedLayer:
     qkv_bias: torch.Tensor | None = None
     q_rows: int = 0
     gate_up_weight: torch.Tensor | None = None
+    # RMSNorm epsilons, set (by _check_fused_kernels) when kernels.triton_linear can run the layer's decode step.
+    input_eps: float | None = None
+    post_eps: float | None = None
 
 
 def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -324,6 +389,35 @@ def _fuse_layer(layer: torch.nn.Module) -> _FusedLayer:
     return fused
 
 
+def _rms_norm_eps(norm: torch.nn.Module) -> float | None:
+    """``norm``'s epsilon if it computes Llama's RMSNorm, ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)``
+    (checked on a random input with its own weight: a Gemma-style ``1 + weight`` fails), else None."""
+    weight = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 1 or not isinstance(eps, float):
+        return None
+    x = torch.randn(2, weight.shape[0], generator=torch.Generator().manual_seed(0)).to(weight)
+    expected = weight * (x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    with torch.no_grad():
+        return eps if torch.allclose(norm(x).float(), expected.float(), rtol=1e-2, atol=1e-2) else None
+
+
+def _check_fused_kernels(layer: torch.nn.Module, fused: _FusedLayer) -> None:
+    """Set ``fused``'s epsilons when the layer's decode step is what ``fused_linear`` computes: fused q/k/v and
+    gate/up, Llama RMSNorms, SiLU, plain ``nn.Linear`` o_proj/down_proj."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if (fused.qkv_weight is None or fused.gate_up_weight is None
+            or any(type(m) is not torch.nn.Linear for m in (attn.o_proj, mlp.down_proj))):
+        return
+    probe = torch.linspace(-6, 6, 97).to(fused.gate_up_weight)
+    with torch.no_grad():
+        if not torch.allclose(mlp.act_fn(probe).float(), F.silu(probe).float(), rtol=1e-2, atol=1e-3):
+            return
+    input_eps, post_eps = _rms_norm_eps(layer.input_layernorm), _rms_norm_eps(layer.post_attention_layernorm)
+    if input_eps is not None and post_eps is not None:
+        fused.input_eps, fused.post_eps = input_eps, post_eps
+
+
 @dataclass
 class _Slot:
     """One head group in the decode step: where this step's K/V goes and what the kernel reads."""
@@ -358,11 +452,13 @@ class _DecodeState:
         attn = gen.decoder.layers[0].self_attn
         self.scale = attn.scaling
         if gen.backend == "triton":
-            from .kernels.triton_decode import KVGroup, default_num_splits, make_workspace
+            from .kernels.triton_decode import DEFAULT_CONFIG, KVGroup, group_num_splits, make_workspace, sm_count
 
             q_heads = gen.model.config.get_text_config(decoder=True).num_attention_heads
-            self.num_splits = default_num_splits(batch, max(g.keys.shape[1] for g in groups),
-                                                 max(g.keys.shape[2] for g in groups))
+            # Each group gets its own split count (decode_attention_two_groups' default); the shared
+            # workspace holds the largest.
+            self.num_splits = max(group_num_splits([g.keys for g in groups], gen.kernel_config or DEFAULT_CONFIG,
+                                                   sm_count(device)))
             self.workspace = make_workspace(batch, q_heads, attn.head_dim, self.num_splits, device)
             self.attn_out = torch.empty(batch, q_heads, attn.head_dim, dtype=groups[0].kv.dtype, device=device)
             for slots in self.layers:
@@ -402,7 +498,7 @@ class _DecodeState:
 
     def _next_token(self, hidden: torch.Tensor) -> None:
         """Final norm, lm_head and greedy pick into ``self.token``; advance position, step and lengths."""
-        logits = self.gen.model.lm_head(self.gen.decoder.norm(hidden))
+        logits = self.gen._head(hidden)
         self.token.copy_(logits[:, -1:].argmax(-1))
         self.position.add_(1)
         self.step_index.add_(1)
@@ -416,7 +512,7 @@ class _DecodeState:
 
             return decode_attention_two_groups(
                 q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
-                num_splits=self.num_splits, workspace=self.workspace, config=self.gen.kernel_config,
+                workspace=self.workspace, config=self.gen.kernel_config,
                 new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0],
             )
         self._append(kv, slots)

@@ -62,6 +62,54 @@ def test_lean_triton_kernel_path_equals_sdpa_path_on_cpu():
     assert torch.equal(tokens, expected)
 
 
+@pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,
+                    reason="runs the Triton kernels through their interpreter, on CPU")
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q/k/v biases
+def test_lean_fused_linear_kernels_equal_the_sdpa_path_on_cpu(family):
+    """Batch 1 on the triton backend runs every projection through kernels.triton_linear (norms, SiLU and
+    residuals fused in); the tokens are those of the SDPA path, which runs the model's own modules."""
+    model = make_tiny_model(family)
+    ids, _ = left_padded(model, [120])
+    profile = make_profile(model, 0.5)
+    expected = LeanGenerator(model, profile, backend="sdpa").generate(ids, max_new_tokens=6)
+    lean = LeanGenerator(model, profile, backend="triton", cuda_graph=False)
+    assert lean.projections == "triton" and lean._head_eps is not None
+    assert all(f.input_eps is not None for f in lean._fused.values())
+    assert torch.equal(lean.generate(ids, max_new_tokens=6), expected)
+    torch_path = LeanGenerator(model, profile, backend="triton", cuda_graph=False, projections="torch")
+    assert all(f.input_eps is None for f in torch_path._fused.values())
+    assert torch.equal(torch_path.generate(ids, max_new_tokens=6), expected)
+
+
+def test_fused_linear_kernels_only_for_what_they_compute():
+    """Layers whose norm or activation is not Llama's keep the torch projections; bad options are refused."""
+    from catekv_runtime.lean import _rms_norm_eps
+
+    model = make_tiny_model("llama")
+    norm = model.model.layers[0].input_layernorm
+    assert _rms_norm_eps(norm) == norm.variance_epsilon
+
+    class OnePlusWeight(torch.nn.Module):  # Gemma's RMSNorm scales by 1 + weight
+        def __init__(self, inner):
+            super().__init__()
+            self.weight, self.variance_epsilon = inner.weight, inner.variance_epsilon
+
+        def forward(self, x):
+            return norm(x) / self.weight * (1 + self.weight)
+
+    assert _rms_norm_eps(OnePlusWeight(norm)) is None
+    model.model.layers[1].mlp.act_fn = torch.nn.GELU()
+    if importlib.util.find_spec("triton") is not None:
+        model.to("cuda" if torch.cuda.is_available() else "cpu")
+        lean = LeanGenerator(model, None, backend="triton", cuda_graph=False)
+        assert lean._fused[model.model.layers[0]].input_eps is not None
+        assert lean._fused[model.model.layers[1]].input_eps is None
+    with pytest.raises(ValueError, match="projections"):
+        LeanGenerator(model, None, backend="sdpa", projections="triton")
+    with pytest.raises(ValueError, match="unknown projections"):
+        LeanGenerator(model, None, backend="sdpa", projections="cublas")
+
+
 def test_lean_refuses_sliding_window_models():
     model = make_tiny_model("mistral", sliding_window=64)
     lean = LeanGenerator(model, None, backend="sdpa")
@@ -77,11 +125,12 @@ def test_lean_graphs_need_triton():
 @requires_cuda
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("ratio", [0.5, None])
-def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio):
+@pytest.mark.parametrize("lengths", [[900, 700, 333], [611]], ids=["batch3", "batch1"])  # batch 1: fused linears
+def test_lean_triton_graph_equals_plain_generate_on_gpu(family, ratio, lengths):
     """Same tokens as the plain path (up to near ties, see assert_same_up_to_ties)."""
     model = make_tiny_model(family).cuda()
     model.generation_config.eos_token_id = None
-    ids, mask = left_padded(model, [900, 700, 333])
+    ids, mask = left_padded(model, lengths)
     ids, mask = ids.cuda(), mask.cuda()
     profile = make_profile(model, ratio if ratio is not None else 1.0)
     if ratio is not None:

@@ -176,6 +176,30 @@ def test_two_groups(config: td.DecodeConfig, splits: int) -> None:
     _check(out, ref, torch.float32)
 
 
+@pytest.mark.parametrize("config", [SMALL, FUSED], ids=["combine-kernel", "fused"])
+def test_two_groups_with_their_own_split_counts(config: td.DecodeConfig) -> None:
+    """Each group runs its own number of splits into a workspace that holds more: the spare split rows,
+    filled with garbage as an earlier layer with other groups would leave them, must be ignored."""
+    q, groups, ref = _two_groups(torch.float32, seed=31)
+    ws = td.make_workspace(q.shape[0], q.shape[1], q.shape[2], 9, DEVICE)
+    for splits in ([7, 2], [1, 9], None):
+        ws.partial_out.fill_(1e4)
+        ws.partial_lse.fill_(50.0)  # would dominate the merge if read
+        out = _poisoned(q)
+        td.decode_attention_two_groups(q, groups, out=out, num_splits=splits, workspace=ws, config=config)
+        _check(out, ref, torch.float32)
+    assert td.group_num_splits([g.k_cache for g in groups], SMALL) == [
+        td.default_num_splits(3, 2, 300, block_n=32), td.default_num_splits(3, 2, 80, block_n=32)]
+    # Llama-3-8B at 128K, 3 adaptive heads and 5 consistent ones with a 2048-token budget, 2 programs per
+    # SM: 88 splits for the long group (264 programs), 8 for the short one (its capacity caps it).
+    caches = [torch.empty(1, 3, 131072, 0), torch.empty(1, 5, 2048, 0)]
+    assert td.group_num_splits(caches, td.DecodeConfig(block_n=64, programs_per_sm=2)) == [88, 8]
+    with pytest.raises(ValueError, match="workspace"):
+        td.decode_attention_two_groups(q, groups, num_splits=[3, 10], workspace=ws)
+    with pytest.raises(ValueError, match="entries"):
+        td.decode_attention_two_groups(q, groups, num_splits=[3])
+
+
 def test_two_groups_bf16() -> None:
     q, groups, ref = _two_groups(torch.bfloat16, seed=23)
     out = _poisoned(q)

@@ -1,23 +1,32 @@
 """Optional GPU kernels (Triton).
 
+``triton_decode``: split-K decode attention over one layer's head groups. ``triton_linear``: one token's
+projections with their RMSNorm, SiLU-gating and residual add fused in.
+
 Importing this package does not import Triton, which the runtime core must not need: the names
-below load :mod:`catekv_runtime.kernels.triton_decode` on first access.
+below load their module on first access.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import TYPE_CHECKING, Any
 
-_TRITON_DECODE = (
-    "DecodeConfig",
-    "DecodeWorkspace",
-    "KVGroup",
-    "decode_attention",
-    "decode_attention_reference",
-    "decode_attention_two_groups",
-    "default_num_splits",
-    "make_workspace",
-)
+_MODULE_OF = {
+    **dict.fromkeys((
+        "DecodeConfig",
+        "DecodeWorkspace",
+        "KVGroup",
+        "decode_attention",
+        "decode_attention_reference",
+        "decode_attention_two_groups",
+        "default_num_splits",
+        "group_num_splits",
+        "make_workspace",
+    ), "triton_decode"),
+    **dict.fromkeys(("LinearConfig", "default_linear_config", "fused_linear", "fused_linear_reference"),
+                    "triton_linear"),
+}
 
 if TYPE_CHECKING:
     from .triton_decode import (
@@ -28,16 +37,16 @@ if TYPE_CHECKING:
         decode_attention_reference,
         decode_attention_two_groups,
         default_num_splits,
+        group_num_splits,
         make_workspace,
     )
+    from .triton_linear import LinearConfig, default_linear_config, fused_linear, fused_linear_reference
 
 
 def __getattr__(name: str) -> Any:
-    if name in _TRITON_DECODE:
-        from . import triton_decode
-
-        return getattr(triton_decode, name)
+    if name in _MODULE_OF:
+        return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = list(_TRITON_DECODE)
+__all__ = list(_MODULE_OF)

@@ -49,7 +49,8 @@ class DecodeConfig:
 
     ``block_n`` keys per loop step (K and V tiles are ``block_n x head_dim`` each); ``num_stages``
     is the software-pipelining depth of those loads; ``fused_combine`` merges the splits in the
-    split kernel (one launch) instead of a separate combine kernel.
+    split kernel (one launch) instead of a separate combine kernel; ``programs_per_sm`` sets the
+    default split count of a cache (:func:`default_num_splits`).
     """
 
     # Best at 128K batch 1 on the H200 in benchmarks/kernel_decode.py --sweep (93% of copy bandwidth);
@@ -58,6 +59,8 @@ class DecodeConfig:
     num_warps: int = 4
     num_stages: int = 3
     fused_combine: bool = False
+    # Target programs per SM when choosing a group's split count (default_num_splits).
+    programs_per_sm: float = 4
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -154,7 +157,7 @@ def _split_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_od,
     stride_nkb, stride_nkh, stride_nvb, stride_nvh,
-    kv_heads, q_heads, capacity, num_splits, qk_scale,
+    kv_heads, q_heads, capacity, num_splits, ws_splits, qk_scale,
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_STARTS: tl.constexpr, HAS_QIDX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
@@ -244,8 +247,16 @@ def _split_kernel(
     seen = l_i > 0
     l_safe = tl.where(seen, l_i, 1.0)
     lse = tl.where(seen, m_i + tl.log2(l_safe), float("-inf"))
-    rows = (b64 * q_heads + qh) * num_splits + split
+    rows = (b64 * q_heads + qh) * ws_splits + split
     tl.store(PartLse + rows, lse, mask=g_mask)
+    if num_splits < ws_splits:
+        # This group runs fewer splits than the workspace holds (another group of the layer runs more):
+        # mark the rest empty so the combine skips them (an earlier layer may have left values there).
+        if split == 0:
+            offs_s = tl.arange(0, S_PAD)
+            spare = (offs_s >= num_splits) & (offs_s < ws_splits)
+            tl.store(PartLse + (b64 * q_heads + qh)[:, None] * ws_splits + offs_s[None, :], float("-inf"),
+                     mask=g_mask[:, None] & spare[None, :])
     o_mask = (g_mask & seen)[:, None] & (offs_d < D)[None, :]
     tl.store(PartO + rows[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=o_mask)
 
@@ -267,7 +278,7 @@ def _split_kernel(
                 else:
                     head = (h * G + g).to(tl.int64)
                 _combine_row(PartO, PartLse, Out, b64 * q_heads + head,
-                             b64 * stride_ob + head * stride_oh, num_splits, stride_od,
+                             b64 * stride_ob + head * stride_oh, ws_splits, stride_od,
                              S_PAD, S_CHUNK, D, D_PAD)
             tl.atomic_xchg(counter, 0)  # ready for the next launch (graph replay)
 
@@ -304,7 +315,7 @@ def sm_count(device: torch.device) -> int:
 
 
 def default_num_splits(batch: int, kv_heads: int, capacity: int, *, block_n: int = 64,
-                       sms: int = _H200_SMS, programs_per_sm: int = 4,
+                       sms: int = _H200_SMS, programs_per_sm: float = 4,
                        min_blocks_per_split: int = 4) -> int:
     """Splits per KV head: about ``programs_per_sm`` programs per SM over the whole grid.
 
@@ -378,8 +389,8 @@ def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_s
         if workspace is not None:
             num_splits = workspace.num_splits
         else:
-            num_splits = default_num_splits(batch, kv_heads_for_splits, max_capacity,
-                                            block_n=config.block_n, sms=sm_count(q.device))
+            num_splits = default_num_splits(batch, kv_heads_for_splits, max_capacity, block_n=config.block_n,
+                                            sms=sm_count(q.device), programs_per_sm=config.programs_per_sm)
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     if workspace is None:
@@ -431,10 +442,10 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
         *(new_k.stride()[:2] if has_new else (0, 0)), *(new_v.stride()[:2] if has_new else (0, 0)),
-        kv_heads, q_heads, capacity, num_splits, scale * _LOG2E,
+        kv_heads, q_heads, capacity, num_splits, ws.num_splits, scale * _LOG2E,
         G=group_size, G_PAD=max(16, _next_pow2(group_size)), D=dim, D_PAD=max(16, _next_pow2(dim)),
-        BLOCK_N=block_n, S_PAD=_next_pow2(num_splits),
-        S_CHUNK=min(_next_pow2(num_splits), _S_CHUNK),
+        BLOCK_N=block_n, S_PAD=_next_pow2(ws.num_splits),
+        S_CHUNK=min(_next_pow2(ws.num_splits), _S_CHUNK),
         HAS_STARTS=starts is not None, HAS_QIDX=q_head_index is not None,
         FUSED_COMBINE=config.fused_combine, HAS_NEW=has_new, HAS_KVIDX=kv_head_index is not None,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
@@ -443,8 +454,9 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
     )
 
 
-def _launch_combine(out: torch.Tensor, ws: DecodeWorkspace, num_splits: int) -> None:
+def _launch_combine(out: torch.Tensor, ws: DecodeWorkspace) -> None:
     batch, q_heads, dim = out.shape
+    num_splits = ws.num_splits
     s_pad = _next_pow2(num_splits)
     _combine_kernel[(batch * q_heads,)](
         ws.partial_out, ws.partial_lse, out, q_heads, num_splits,
@@ -484,13 +496,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _launch_split(q, k_cache, v_cache, lengths, starts, None, q.shape[1] // kv_heads, out, ws,
                   num_splits, scale, config, new_k, new_v)
     if not config.fused_combine:
-        _launch_combine(out, ws, num_splits)
+        _launch_combine(out, ws)
     return out
+
+
+def group_num_splits(k_caches: Sequence[torch.Tensor], config: DecodeConfig = DEFAULT_CONFIG,
+                     sms: int = _H200_SMS) -> list[int]:
+    """:func:`default_num_splits` of each head group's cache on its own, with ``config``'s tile and
+    programs per SM: a narrow group (CateKV's adaptive heads of a layer) gets more splits, so that its
+    launch still spreads over every SM, and a short one (the consistent heads' budget) fewer, so that its
+    splits are not mostly empty."""
+    return [default_num_splits(k.shape[0], k.shape[1], k.shape[2], block_n=config.block_n, sms=sms,
+                               programs_per_sm=config.programs_per_sm) for k in k_caches]
 
 
 def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tuple],
                                 scale: float | None = None, out: torch.Tensor | None = None, *,
-                                num_splits: int | None = None, config: DecodeConfig | None = None,
+                                num_splits: int | Sequence[int] | None = None, config: DecodeConfig | None = None,
                                 workspace: DecodeWorkspace | None = None, new_k: torch.Tensor | None = None,
                                 new_v: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of a layer whose KV heads live in several caches (CateKV's head groups).
@@ -499,8 +521,9 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     their ``q_head_index`` must together cover every query head of ``q`` exactly once (not checked
     on the device values: that would need a host sync). Each group runs the split kernel into one
     shared workspace indexed by model query head, then one combine writes every head of ``out`` in
-    place, so nothing is scattered afterwards. All groups use the same ``num_splits`` (default from
-    the group with the most KV-head slots). Launches ``len(groups) + 1`` kernels
+    place, so nothing is scattered afterwards. ``num_splits``: one count for every group, one per group,
+    or None for :func:`group_num_splits` (each capped by the workspace's, when one is given); the
+    workspace holds the largest. Launches ``len(groups) + 1`` kernels
     (``len(groups)`` with ``fused_combine``). ``new_k``/``new_v`` ``[B, H_kv_model, D]`` append this step's
     token to every group as in :func:`decode_attention` (each group picks its heads by ``kv_head_index``).
     """
@@ -523,16 +546,27 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     if new_k is not None and len(groups) > 1 and any(g.kv_head_index is None for g in groups):
         raise ValueError("appending new K/V to several groups needs each group's kv_head_index")
     _check_new(q, new_k, new_v, sum(g.k_cache.shape[1] for g in groups))
-    big = max(groups, key=lambda g: g.k_cache.shape[1] * g.k_cache.shape[2])
-    out, ws, num_splits = _prepare(q, big.k_cache.shape[2], big.k_cache.shape[1], num_splits,
-                                   config, out, workspace)
+    if num_splits is None:
+        splits = group_num_splits([g.k_cache for g in groups], config, sm_count(q.device))
+        if workspace is not None:
+            splits = [min(s, workspace.num_splits) for s in splits]
+    elif isinstance(num_splits, int):
+        splits = [num_splits] * len(groups)
+    else:
+        splits = list(num_splits)
+        if len(splits) != len(groups):
+            raise ValueError(f"num_splits has {len(splits)} entries for {len(groups)} groups")
+    out, ws, _ = _prepare(q, 0, 1, workspace.num_splits if workspace is not None else max(splits), config, out,
+                          workspace)
+    if any(not 1 <= s <= ws.num_splits for s in splits):
+        raise ValueError(f"num_splits {splits} must each be in [1, {ws.num_splits}] (the workspace's)")
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    for g in groups:
+    for g, group_splits in zip(groups, splits):
         group_size = g.q_head_index.numel() // g.k_cache.shape[1]
         _launch_split(q, g.k_cache, g.v_cache, g.lengths, g.starts, g.q_head_index, group_size,
-                      out, ws, num_splits, scale, config, new_k, new_v, g.kv_head_index)
+                      out, ws, group_splits, scale, config, new_k, new_v, g.kv_head_index)
     if not config.fused_combine:
-        _launch_combine(out, ws, num_splits)
+        _launch_combine(out, ws)
     return out
 
 

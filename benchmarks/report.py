@@ -2,21 +2,26 @@
 
     python benchmarks/report.py            # reads docs/results/*.json
 
-The results come from (on one H200, 2026-11-28; see each file's "setup" record):
+The results come from (on one H200, 2026-11-28, earlier code; see each file's "setup" record):
     python benchmarks/kernel_decode.py --out docs/results/kernel_decode.json
     python benchmarks/kernel_decode.py --sweep --out docs/results/kernel_sweep_128k.json
     python benchmarks/decode.py --suite real --contexts 32768 131072 --out docs/results/decode_real_32k_128k.json
     python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k.json
-    python benchmarks/decode.py --suite real --contexts 131072 --out docs/results/decode_real_128k.json       (current code)
     python benchmarks/kernel_decode.py --sweep --sweep-context 32768 --batches 1 --out docs/results/kernel_sweep_32k.json
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 32 --out docs/results/decode_synthetic_synth_bn32.json
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 64 --out docs/results/decode_synthetic_synth_bn64.json
     python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
     python benchmarks/profile_speed.py --contexts 32768 131072 --out docs/results/profile_speed.json
-and (current code; two runs, their records joined in one file):
-    python benchmarks/decode_stages.py --contexts 131072 --out decode_stages_128k.json
-    python benchmarks/decode_stages.py --contexts 524288 --out decode_stages_512k.json
-    python benchmarks/prefill_chunks.py      (output: docs/results/prefill_chunks.log)
+    python benchmarks/prefill_chunks.py      (code of c3ba616; output: docs/results/prefill_chunks.log)
+and (one H200, 2026-11-30, the current code, CURRENT below):
+    python benchmarks/decode_stages.py --out docs/results/decode_stages.json
+    python benchmarks/decode.py --suite real --contexts 131072 --programs-per-sm 2 --out docs/results/decode_real_128k.json
+    python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k_layered.json
+    python benchmarks/linear_decode.py --sweep --out docs/results/linear_sweep.json
+    python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --programs-per-sm 1.5 2 3 4
+    python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --block-n 32 64 --programs-per-sm 2 4
+        (the last two joined in docs/results/decode_stages_split_sweep.json)
+(``--programs-per-sm 2`` is LeanGenerator's default for CateKV: the flag only makes it explicit.)
 and, where docs/results/plain_decode.json exists (section h):
     python benchmarks/plain_decode.py --context 131072 --out docs/results/plain_decode.json
 and, on two H200s, where docs/results/tp1.json and tp2.json exist (section g):
@@ -53,14 +58,16 @@ def kib(n: int) -> str:
     return f"{n // 1024}K"
 
 
-# The commit whose code the current-code runs measured (fused projections, in-kernel K/V append,
-# layer-by-layer prefill); the other files come from commits 759db7d to 37280f3.
-CURRENT = "c3ba616"
+# The commit whose code the current-code runs measured (fused Triton projections, per-group split counts, on
+# top of c3ba616's in-kernel K/V append and layer-by-layer prefill); "earlier" files come from commits 759db7d
+# to 37280f3.
+CURRENT = "d393b41"
 
 
 def real_runs() -> list[dict]:
-    """Section b's real runs: 128K with the current code; 32K and 512K from the earlier code."""
-    current = [dict(r, code=CURRENT) for r in rows(load("decode_real_128k.json"), suite="real")]
+    """Section b's real runs: 128K and 512K with the current code; 32K and 512K from the earlier code."""
+    current = [dict(r, code=CURRENT) for name in ("decode_real_128k.json", "decode_real_512k_layered.json")
+               for r in rows(load(name), suite="real")]
     earlier = [dict(r, code="earlier") for r in rows(load("decode_real_32k_128k.json"), suite="real", context=32768)]
     earlier += [dict(r, code="earlier") for r in rows(load("decode_real_512k.json"), suite="real")]
     return sorted(earlier + current, key=lambda r: r["context"])
@@ -77,20 +84,23 @@ def main() -> None:
     out = [
         "# Benchmarks",
         "",
-        f"One NVIDIA H200 (torch {setup['torch']}, transformers 5.17, triton 3.6), {setup['date']}. Random-weight",
+        f"One NVIDIA H200 (torch {setup['torch']}, transformers 5.17, triton 3.6), {setup['date']} and 2026-11-30 "
+        "(rows of the current code). Random-weight",
         "Llama-3-8B shapes (32 layers, 32 query / 8 KV heads, head_dim 128, bf16, "
         f"{setup['weight_gib']} GiB of weights), CateKV r = 0.4, eta = 1, budget 2048 (init 64, recent 256), chunk 8.",
         f"Ceiling: device-to-device copy {copy:.0f} GB/s (read + write, measured in the same runs). The decode",
         "floor is (weight bytes read per step + KV bytes) / copy bandwidth. Raw JSON: `docs/results/`;",
         "commands: the docstring of `benchmarks/report.py`, which wrote this page.",
         "",
-        f"Two generations of code. Rows marked `{CURRENT}` and sections f and h measure the current decode step",
-        "(q/k/v and gate/up as one projection each, the new K/V appended by the attention kernel) and the",
-        "layer-by-layer prefill; the targets table uses them where they exist. Sections a, c, e, g and rows",
-        "marked `earlier` were measured with the code of commits 759db7d to 37280f3 (three q/k/v projections,",
-        "separate append kernels, transformers' forward as prefill) and were not re-run. The GPU tests passed on",
-        "both (`docs/results/gpu_tests.log`: the whole suite on 6315041; `gpu_tests_lean.log`: the lean and kernel",
-        f"tests on {CURRENT}).",
+        f"Two generations of code. Rows marked `{CURRENT}` and section f measure the current decode step",
+        "(each batch-1 projection one Triton kernel with its RMSNorm, SiLU-gating and residual fused in; the new",
+        "K/V appended by the attention kernel; each head group's own split count) and the layer-by-layer prefill;",
+        "the targets table uses them where they exist. Sections a, c, e, g and rows marked `earlier` were",
+        "measured with the code of commits 759db7d to 37280f3 (three q/k/v projections, separate append kernels,",
+        "transformers' forward as prefill) and were not re-run; section h with 6315041. GPU tests: the whole",
+        "suite passed on 6315041 (`docs/results/gpu_tests.log`); the lean path's GPU tests on "
+        f"{CURRENT} (`gpu_tests_lean.log`);",
+        "the kernel tests on a variant of it (`gpu_tests_kernels.log`, whose first line says which).",
         "",
         "## a. Decode-attention kernel: KV bytes read per second",
         "",
@@ -111,7 +121,8 @@ def main() -> None:
         "## b. Decode step and peak memory, batch 1",
         "",
         "Real prompts (random tokens), prefill included in the peak. `lean` = `catekv_runtime.lean.LeanGenerator`",
-        "(static caches, Triton decode, per-layer `torch.compile`, whole step in one CUDA graph);",
+        "(static caches, Triton decode attention, each batch-1 projection one Triton kernel, whole step in one CUDA",
+        "graph);",
         "`generate` = transformers `generate` with SDPA and its DynamicCache (full attention).",
         "",
     ]
@@ -153,11 +164,12 @@ def main() -> None:
             f"`{CURRENT}`: the lean arms prefill layer by layer in chunks of 8192 tokens (`LeanGenerator(prefill_chunk=)`):",
             "per layer the K/V of every chunk, then each chunk's attention (bottom-right causal), output projection",
             "and MLP in place, then that layer's selection; only one layer's full K/V and one chunk's activations",
-            "exist at a time. At 128K that cuts CateKV's peak from 36.2 to 24.2 GiB but costs time: 18.4 s against",
-            "12.2 s. `benchmarks/prefill_chunks.py` at 64K (`docs/results/prefill_chunks.log`): 5.5 s with chunks of",
-            "8192 or 16384, 4.05 s with one chunk of the whole prompt, 3.84 s through the model's forward: the cost",
-            "is the chunked attention with a bottom-right causal mask (`torch.nn.attention.bias.causal_lower_right`),",
-            "not the layer order. Not yet fixed.", ""]
+            "exist at a time. At 128K that cuts CateKV's peak from 36.2 to 24.2 GiB, and at 512K from 99.2 to 48.9",
+            "GiB, but costs time: 18.9 s against 12.2 s at 128K, 232 s at 512K. `benchmarks/prefill_chunks.py` at",
+            "64K (code of c3ba616, `docs/results/prefill_chunks.log`): 5.5 s with chunks of 8192 or 16384, 4.05 s",
+            "with one chunk of the whole prompt, 3.84 s through the model's forward: the cost is the chunked",
+            "attention with a bottom-right causal mask (`torch.nn.attention.bias.causal_lower_right`), not the layer",
+            "order. Not yet fixed.", ""]
     body = [[kib(r["context"]), r["arm"], r["code"], f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}"] for r in real]
     out += [table(["context", "arm", "code", "prefill s", "peak GiB"], body), ""]
     speed = load("profile_speed.json")
@@ -174,6 +186,8 @@ def main() -> None:
     plot(real, stages, ROOT / "docs" / "benchmarks.png")
     out += ["![decode ms/step](benchmarks.png)", ""]
     out += stages_section(stages)
+    out += split_sweep_section(load("decode_stages_split_sweep.json"))
+    out += linear_section(load("linear_sweep.json"))
     if (RESULTS / "tp1.json").exists() and (RESULTS / "tp2.json").exists():
         out += tp_section(load("tp1.json"), load("tp2.json"))
     if (RESULTS / "plain_decode.json").exists():
@@ -254,6 +268,59 @@ def plain_section(records: list[dict]) -> list[str]:
         "`docs/results/sdpa_decode_backends.log`). The runtime now leaves cuDNN out of that call.",
         "",
     ]
+
+
+def split_sweep_section(records: list[dict]) -> list[str]:
+    """Part of section f: the CateKV step against the decode kernel's tile and split count."""
+    summaries = {(r["block_n"], r["programs_per_sm"], r["context"]): r
+                 for r in rows(records, suite="stages", stage="summary")}  # a later run's duplicate wins
+    attention = {(r["block_n"], r["programs_per_sm"], r["context"]): r
+                 for r in rows(records, suite="stages", stage="attention")}
+    body = [[block_n, per_sm, kib(context), f"{r['step_ms']:.3f}", f"{r['ratio_to_floor']:.3f}",
+             f"{attention[block_n, per_sm, context]['ms']:.3f}",
+             f"{100 * attention[block_n, per_sm, context]['of_copy']:.0f}%"]
+            for (block_n, per_sm, context), r in sorted(summaries.items())]
+    return ["### Split counts of the decode kernel (CateKV)", "",
+            "Each head group of a layer runs `default_num_splits` of its own cache, aiming at `programs_per_sm`",
+            "programs per SM (`DecodeConfig`). Two runs of `benchmarks/decode_stages.py --arms catekv` (the commands",
+            "in `benchmarks/report.py`), joined in `docs/results/decode_stages_split_sweep.json`; where both ran a",
+            "setting the second run's figure is shown. The full cache's 4 programs per SM over-split CateKV's",
+            "narrower adaptive groups (more partials to merge, shorter splits): 2 is LeanGenerator's choice.",
+            "Two other launch layouts were measured in earlier runs of the same day and not kept: both head groups",
+            "of a layer in one launch (2.28-2.33 against 2.21 ms of attention at 128K, 7.64 against 6.88 at 512K)",
+            "and, on top of that, the combine fused into the split kernel (2.71 against 2.33 ms at 128K). Their",
+            "records are in `docs/results/investigation/attention_launch_variants.json`; the one-launch variant's",
+            "code was not kept, so those runs cannot be repeated from this tree.", "",
+            table(["kernel tile", "programs / SM", "context", "step ms", "x floor", "attention ms", "of copy"], body),
+            ""]
+
+
+def linear_section(records: list[dict]) -> list[str]:
+    """Part of section f: benchmarks/linear_decode.py, the fused Triton GEMV against cuBLAS per projection."""
+    setup = rows(records, suite="setup")[0]
+    body = []
+    for shape in dict.fromkeys(r["shape"] for r in records if "shape" in r and "arm" in r):
+        cublas, ours = rows(records, shape=shape, arm="cublas")[0], rows(records, shape=shape, arm="triton")[0]
+        best = rows(records, shape=shape, arm="triton_sweep_best")
+        body.append([shape, f"{ours['rows']} x {ours['k']}", f"{cublas['us']:.1f}", f"{100 * cublas['of_copy']:.0f}%",
+                     f"{ours['us']:.1f}", f"{100 * ours['of_copy']:.0f}%",
+                     f"{best[0]['us']:.1f} ({best[0]['block_n']} x {best[0]['block_k']}, {best[0]['num_warps']} warps)"
+                     if best else "", f"{100 * best[0]['of_copy']:.0f}%" if best else ""])
+    return ["### The projections: one Triton kernel each against cuBLAS", "",
+            f"`benchmarks/linear_decode.py --sweep` on {setup['device']}, {setup['date']} (copy bandwidth "
+            f"{setup['copy_bandwidth_gbs']:.0f} GB/s): one token's projection, bf16,",
+            "each over enough distinct weights to defeat the L2, in a CUDA graph. `cuBLAS` is `F.linear` alone; the",
+            "Triton kernel (`kernels.triton_linear.fused_linear`) also does the work fused into it in the decode step",
+            "(RMSNorm before q/k/v, gate/up and the head; SiLU x up after gate/up; the residual add after o_proj and",
+            "down). The `Triton, first tile` column is the tile the kernel had in that run; its sweep chose the",
+            "current defaults (`default_linear_config`): the best tile of o_proj, gate/up, down and lm_head, and",
+            "o_proj's tile for q/k/v, which runs at 67% of copy with it (17.6 us) against 75% with 16 x 512 (not",
+            "yet adopted). cuBLAS wins on gate/up (the widest GEMV); the Triton kernel wins on the narrow ones and",
+            "saves the launches of the small kernels around each, so the step uses it for all five: post-attention",
+            "3.61 to 3.13 ms at 128K, pre-attention 0.66 to 0.64 ms, the head 0.33 to 0.30 ms (section f against",
+            "c3ba616's run).", "",
+            table(["projection", "weight", "cuBLAS us", "of copy", "Triton, first tile us", "of copy",
+                   "best tile us", "of copy"], body), ""]
 
 
 def size(n: int) -> str:
@@ -362,12 +429,21 @@ def targets(copy: float, kernel: list[dict], real: list[dict], stages: list[dict
     lines.append(["CateKV step <= 1.15 x floor at 128K and 512K",
                   f"{ratio[131072]:.2f}x at 128K, {ratio[524288]:.2f}x at 512K ({CURRENT})", max(ratio.values()) <= 1.15])
     cat512, full512 = step["lean-catekv", 524288]["step_ms"], step["lean-full", 524288]["step_ms"]
+    other = {r["arm"]: r["step_ms"] for r in rows(load("investigation/attention_launch_variants.json"), suite="stages",
+                                                  stage="summary", context=524288, attention="unpaired")}
     lines.append([">= 1.8x faster than full attention on the lean path at 512K",
-                  f"{full512 / cat512:.2f}x ({cat512:.2f} vs {full512:.2f} ms, {CURRENT})", full512 / cat512 >= 1.8])
+                  f"{full512 / cat512:.2f}x ({cat512:.2f} vs {full512:.2f} ms, one run, {CURRENT}); on the line: another "
+                  f"same-run comparison that day gave {other['lean-full'] / other['lean-catekv']:.2f}x "
+                  f"({other['lean-catekv']:.2f} vs {other['lean-full']:.2f} ms, the long group with the whole layer's split count)",
+                  full512 / cat512 >= 1.8])
     gen = one(real, arm="transformers-generate", context=131072, code=CURRENT)["decode_ms_per_step"]
     cat = one(real, arm="lean-catekv", context=131072, code=CURRENT)["decode_ms_per_step"]
+    fastest = min(r["decode_ms_per_step"] for name in ("decode_real_32k_128k.json", "decode_real_128k_c3ba616.json")
+                  for r in rows(load(name), arm="transformers-generate", context=131072))
     lines.append([">= 10x faster per step than transformers generate at 128K",
-                  f"{gen / cat:.2f}x ({cat:.2f} vs {gen:.2f} ms, one run, {CURRENT})", gen / cat >= 10])
+                  f"{gen / cat:.1f}x ({cat:.2f} vs {gen:.2f} ms, one run, {CURRENT}); against the fastest `generate` "
+                  f"measured on an earlier day ({fastest:.2f} ms, another machine): {fastest / cat:.1f}x",
+                  min(gen, fastest) / cat >= 10])
     bc = one(batch, arm="lean-catekv", suite="batch")
     bf = [r for r in rows(batch, arm="lean-full", suite="batch") if "tokens_per_s" in r][0]
     throughput = bc["tokens_per_s"] / bf["tokens_per_s"]
@@ -378,26 +454,28 @@ def targets(copy: float, kernel: list[dict], real: list[dict], stages: list[dict
     def bound(r: dict) -> float:  # weights + retained KV + one layer's full KV (8 KV heads, d 128, bf16) + 6 GiB
         return weights + r["kv_gib"] + r["context"] * 8 * 128 * 2 * 2 / 2**30 + 6
 
-    r512 = one(real, arm="lean-catekv", context=524288)
-    r128 = one(real, arm="lean-catekv", context=131072, code=CURRENT)
+    r512 = one(real, arm="lean-catekv", context=524288, code=CURRENT)
     lines.append(["peak memory at 512K <= weights + retained KV + one layer's full KV + 6 GiB",
-                  f"{r512['peak_gib']:.1f} GiB against {bound(r512):.1f} GiB (earlier code, transformers' forward as "
-                  f"prefill; the layer-by-layer prefill was not run at 512K). With it at 128K: {r128['peak_gib']:.1f} "
-                  f"GiB against the same bound's {bound(r128):.1f}", r512["peak_gib"] <= bound(r512)])
+                  f"{r512['peak_gib']:.2f} GiB against {bound(r512):.2f} GiB ({CURRENT}, layer-by-layer prefill; "
+                  f"{one(real, arm='lean-catekv', context=524288, code='earlier')['peak_gib']:.1f} GiB with "
+                  "transformers' forward as prefill, earlier code)", r512["peak_gib"] <= bound(r512)])
     body = [[name, measured, "met" if ok else "**missed**"] for name, measured, ok in lines]
     return "\n## Targets of the issue\n\n" + table(["target", "measured", ""], body) + "\n" + MISSES
 
 
 MISSES = f"""
-Where the time goes (section f, {CURRENT}). At 128K the CateKV step is 1.5 ms over its floor: post-attention
-(o_proj, MLP; the weights' GEMVs at 80% of copy bandwidth) 0.71 ms, attention 0.49 ms (77% of copy; likely
-the consistent heads' short caches, which get as many splits as the long ones: not profiled), pre-attention 0.28 ms (the
-fused q/k/v GEMV and RoPE at 57%), the head 0.08 ms. At 512K the long caches dominate and the kernel runs at
-94% of copy, so the step is 1.14x its floor. Fusing q/k/v and gate/up and appending in the kernel took the
-128K step from 7.59 to 6.65 ms (and 512K from 12.37 to 11.43 ms); what is left is each stage's efficiency
-at batch 1 (the weights' GEMVs at 80-83% of copy, no stage below 55%). The 512K peak target is
-unmeasured with the layer-by-layer prefill, which bounds the prompt's activations to one hidden state and
-one chunk (at 128K it meets the bound); that prefill is 1.5x slower than transformers' forward (section d).
+Where the time goes (section f, {CURRENT}). At 128K the CateKV step is 1.07 ms over its floor: attention 0.53 ms
+(76% of copy bandwidth: 32 layers x 2 head groups, each a split launch, plus a combine launch per layer, against
+about 50 us of data per layer; one launch for both groups and a fused combine were tried and were slower,
+see above), pre-attention 0.26 ms (the q/k/v kernel moves 50 MB per layer, too little to reach full bandwidth,
+plus the RoPE kernel), post-attention 0.23 ms (the projections at 93% of copy), the head 0.06 ms. The Triton
+projections and per-group split counts took the 128K step from 6.65 to 6.25 ms and the 512K step from 11.43 to
+10.88 ms; the full-attention step on the same path gained about as much, so the 512K ratio moved from 1.76x to
+1.81x. The full-attention step at 512K took 19.20-19.69 ms in the day's runs, so that ratio sits on the line. Left for 128K:
+fewer attention launches per layer that do not cost the long group its balance over the SMs. The 512K peak is
+13 MiB over its bound: the prompt's hidden state (4 GiB at 512K) plus the prefill's RoPE tables of the whole
+prompt (0.25 GiB, now computed per chunk: not re-measured) and one chunk's activations fill the 6 GiB. The
+`generate` arm is host-bound: the same command gave 64-111 ms per step on different days' machines.
 """
 
 if __name__ == "__main__":

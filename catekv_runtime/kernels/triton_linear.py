@@ -40,11 +40,11 @@ class LinearConfig:
 
 
 def default_linear_config(n_out: int, k_dim: int, sms: int, glu: bool = False) -> LinearConfig:
-    """The best tiles of ``benchmarks/linear_decode.py --sweep`` on the H200 at Llama-3-8B's shapes
-    (docs/results/linear_sweep.json): 16 rows x 1024 columns, 8 warps (o_proj 75%, down 94%, qkv 75% of copy
-    bandwidth); for SiLU-gating, which reads two tiles per step, 4 x 256 with 2 warps (gate_up 92%); for very
-    wide outputs (lm_head) 16 x 256 (103%). Narrow outputs get fewer rows per program, so that there are
-    still one program per SM."""
+    """Tiles from ``benchmarks/linear_decode.py --sweep`` on the H200 at Llama-3-8B's shapes
+    (docs/results/linear_sweep.json), in % of copy bandwidth: 16 rows x 1024 columns, 8 warps, the best for
+    o_proj (75%) and down (94%), also used for q/k/v (67%; its best, 16 x 512, gives 75%); for SiLU-gating,
+    which reads two tiles per step, 4 x 256 with 2 warps (gate_up 92%); for very wide outputs (lm_head)
+    16 x 256 (103%). Narrow outputs get fewer rows per program, so that every SM still gets one."""
     if glu:
         block_n, block_k, warps = 4, 256, 2
     elif n_out >= 16 * sms * 32:

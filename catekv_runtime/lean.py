@@ -250,7 +250,6 @@ class LeanGenerator:
 
         decoder, chunk = self.decoder, self.prefill_chunk
         hidden = decoder.embed_tokens(input_ids)
-        cos, sin = decoder.rotary_emb(hidden, positions)
         batch, length, _ = hidden.shape
         spans = [(start, min(start + chunk, length)) for start in range(0, length, chunk)]
         for layer, layer_cache in zip(decoder.layers, cache.layers):
@@ -259,12 +258,14 @@ class LeanGenerator:
             keys = values = None
             for start, end in spans:
                 x = layer.input_layernorm(hidden[:, start:end])
+                # RoPE tables per chunk, not for the whole prompt (at 512K those would hold 0.25 GiB throughout).
+                cos, sin = decoder.rotary_emb(x, positions[:, start:end])
                 k = attn.k_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
                 v = attn.v_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
                 if keys is None:
                     keys = k.new_empty(batch, k.shape[1], length, dim)
                     values = torch.empty_like(keys)
-                _, k = self._rope(k, k, cos[:, start:end], sin[:, start:end])  # RoPE of the keys alone
+                _, k = self._rope(k, k, cos, sin)  # RoPE of the keys alone
                 keys[:, :, start:end] = k
                 values[:, :, start:end] = v
             window = layer_cache.params.obs_window
@@ -272,7 +273,7 @@ class LeanGenerator:
             for start, end in spans:
                 x = layer.input_layernorm(hidden[:, start:end])
                 q = attn.q_proj(x).view(batch, end - start, -1, dim).transpose(1, 2)
-                q, _ = self._rope(q, q, cos[:, start:end], sin[:, start:end])
+                q, _ = self._rope(q, q, *decoder.rotary_emb(x, positions[:, start:end]))
                 tail = q[:, :, -window:]
                 last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
                 mask = causal_lower_right(end - start, end) if start else None

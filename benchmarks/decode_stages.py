@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import argparse
 import collections
-import itertools
 import gc
+import itertools
 import json
 import os
 import statistics
@@ -301,9 +301,7 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
     embed = model.get_input_embeddings().weight
     step_bytes = weight_bytes(model) - embed.numel() * embed.element_size() + kv  # the bytes of that floor
     times = measure(state, args, cuda)
-    config = gen.kernel_config
-    if config is None:
-        from catekv_runtime.kernels.triton_decode import DEFAULT_CONFIG as config
+    config = gen.kernel_config  # never None on the triton backend
     common = dict(suite="stages", arm=f"lean-{arm}", projections=gen.projections,
                   programs_per_sm=config.programs_per_sm, context=context,
                   batch=args.batch, block_n=config.block_n,
@@ -386,8 +384,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for projections in args.projections:
             for block_n, per_sm in itertools.product(args.block_n, args.programs_per_sm):
                 config = kernel_config(profile, block_n, per_sm)
-                gens[arm, projections, block_n, per_sm] = LeanGenerator(model, profile, backend="triton", cuda_graph=cuda,
-                                                                kernel_config=config, projections=projections)
+                gens[arm, projections, block_n, per_sm] = LeanGenerator(
+                    model, profile, backend="triton", cuda_graph=cuda, kernel_config=config, projections=projections)
     for context in args.contexts:
         for (arm, *_), gen in gens.items():
             gc.collect()  # the previous arm's caches and graphs go before this arm's are allocated

@@ -305,7 +305,7 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
     common = dict(suite="stages", arm=f"lean-{arm}", projections=gen.projections,
                   programs_per_sm=config.programs_per_sm, context=context,
                   batch=args.batch, block_n=config.block_n,
-                  num_splits=state.num_splits, head_groups=sum(len(slots) for slots in state.layers),
+                  num_splits=state.workspace.num_splits, head_groups=sum(len(slots) for slots in state.layers),
                   kv_gib=round(kv / GiB, 3), append_bytes=appended)
     del state
     for name in ("step", *STAGES):

@@ -10,17 +10,17 @@ Arms, in one run: ``cublas``, ``F.linear`` alone (the GEMV of the torch path, wi
 kernels, so a lower bound of that path); ``triton``, ``fused_linear`` with its default tile; with ``--sweep``,
 ``fused_linear`` over a grid of tiles. Each timed unit is a CUDA graph calling the projection once per
 "layer" over distinct weights (at least 1 GiB in all, so L2 never holds them), replayed; time per call =
-replay time / layers. GB/s counts the weight bytes; ``of_copy`` divides by the device-to-device copy bandwidth.
+replay time / layers (``kernel_decode.time_graph``). GB/s counts the weight bytes; ``of_copy`` divides by the
+device-to-device copy bandwidth.
 
-    python benchmarks/linear_decode.py --out docs/results/linear_decode.json
-    python benchmarks/linear_decode.py --sweep --out linear_sweep.json
+    python benchmarks/linear_decode.py --out /tmp/linear_decode.json
+    python benchmarks/linear_decode.py --sweep --out /tmp/linear_sweep.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,6 +32,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import copy_bandwidth, emit  # noqa: E402
+from benchmarks.kernel_decode import time_graph  # noqa: E402
 from catekv_runtime.kernels.triton_linear import LinearConfig, default_linear_config, fused_linear  # noqa: E402
 
 HIDDEN, INTER, VOCAB, Q_ROWS, KV_ROWS = 4096, 14336, 128256, 4096, 1024
@@ -43,24 +44,6 @@ SHAPES = {  # name: (rows, input dim, fused_linear options)
     "lm_head": (VOCAB, HIDDEN, dict(norm=True)),
 }
 ROTATE_BYTES = 1 << 30
-
-
-def time_graph(fn: Callable[[], None], calls: int, replays: int = 20) -> float:
-    """Median ms per call of ``fn`` (``calls`` calls) captured once and replayed."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    times = []
-    for _ in range(replays):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / calls)
-    return statistics.median(times)
 
 
 def run_shape(name: str, sweep: bool, bandwidth: float, results: list) -> None:
@@ -84,7 +67,8 @@ def run_shape(name: str, sweep: bool, bandwidth: float, results: list) -> None:
                 fused_linear(x, w, residual=residual, norm_weight=norm, glu=glu, config=config)
         return run
 
-    def record(arm: str, ms: float, **extra) -> None:
+    def record(arm: str, seconds: float, **extra) -> None:
+        ms = seconds * 1e3
         gbps = weight_bytes / (ms * 1e-3) / 1e9
         emit(results, shape=name, rows=rows, k=k_dim, arm=arm, us=round(ms * 1e3, 2), gbps=round(gbps, 1),
              of_copy=round(gbps * 1e9 / bandwidth, 3), layers_rotated=layers, **extra)
@@ -101,13 +85,13 @@ def run_shape(name: str, sweep: bool, bandwidth: float, results: list) -> None:
                     if block_n * block_k > 16384 or block_n * block_k < 32 * warps:
                         continue
                     try:
-                        ms = time_graph(triton_fn(config), layers, replays=10)
+                        seconds = time_graph(triton_fn(config), layers)
                     except Exception as exc:  # e.g. out of registers: record and go on
                         print(json.dumps({"shape": name, "skipped": vars(config), "error": str(exc)[:200]}))
                         continue
-                    record("triton_sweep", ms, **vars(config))
-                    if best is None or ms < best[0]:
-                        best = (ms, config)
+                    record("triton_sweep", seconds, **vars(config))
+                    if best is None or seconds < best[0]:
+                        best = (seconds, config)
         record("triton_sweep_best", best[0], **vars(best[1]))
     del weights
     torch.cuda.empty_cache()

@@ -18,7 +18,8 @@ and (one H200, 2026-11-30, the current code, CURRENT below):
     python benchmarks/decode_stages.py --out docs/results/decode_stages.json
     python benchmarks/decode.py --suite real --contexts 131072 --programs-per-sm 2 --out docs/results/decode_real_128k.json
     python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k_layered.json
-    python benchmarks/linear_decode.py --sweep --out docs/results/linear_sweep.json
+    python benchmarks/linear_decode.py --sweep --out docs/results/linear_sweep.json   (the script of d393b41,
+        which timed with a fixed 20 replays, 10 in the sweep; it now uses kernel_decode.time_graph)
     python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --programs-per-sm 1.5 2 3 4
     python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --block-n 32 64 --programs-per-sm 2 4
         (the last two joined in docs/results/decode_stages_split_sweep.json)

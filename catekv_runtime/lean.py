@@ -118,7 +118,11 @@ class LeanGenerator:
         if projections == "triton" and backend != "triton":
             raise ValueError("projections='triton' needs the triton backend")
         self._head_eps = None
+        self._fused_linear = None  # kernels.triton_linear.fused_linear with projections="triton"
         if projections == "triton":
+            from .kernels.triton_linear import fused_linear
+
+            self._fused_linear = fused_linear
             for layer in self.decoder.layers:
                 _check_fused_kernels(layer, self._fused[layer])
             self._head_eps = _rms_norm_eps(self.decoder.norm) if type(model.lm_head) is torch.nn.Linear else None
@@ -149,9 +153,7 @@ class LeanGenerator:
         """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]`` and kv ``[2, B, Hkv, 1, D]``."""
         fused = self._fused[layer]
         if fused.input_eps is not None and hidden.shape[0] == 1:
-            from .kernels.triton_linear import fused_linear
-
-            qkv = fused_linear(hidden, fused.qkv_weight, fused.qkv_bias, norm_weight=layer.input_layernorm.weight,
+            qkv = self._fused_linear(hidden, fused.qkv_weight, fused.qkv_bias, norm_weight=layer.input_layernorm.weight,
                                eps=fused.input_eps)
             return self._heads_step(layer, qkv, cos, sin, fused.q_rows)
         return self._pre_step(layer, hidden, cos, sin, fused.qkv_weight, fused.qkv_bias, fused.q_rows)
@@ -160,23 +162,20 @@ class LeanGenerator:
         """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
         fused = self._fused[layer]
         if fused.input_eps is not None and hidden.shape[0] == 1:
-            from .kernels.triton_linear import fused_linear
-
+            linear = self._fused_linear
             o_proj, down_proj = layer.self_attn.o_proj, layer.mlp.down_proj
-            hidden = fused_linear(attn_out.reshape(hidden.shape), o_proj.weight, o_proj.bias, residual=hidden)
-            act = fused_linear(hidden, fused.gate_up_weight, norm_weight=layer.post_attention_layernorm.weight,
-                               eps=fused.post_eps, glu=True)
-            return fused_linear(act, down_proj.weight, down_proj.bias, residual=hidden)
+            hidden = linear(attn_out.reshape(hidden.shape), o_proj.weight, o_proj.bias, residual=hidden)
+            act = linear(hidden, fused.gate_up_weight, norm_weight=layer.post_attention_layernorm.weight,
+                         eps=fused.post_eps, glu=True)
+            return linear(act, down_proj.weight, down_proj.bias, residual=hidden)
         return self._post_step(layer, hidden, attn_out, fused.gate_up_weight)
 
     def _head(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm and lm_head of the last position: logits ``[B, 1, vocab]``."""
         if self._head_eps is not None and hidden.shape[0] == 1:
-            from .kernels.triton_linear import fused_linear
-
             head = self.model.lm_head
-            return fused_linear(hidden, head.weight, head.bias, norm_weight=self.decoder.norm.weight,
-                                eps=self._head_eps)
+            return self._fused_linear(hidden, head.weight, head.bias, norm_weight=self.decoder.norm.weight,
+                                      eps=self._head_eps)
         return self.model.lm_head(self.decoder.norm(hidden))
 
     def _pre_attention(self, layer, hidden, cos, sin, qkv_weight, qkv_bias, q_rows: int):
@@ -427,6 +426,7 @@ class _Slot:
     base: int  # filled slots after prefill
     decode_kv: torch.Tensor  # group.kv[..., base:, :]: decode step i writes its slot i
     kernel_group: Any = None  # KVGroup for the Triton kernel
+    num_splits: int = 1  # the kernel's split count for this group (group_num_splits)
 
 
 class _DecodeState:
@@ -453,14 +453,13 @@ class _DecodeState:
         attn = gen.decoder.layers[0].self_attn
         self.scale = attn.scaling
         if gen.backend == "triton":
-            from .kernels.triton_decode import DEFAULT_CONFIG, KVGroup, group_num_splits, make_workspace, sm_count
+            from .kernels.triton_decode import KVGroup, group_num_splits, make_workspace, sm_count
 
             q_heads = gen.model.config.get_text_config(decoder=True).num_attention_heads
-            # Each group gets its own split count (decode_attention_two_groups' default); the shared
-            # workspace holds the largest.
-            self.num_splits = max(group_num_splits([g.keys for g in groups], gen.kernel_config or DEFAULT_CONFIG,
-                                                   sm_count(device)))
-            self.workspace = make_workspace(batch, q_heads, attn.head_dim, self.num_splits, device)
+            # Each group gets its own split count, fixed here (shapes only); the shared workspace holds the largest.
+            splits = group_num_splits([g.keys for g in groups], gen.kernel_config, sm_count(device))
+            self.workspace = make_workspace(batch, q_heads, attn.head_dim, max(splits), device)
+            splits = iter(splits)
             self.attn_out = torch.empty(batch, q_heads, attn.head_dim, dtype=groups[0].kv.dtype, device=device)
             for slots in self.layers:
                 for slot in slots:
@@ -468,6 +467,7 @@ class _DecodeState:
                     pad = g.pad.to(torch.int32) if g.pad is not None else None
                     kv_index = g.kv_heads if len(slots) > 1 else None
                     slot.kernel_group = KVGroup(g.keys, g.values, next(rows), pad, g.q_heads, kv_index)
+                    slot.num_splits = next(splits)
 
     def step(self) -> None:
         """One decode step: consume ``self.token`` at ``self.position``, write the next token.
@@ -513,8 +513,8 @@ class _DecodeState:
 
             return decode_attention_two_groups(
                 q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
-                workspace=self.workspace, config=self.gen.kernel_config,
-                new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0],
+                num_splits=[slot.num_splits for slot in slots], workspace=self.workspace,
+                config=self.gen.kernel_config, new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0],
             )
         self._append(kv, slots)
         out = torch.empty_like(q)

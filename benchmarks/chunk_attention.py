@@ -8,10 +8,14 @@ bf16) this times, for every chunk after the first, in one process:
                   prefill called up to now
     flash_op      torch.ops.aten._scaled_dot_product_flash_attention(is_causal=True), which aligns the mask
                   bottom-right, on the 8 KV heads as they are (flash-attention handles GQA itself)
+    runtime       catekv_runtime.attention.chunk_attention, what the prefill calls now: on CUDA two cuDNN calls
+                  (earlier keys unmasked, own keys square-causal) merged by their log-sum-exp
     whole         one is_causal SDPA call over the whole prompt: the same arithmetic in one piece, for scale
+                  (SDPA picks cuDNN for it on an H200)
 
-and checks each chunk's output of ``flash_op`` against ``lower_right``. It also prints which fused kernels
-PyTorch says it can use for the bottom-right case (``can_use_flash_attention`` / ``can_use_efficient_attention``).
+and compares each chunk's output of ``flash_op`` and ``runtime`` with ``lower_right``. It also prints which fused
+kernels PyTorch says it can use for the bottom-right case (``can_use_flash_attention`` /
+``can_use_efficient_attention``) and whether the runtime's two-call form runs on cuDNN.
 
     python benchmarks/chunk_attention.py --context 65536 --chunk 8192
 """
@@ -22,8 +26,14 @@ import argparse
 import json
 import time
 
+import sys
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from catekv_runtime.attention import _cudnn_can_split, chunk_attention  # noqa: E402
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -61,6 +71,9 @@ def main() -> None:
         return [torch.ops.aten._scaled_dot_product_flash_attention(q[:, :, s:e], k[:, :, :e], v[:, :, :e], 0.0,
                                                                    is_causal=True, scale=scale)[0] for s, e in spans]
 
+    def runtime():
+        return [chunk_attention(q[:, :, s:e], k, v, s, scale) for s, e in spans]
+
     def whole():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
@@ -68,18 +81,21 @@ def main() -> None:
     params = SDPAParams(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None, 0.0, False, True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
                       "can_use_flash": can_use_flash_attention(params, debug=True),
-                      "can_use_efficient": can_use_efficient_attention(params, debug=True)}), flush=True)
+                      "can_use_efficient": can_use_efficient_attention(params, debug=True),
+                      "runtime_on_cudnn": _cudnn_can_split(q[:, :, s:e], k[:, :, :e])}), flush=True)
     record = {"context": n, "chunk": c, "chunks_timed": len(spans)}
-    for name, fn in (("lower_right", lower_right), ("flash_op", flash_op), ("whole", whole)):
+    for name, fn in (("lower_right", lower_right), ("flash_op", flash_op), ("runtime", runtime), ("whole", whole)):
         try:
             record[f"{name}_s"] = round(timed(fn), 4)
         except Exception as exc:  # an op this build cannot run: say so and go on
             record[f"{name}_error"] = f"{type(exc).__name__}: {exc}"[:300]
-    try:
-        diffs = [(a.float() - b.float()).abs().max().item() for a, b in zip(lower_right(), flash_op())]
-        record["flash_op_max_abs_diff"] = max(diffs)
-    except Exception as exc:
-        record["compare_error"] = f"{type(exc).__name__}: {exc}"[:300]
+    reference = lower_right()
+    for name, fn in (("flash_op", flash_op), ("runtime", runtime)):
+        try:
+            record[f"{name}_max_abs_diff"] = max((a.float() - b.float()).abs().max().item()
+                                                 for a, b in zip(reference, fn()))
+        except Exception as exc:
+            record[f"{name}_compare_error"] = f"{type(exc).__name__}: {exc}"[:300]
     print(json.dumps(record), flush=True)
 
 

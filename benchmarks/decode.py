@@ -171,11 +171,14 @@ def kv_bytes_of(state: _DecodeState) -> int:
     return sum(slot.group.used_bytes for layer in state.layers for slot in layer)
 
 
-def kernel_config(profile: Profile | None, block_n: int | None = None, programs_per_sm: float | None = None):
-    """LeanGenerator's decode-kernel config for ``profile``, with the given fields overridden."""
+def kernel_config(profile: Profile | None, block_n: int | None = None, programs_per_sm: float | None = None,
+                  concurrent_groups: bool | None = None):
+    """LeanGenerator's decode-kernel config for ``profile``, with the given fields (not None) overridden."""
     config = LeanGenerator.default_kernel_config(profile)
     return dataclasses.replace(config, block_n=block_n or config.block_n,
-                               programs_per_sm=programs_per_sm or config.programs_per_sm)
+                               programs_per_sm=programs_per_sm or config.programs_per_sm,
+                               concurrent_groups=config.concurrent_groups if concurrent_groups is None
+                               else concurrent_groups)
 
 
 def suite_synthetic(model, args, results, bandwidth) -> None:

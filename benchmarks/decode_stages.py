@@ -5,7 +5,8 @@ r = 0.4, eta = 1, budget 2048, caches filled with random K/V of the sizes a pref
 for full attention on the lean path. For each context and arm it times:
 
     step            the whole decode step, one CUDA graph (``decode.time_graph_steps``, as decode.py does)
-    pre_attention   every layer's input norm, q/k/v projection (fused), RoPE   (LeanGenerator._pre)
+    pre_attention   every layer's input norm, q/k/v projection (fused), RoPE   (LeanGenerator._pre; with
+                    the Triton projections the decode kernel applies RoPE, in the attention stage)
     attention       every layer's Triton split-K kernels over its head groups, which also append this
                     step's K/V, + combine                                       (_DecodeState._attention)
     post_attention  every layer's o_proj, residual, norm, MLP, residual        (LeanGenerator._post)
@@ -25,6 +26,7 @@ copy bandwidth, as in decode.py.
     python benchmarks/decode_stages.py --contexts 131072 --arms catekv --trace --out /tmp/trace.json
     python benchmarks/decode_stages.py --projections triton torch     # fused Triton GEMVs vs cuBLAS, side by side
     python benchmarks/decode_stages.py --programs-per-sm 1.5 2 3 4    # split counts of the decode kernel, side by side
+    python benchmarks/decode_stages.py --concurrent-groups off on      # CateKV's two head groups on one / two streams
     python benchmarks/decode_stages.py --smoke                           # CPU: tests the script, times nothing
 
 ``--trace`` also runs each stage's graph once under torch.profiler (CUDA activity only) and adds the number
@@ -137,8 +139,8 @@ def stage_functions(state: _DecodeState) -> dict[str, Callable[[], None]]:
             gen._pre(layer, hidden, cos, sin)
 
     def attention():
-        for (_, slots), (q, kv) in zip(layers, pre):
-            state._attention(q, kv, slots)
+        for (_, slots), (q, kv, rope) in zip(layers, pre):
+            state._attention(q, kv, rope, slots)
 
     def post_attention():
         h = hidden
@@ -303,7 +305,8 @@ def run_arm(model, gen: LeanGenerator, arm: str, context: int, args, bandwidth: 
     times = measure(state, args, cuda)
     config = gen.kernel_config  # never None on the triton backend
     common = dict(suite="stages", arm=f"lean-{arm}", projections=gen.projections,
-                  programs_per_sm=config.programs_per_sm, context=context,
+                  programs_per_sm=config.programs_per_sm, concurrent_groups=config.concurrent_groups,
+                  context=context,
                   batch=args.batch, block_n=config.block_n,
                   num_splits=state.workspace.num_splits, head_groups=sum(len(slots) for slots in state.layers),
                   kv_gib=round(kv / GiB, 3), append_bytes=appended)
@@ -337,6 +340,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--programs-per-sm", type=float, nargs="+", default=[None],
                         help="DecodeConfig.programs_per_sm of the decode kernel, each value an arm (default: "
                              "LeanGenerator's)")
+    parser.add_argument("--concurrent-groups", nargs="+", choices=["on", "off"], default=[None],
+                        help="DecodeConfig.concurrent_groups (CateKV's head groups of a layer on two streams), each "
+                             "value an arm (default: LeanGenerator's)")
     parser.add_argument("--trace", action="store_true", help="also count each stage's kernels with torch.profiler")
     parser.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny model, no CUDA graphs")
     parser.add_argument("--out", type=Path, default=None,
@@ -382,9 +388,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for arm in args.arms:  # one generator per arm: torch.compile runs once per arm, not per context
         profile = random_profile(model, args.budget) if arm == "catekv" else None
         for projections in args.projections:
-            for block_n, per_sm in itertools.product(args.block_n, args.programs_per_sm):
-                config = kernel_config(profile, block_n, per_sm)
-                gens[arm, projections, block_n, per_sm] = LeanGenerator(
+            for block_n, per_sm, concurrent in itertools.product(args.block_n, args.programs_per_sm,
+                                                                 args.concurrent_groups):
+                config = kernel_config(profile, block_n, per_sm, None if concurrent is None else concurrent == "on")
+                gens[arm, projections, block_n, per_sm, concurrent] = LeanGenerator(
                     model, profile, backend="triton", cuda_graph=cuda, kernel_config=config, projections=projections)
     for context in args.contexts:
         for (arm, *_), gen in gens.items():

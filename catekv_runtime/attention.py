@@ -1,9 +1,11 @@
-"""Decode attention over a layer's head groups, plain PyTorch (SDPA): runs on CPU and GPU.
+"""Attention in plain PyTorch (SDPA), CPU and GPU: decode over a layer's head groups, and the prefill's chunks.
 
-Each group holds a different number of tokens, so attention runs once per group and the outputs are
+Decode: each group holds a different number of tokens, so attention runs once per group and the outputs are
 scattered back to the model's query-head order. K/V are never repeated per query head: for one new
 token, the query heads of a KV head are folded into the query-length axis (their keys are the same),
 which keeps SDPA on its fused kernels; for several new tokens SDPA's own GQA support is used.
+
+Prefill: :func:`chunk_attention` is the causal attention of one chunk of a prompt over every key up to its own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .cache import HeadGroup
 
@@ -43,3 +46,63 @@ def decode_attention(query: torch.Tensor, groups: list[HeadGroup], scale: float)
     for group in groups:
         out[:, group.q_heads] = group_attention(query[:, group.q_heads], group, scale)
     return out.transpose(1, 2)
+
+
+def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float, *,
+                    split: bool | None = None) -> torch.Tensor:
+    """Causal attention of a chunk of a prompt: ``query`` ``[B, Hq, n, D]`` holds positions ``[start, start + n)``
+    and attends to ``keys``/``values`` ``[B, Hkv, >= start + n, D]`` up to its own position (Hq a multiple of Hkv).
+
+    A later chunk needs a causal mask aligned bottom-right. SDPA runs that mask on flash-attention only, which
+    took 1.7x as long as cuDNN's attention on an H200 at 128K (``benchmarks/chunk_attention.py``); cuDNN has only
+    the top-left mask. So where cuDNN attention can run, the chunk is two cuDNN calls merged by their
+    log-sum-exp: its queries over the earlier keys with no mask, and over its own keys with the square causal
+    mask. Elsewhere it is one SDPA call with the bottom-right mask. ``split`` forces (True) or forbids (False)
+    the two-call form; True without cuDNN computes the two parts in plain float32 PyTorch (for tests).
+    """
+    length = query.shape[2]
+    end = start + length
+    keys, values = keys[:, :, :end], values[:, :, :end]
+    if start == 0:
+        return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
+    if split is None:
+        split = _cudnn_can_split(query, keys)
+    if not split:
+        return F.scaled_dot_product_attention(query, keys, values, attn_mask=causal_lower_right(length, end),
+                                              scale=scale, enable_gqa=True)
+    earlier, earlier_lse = _attention_with_lse(query, keys[:, :, :start], values[:, :, :start], False, scale)
+    own, own_lse = _attention_with_lse(query, keys[:, :, start:], values[:, :, start:], True, scale)
+    total = torch.logaddexp(earlier_lse, own_lse)
+    heads = 8  # the merge's float32 temporaries, a few heads at a time: a 512K prefill's peak has no room
+    for h in range(0, query.shape[1], heads):
+        part = slice(h, h + heads)
+        own[:, part] = (earlier[:, part] * torch.exp(earlier_lse[:, part] - total[:, part]).unsqueeze(-1)
+                        + own[:, part] * torch.exp(own_lse[:, part] - total[:, part]).unsqueeze(-1))
+    return own
+
+
+def _cudnn_can_split(query: torch.Tensor, keys: torch.Tensor) -> bool:
+    """Whether both calls of :func:`chunk_attention`'s two-call form can run on cuDNN attention."""
+    if not query.is_cuda or not torch.backends.cuda.cudnn_sdp_enabled():
+        return False
+    from torch.backends.cuda import SDPAParams, can_use_cudnn_attention
+
+    params = SDPAParams(query, keys, keys, None, 0.0, True, query.shape[1] != keys.shape[1])
+    return can_use_cudnn_attention(params)
+
+
+def _attention_with_lse(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, causal: bool,
+                        scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention output ``[B, Hq, n, D]`` and its log-sum-exp ``[B, Hq, n]`` (float32); ``causal`` aligns the mask
+    top-left. cuDNN's attention on CUDA, float32 PyTorch elsewhere."""
+    if query.is_cuda:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            query, keys, values, None, True, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.reshape(out.shape[:3])
+    group = query.shape[1] // keys.shape[1]
+    scores = query.float() @ keys.repeat_interleave(group, 1).float().transpose(-1, -2) * scale
+    if causal:
+        scores.masked_fill_(torch.ones_like(scores, dtype=torch.bool).triu_(1), float("-inf"))
+    lse = torch.logsumexp(scores, -1)
+    out = torch.exp(scores - lse.unsqueeze(-1)) @ values.repeat_interleave(group, 1).float()
+    return out.to(query.dtype), lse

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .attention import group_attention
+from .attention import chunk_attention, group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
 from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile, tensor_parallel_rank
 from .profile import Profile, ProfileParams
@@ -127,6 +127,10 @@ class LeanGenerator:
                 _check_fused_kernels(layer, self._fused[layer])
             self._head_eps = _rms_norm_eps(self.decoder.norm) if type(model.lm_head) is torch.nn.Linear else None
         self.projections = projections
+        # With the fused q/k/v kernel, the decode kernel applies RoPE itself (saves a launch per layer), if the
+        # model's RoPE is the rotate-half form that kernel computes.
+        self._kernel_rope = projections == "triton" and _rope_is_rotate_half(
+            self._rope, self.decoder.rotary_emb, first.self_attn.head_dim, next(model.parameters()).dtype, device)
         self._pre_step, self._post_step, self._heads_step = self._pre_attention, self._post_attention, self._split_heads
         if self.compile:
             # Not fullgraph: past dynamo's recompile limit (many batch sizes) it falls back to eager.
@@ -143,20 +147,27 @@ class LeanGenerator:
         32 there, and each group's split count aims at 2 programs per SM, not the full cache's 4. On the H200 at
         Llama-3-8B shapes (``benchmarks/decode_stages.py --block-n 32 64 --programs-per-sm 2 4``,
         docs/results/decode_stages_split_sweep.json) the step took 6.23 / 10.80 ms at 128K / 512K this way,
-        against 6.42 / 11.37 with 4 programs per SM and 6.37 / 11.39 with 32-key tiles.
+        against 6.42 / 11.37 with 4 programs per SM and 6.37 / 11.39 with 32-key tiles. The two groups of a
+        layer run concurrently (``concurrent_groups``): 6.00 against 6.19 ms at 128K, 10.57 against 10.82 at
+        512K (``benchmarks/decode_stages.py --arms catekv --concurrent-groups off on``).
         """
         from .kernels.triton_decode import DEFAULT_CONFIG, DecodeConfig
 
-        return DEFAULT_CONFIG if profile is None else DecodeConfig(block_n=64, programs_per_sm=CATEKV_PROGRAMS_PER_SM)
+        if profile is None:
+            return DEFAULT_CONFIG
+        return DecodeConfig(block_n=64, programs_per_sm=CATEKV_PROGRAMS_PER_SM, concurrent_groups=True)
 
     def _pre(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-        """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]`` and kv ``[2, B, Hkv, 1, D]``."""
+        """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]``, kv ``[2, B, Hkv, 1, D]`` and the RoPE
+        left to the decode kernel: None, or its ``(cos, sin)`` ``[B, D]`` (then q and K come unrotated)."""
         fused = self._fused[layer]
         if fused.input_eps is not None and hidden.shape[0] == 1:
             qkv = self._fused_linear(hidden, fused.qkv_weight, fused.qkv_bias, norm_weight=layer.input_layernorm.weight,
-                               eps=fused.input_eps)
-            return self._heads_step(layer, qkv, cos, sin, fused.q_rows)
-        return self._pre_step(layer, hidden, cos, sin, fused.qkv_weight, fused.qkv_bias, fused.q_rows)
+                                     eps=fused.input_eps)
+            if self._kernel_rope:
+                return (*_qkv_heads(qkv, fused.q_rows, layer.self_attn.head_dim), (cos[:, 0], sin[:, 0]))
+            return (*self._heads_step(layer, qkv, cos, sin, fused.q_rows), None)
+        return (*self._pre_step(layer, hidden, cos, sin, fused.qkv_weight, fused.qkv_bias, fused.q_rows), None)
 
     def _post(self, layer: torch.nn.Module, hidden: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
         """Output projection, residual, MLP and residual; ``attn_out`` is ``[B, Hq, D]``."""
@@ -245,8 +256,6 @@ class LeanGenerator:
         replaced in place by the layer's output (later chunks' K/V are already computed). The layer's cache
         selects its tokens at once, so only one layer's full K/V ever exists.
         """
-        from torch.nn.attention.bias import causal_lower_right
-
         decoder, chunk = self.decoder, self.prefill_chunk
         hidden = decoder.embed_tokens(input_ids)
         batch, length, _ = hidden.shape
@@ -275,9 +284,7 @@ class LeanGenerator:
                 q, _ = self._rope(q, q, *decoder.rotary_emb(x, positions[:, start:end]))
                 tail = q[:, :, -window:]
                 last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
-                mask = causal_lower_right(end - start, end) if start else None
-                out = F.scaled_dot_product_attention(q, keys[:, :, :end], values[:, :, :end], attn_mask=mask,
-                                                     is_causal=not start, scale=attn.scaling, enable_gqa=True)
+                out = chunk_attention(q, keys, values, start, attn.scaling)
                 h = hidden[:, start:end] + attn.o_proj(out.transpose(1, 2).reshape(batch, end - start, -1))
                 hidden[:, start:end] = h + layer.mlp(layer.post_attention_layernorm(h))
             layer_cache.select_from(keys, values, last_queries, attn.scaling)
@@ -338,6 +345,28 @@ class _FusedLayer:
     # RMSNorm epsilons, set (by _check_fused_kernels) when kernels.triton_linear can run the layer's decode step.
     input_eps: float | None = None
     post_eps: float | None = None
+
+
+def _qkv_heads(qkv: torch.Tensor, q_rows: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of one token's fused q/k/v output ``[B, 1, q_rows + 2 * kv_rows]``: q ``[B, Hq, 1, D]`` and kv
+    ``[2, B, Hkv, 1, D]`` (no copy)."""
+    batch = qkv.shape[0]
+    q = qkv[..., :q_rows].view(batch, 1, -1, head_dim).transpose(1, 2)
+    kv = qkv[..., q_rows:].view(batch, 1, 2, -1, head_dim).permute(2, 0, 3, 1, 4)
+    return q, kv
+
+
+def _rope_is_rotate_half(apply_rope, rotary_emb: torch.nn.Module, head_dim: int, dtype: torch.dtype,
+                         device: torch.device) -> bool:
+    """Whether the model's ``apply_rotary_pos_emb`` is ``x * cos + rotate_half(x) * sin`` over the whole head,
+    in the model dtype (what the Triton decode kernel computes): checked once, numerically."""
+    x = torch.randn(1, 2, 1, head_dim, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+    cos, sin = rotary_emb(x, torch.tensor([[4099]], device=device))
+    if cos.shape[-1] != head_dim or head_dim % 2:
+        return False
+    half = head_dim // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return torch.equal(apply_rope(x, x, cos, sin)[0], x * cos[:, None] + rotated * sin[:, None])
 
 
 def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
@@ -479,8 +508,8 @@ class _DecodeState:
         hidden, cos, sin = self._embed()
         self.steps_done += 1
         for layer, slots in zip(gen.decoder.layers, self.layers):
-            q, kv = gen._pre(layer, hidden, cos, sin)
-            hidden = gen._post(layer, hidden, self._attention(q, kv, slots))
+            q, kv, rope = gen._pre(layer, hidden, cos, sin)
+            hidden = gen._post(layer, hidden, self._attention(q, kv, rope, slots))
         self._next_token(hidden)
 
     def _embed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -506,15 +535,17 @@ class _DecodeState:
         self.lengths.add_(1)
         self.tokens.index_copy_(1, self.step_index, self.token)
 
-    def _attention(self, q: torch.Tensor, kv: torch.Tensor, slots: list[_Slot]) -> torch.Tensor:
-        """Append this step's K/V ``[2, B, Hkv, 1, D]`` to the layer's groups and attend: ``[B, Hq, D]``."""
+    def _attention(self, q: torch.Tensor, kv: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                   slots: list[_Slot]) -> torch.Tensor:
+        """Append this step's K/V ``[2, B, Hkv, 1, D]`` to the layer's groups and attend: ``[B, Hq, D]``. ``rope``
+        as ``LeanGenerator._pre`` returns it (not None only with the Triton backend)."""
         if self.gen.backend == "triton":
             from .kernels.triton_decode import decode_attention_two_groups
 
             return decode_attention_two_groups(
                 q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
                 num_splits=[slot.num_splits for slot in slots], workspace=self.workspace,
-                config=self.gen.kernel_config, new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0],
+                config=self.gen.kernel_config, new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0], rope=rope,
             )
         self._append(kv, slots)
         out = torch.empty_like(q)

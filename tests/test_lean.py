@@ -75,10 +75,33 @@ def test_lean_fused_linear_kernels_equal_the_sdpa_path_on_cpu(family):
     lean = LeanGenerator(model, profile, backend="triton", cuda_graph=False)
     assert lean.projections == "triton" and lean._head_eps is not None
     assert all(f.input_eps is not None for f in lean._fused.values())
+    assert lean._kernel_rope  # the decode kernel applies RoPE to q and the new key
     assert torch.equal(lean.generate(ids, max_new_tokens=6), expected)
     torch_path = LeanGenerator(model, profile, backend="triton", cuda_graph=False, projections="torch")
-    assert all(f.input_eps is None for f in torch_path._fused.values())
+    assert all(f.input_eps is None for f in torch_path._fused.values()) and not torch_path._kernel_rope
     assert torch.equal(torch_path.generate(ids, max_new_tokens=6), expected)
+
+
+def test_kernel_rope_only_for_the_rotate_half_form():
+    """The decode kernel's RoPE is transformers' rotate-half form; an interleaved RoPE (GPT-J's pairs) is refused."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from catekv_runtime.lean import _rope_is_rotate_half
+
+    model = make_tiny_model("llama")
+    rotary, dim = model.model.rotary_emb, model.model.layers[0].self_attn.head_dim
+    cpu = torch.device("cpu")
+    assert _rope_is_rotate_half(apply_rotary_pos_emb, rotary, dim, torch.float32, cpu)
+
+    def interleaved(q, k, cos, sin):
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+
+        def rotate_pairs(x):
+            return torch.stack([-x[..., 1::2], x[..., ::2]], dim=-1).flatten(-2)
+
+        return q * cos + rotate_pairs(q) * sin, k * cos + rotate_pairs(k) * sin
+
+    assert not _rope_is_rotate_half(interleaved, rotary, dim, torch.float32, cpu)
 
 
 def test_fused_linear_kernels_only_for_what_they_compute():

@@ -228,6 +228,39 @@ def test_new_token_appended_in_the_kernel(config: td.DecodeConfig, splits: int) 
     assert torch.equal(k, expected_k) and torch.equal(v, expected_v)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_applied_in_the_kernel(dtype: torch.dtype) -> None:
+    """rope=(cos, sin): q and the new key arrive unrotated; the kernel must rotate them as transformers'
+    apply_rotary_pos_emb does: to the bit in float32 through the interpreter, to the last bit of the model dtype
+    otherwise (the GPU compiler may fuse a multiply-add; the interpreter rounds float32 to bfloat16 its own way)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    batch, kv_heads, group, cap, dim = 2, 2, 2, 96, 64
+    q, k, v = _case(batch, kv_heads, group, cap, dim, dtype, seed=61)
+    lengths = _ints([96, 40])
+    fresh = _rand(2, batch, kv_heads, dim, dtype=dtype, seed=67)
+    angles = _rand(batch, dim // 2, seed=71) * 3
+    cos, sin = (torch.cat([f(angles)] * 2, dim=-1).to(dtype) for f in (torch.cos, torch.sin))
+    q_rot, k_rot = apply_rotary_pos_emb(q[:, :, None], fresh[0][:, :, None], cos[:, None], sin[:, None])
+    expected_k, expected_v = k.clone(), v.clone()
+    for b, n in enumerate(lengths.tolist()):
+        expected_k[b, :, n - 1], expected_v[b, :, n - 1] = k_rot[b, :, 0], fresh[1, b]
+    ref = td.decode_attention_reference(q_rot[:, :, 0], expected_k, expected_v, lengths)
+    out = _poisoned(q)
+    td.decode_attention(q, k, v, lengths, num_splits=3, out=out, config=SMALL, new_k=fresh[0], new_v=fresh[1],
+                        rope=(cos, sin))
+    _check(out, ref, dtype)
+    assert torch.equal(v, expected_v)
+    if dtype == torch.float32 and DEVICE == "cpu":
+        assert torch.equal(k, expected_k)
+    elif dtype == torch.float32:
+        torch.testing.assert_close(k, expected_k, atol=1e-6, rtol=1e-6)
+    else:  # an ulp of either product (|values| < 4) may move the sum by up to 2 ** -5
+        torch.testing.assert_close(k, expected_k, atol=0.05, rtol=0)
+    with pytest.raises(ValueError, match="rope cos"):
+        td.decode_attention(q, k, v, lengths, rope=(cos[:, :-2], sin))
+
+
 def test_new_token_appended_to_each_group() -> None:
     """Two head groups: each appends the model KV heads its kv_head_index names, from one [B, H_kv, D] tensor."""
     q, groups, _ = _two_groups(torch.float32, seed=47)
@@ -333,4 +366,25 @@ def test_gpu_two_groups_fused_bf16() -> None:
     q, groups, ref = _two_groups(torch.bfloat16, seed=41)
     for config in (td.DEFAULT_CONFIG, td.DecodeConfig(fused_combine=True)):
         out = td.decode_attention_two_groups(q, groups, out=_poisoned(q), config=config)
+        _check(out, ref, torch.bfloat16)
+
+
+@requires_cuda
+@pytest.mark.gpu
+def test_gpu_concurrent_groups_eager_and_in_a_cuda_graph() -> None:
+    """concurrent_groups runs the second group on a side stream: the combine must still see both groups'
+    partials, eagerly and when the fork and join are captured in a graph and replayed."""
+    q, groups, ref = _two_groups(torch.bfloat16, seed=43)
+    config = td.DecodeConfig(block_n=32, concurrent_groups=True)
+    ws = td.make_workspace(q.shape[0], q.shape[1], q.shape[2], 16, DEVICE)
+    out = _poisoned(q)
+    td.decode_attention_two_groups(q, groups, out=out, workspace=ws, config=config)
+    _check(out, ref, torch.bfloat16)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        td.decode_attention_two_groups(q, groups, out=out, workspace=ws, config=config)
+    for _ in range(3):
+        out.fill_(float("nan"))
+        ws.partial_lse.fill_(50.0)  # stale partials would dominate the merge
+        graph.replay()
         _check(out, ref, torch.bfloat16)

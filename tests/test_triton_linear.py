@@ -103,6 +103,7 @@ def test_default_config_fills_the_gpu() -> None:
     assert tl_.default_linear_config(128256, 4096, sms) == tl_.LinearConfig(16, 256, 4)
     assert tl_.default_linear_config(14336, 4096, sms, glu=True) == tl_.LinearConfig(4, 256, 2)
     assert tl_.default_linear_config(4096, 14336, sms) == tl_.LinearConfig(16, 1024, 8)
+    assert tl_.default_linear_config(6144, 4096, sms) == tl_.LinearConfig(16, 512, 8)  # Llama-3-8B q/k/v
     assert tl_.default_linear_config(4096, 100, sms).block_k == 128
 
 

@@ -61,6 +61,10 @@ class DecodeConfig:
     fused_combine: bool = False
     # Target programs per SM when choosing a group's split count (default_num_splits).
     programs_per_sm: float = 4
+    # decode_attention_two_groups on CUDA: every group after the first runs its split kernel on a side
+    # stream, concurrently with the first (a CUDA graph records the two as parallel branches), so that a
+    # short group fills the SMs that the long group's tail leaves idle instead of running after it.
+    concurrent_groups: bool = False
 
 
 DEFAULT_CONFIG = DecodeConfig()
@@ -150,9 +154,21 @@ def _combine_row(PartO, PartLse, Out, row, out_offset, num_splits, stride_od,
 
 
 @triton.jit
+def _rotate(x, X, offs_rot, sign, cos, sin):
+    """RoPE of ``x`` (loaded from ``X`` at the usual offsets) as transformers' ``apply_rotary_pos_emb`` computes it in
+    the model dtype: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to that dtype.
+    ``X + offs_rot`` loads ``x`` with its halves swapped; ``sign`` is -1 on the first half."""
+    dtype = x.dtype
+    rot = tl.load(X + offs_rot).to(tl.float32) * sign
+    a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
+    b = (rot.to(dtype).to(tl.float32) * sin).to(dtype).to(tl.float32)
+    return (a + b).to(dtype)
+
+
+@triton.jit
 def _split_kernel(
-    Q, K, V, Lens, Starts, QIdx, PartO, PartLse, Out, Counters, NewK, NewV, KVIdx,
-    stride_qb, stride_qh, stride_qd,
+    Q, K, V, Lens, Starts, QIdx, PartO, PartLse, Out, Counters, NewK, NewV, KVIdx, Cos, Sin,
+    stride_qb, stride_qh, stride_qd, stride_cb, stride_sb,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_od,
@@ -161,7 +177,7 @@ def _split_kernel(
     G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr, S_PAD: tl.constexpr, S_CHUNK: tl.constexpr,
     HAS_STARTS: tl.constexpr, HAS_QIDX: tl.constexpr, FUSED_COMBINE: tl.constexpr,
-    HAS_NEW: tl.constexpr, HAS_KVIDX: tl.constexpr,
+    HAS_NEW: tl.constexpr, HAS_KVIDX: tl.constexpr, HAS_ROPE: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)
@@ -200,8 +216,16 @@ def _split_kernel(
         q_mask = g_mask[:, None]
     else:
         q_mask = g_mask[:, None] & (offs_d < D)[None, :]
-    q = tl.load(Q + b64 * stride_qb + qh[:, None] * stride_qh + offs_d[None, :] * stride_qd,
-                mask=q_mask, other=0.0).to(K.dtype.element_ty)
+    q_rows = Q + b64 * stride_qb + qh[:, None] * stride_qh
+    q = tl.load(q_rows + offs_d[None, :] * stride_qd, mask=q_mask, other=0.0)
+    if HAS_ROPE:  # this step's q arrives unrotated: RoPE it here (one launch fewer per layer)
+        d_rot = tl.where(offs_d < D // 2, offs_d + D // 2, offs_d - D // 2)
+        d_rot = tl.where(offs_d < D, d_rot, 0)
+        sign = tl.where(offs_d < D // 2, -1.0, 1.0)
+        cos = tl.load(Cos + b64 * stride_cb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        sin = tl.load(Sin + b64 * stride_sb + offs_d, mask=offs_d < D, other=0.0).to(tl.float32)
+        q = _rotate(q, q_rows, d_rot[None, :] * stride_qd, sign[None, :], cos[None, :], sin[None, :])
+    q = q.to(K.dtype.element_ty)
 
     k_base = K + b64 * stride_kb + h.to(tl.int64) * stride_kh
     v_base = V + b64 * stride_vb + h.to(tl.int64) * stride_vh
@@ -217,7 +241,10 @@ def _split_kernel(
             else:
                 kv_head = h.to(tl.int64)
             d_mask = offs_d < D
-            new_k = tl.load(NewK + b64 * stride_nkb + kv_head * stride_nkh + offs_d, mask=d_mask, other=0.0)
+            new_k_row = NewK + b64 * stride_nkb + kv_head * stride_nkh
+            new_k = tl.load(new_k_row + offs_d, mask=d_mask, other=0.0)
+            if HAS_ROPE:
+                new_k = _rotate(new_k, new_k_row, d_rot, sign, cos, sin)
             new_v = tl.load(NewV + b64 * stride_nvb + kv_head * stride_nvh + offs_d, mask=d_mask, other=0.0)
             tl.store(k_base + cached.to(tl.int64) * stride_kn + offs_d, new_k.to(K.dtype.element_ty), mask=d_mask)
             tl.store(v_base + cached.to(tl.int64) * stride_vn + offs_d, new_v.to(V.dtype.element_ty), mask=d_mask)
@@ -307,6 +334,13 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+@functools.lru_cache(maxsize=None)
+def _side_stream(device_index: int) -> torch.cuda.Stream:
+    """One side stream per device for :attr:`DecodeConfig.concurrent_groups`, created once (and so before
+    any CUDA-graph capture that uses it)."""
+    return torch.cuda.Stream(device_index)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of ``device``; the H200's 132 for non-CUDA devices."""
     if device.type != "cuda":
@@ -378,6 +412,20 @@ def _check_new(q: torch.Tensor, new_k: torch.Tensor | None, new_v: torch.Tensor 
                              f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
 
 
+def _check_rope(q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None) -> None:
+    if rope is None:
+        return
+    if len(rope) != 2:
+        raise ValueError("rope must be a (cos, sin) pair")
+    expected = (q.shape[0], q.shape[2])
+    if q.shape[2] % 2:
+        raise ValueError(f"RoPE needs an even head_dim, got {q.shape[2]}")
+    for name, t in zip(("cos", "sin"), rope):
+        if tuple(t.shape) != expected or t.stride(1) != 1 or t.device != q.device:
+            raise ValueError(f"rope {name} must be {expected} on {q.device} with a contiguous last dim, got "
+                             f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
+
+
 def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_splits: int | None,
              config: DecodeConfig, out: torch.Tensor | None,
              workspace: DecodeWorkspace | None) -> tuple[torch.Tensor, DecodeWorkspace, int]:
@@ -425,7 +473,8 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   q_head_index: torch.Tensor | None, group_size: int, out: torch.Tensor,
                   ws: DecodeWorkspace, num_splits: int, scale: float, config: DecodeConfig,
                   new_k: torch.Tensor | None = None, new_v: torch.Tensor | None = None,
-                  kv_head_index: torch.Tensor | None = None) -> None:
+                  kv_head_index: torch.Tensor | None = None, rope: tuple[torch.Tensor, torch.Tensor] | None = None
+                  ) -> None:
     batch, kv_heads, capacity, dim = k_cache.shape
     q_heads = q.shape[1]
     block_n, num_stages = _fit_shared_memory(config, dim, k_cache.element_size())
@@ -437,7 +486,8 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         ws.partial_out, ws.partial_lse, out, ws.counters,
         new_k if has_new else q, new_v if has_new else q,
         kv_head_index if kv_head_index is not None else lengths,
-        q.stride(0), q.stride(1), q.stride(2),
+        *(rope if rope is not None else (q, q)),
+        q.stride(0), q.stride(1), q.stride(2), *(t.stride(0) for t in rope or (q, q)),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1), out.stride(2),
@@ -448,6 +498,7 @@ def _launch_split(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         S_CHUNK=min(_next_pow2(ws.num_splits), _S_CHUNK),
         HAS_STARTS=starts is not None, HAS_QIDX=q_head_index is not None,
         FUSED_COMBINE=config.fused_combine, HAS_NEW=has_new, HAS_KVIDX=kv_head_index is not None,
+        HAS_ROPE=rope is not None,
         PRECISION="ieee" if k_cache.dtype == torch.float32 else "tf32",
         UPCAST=_INTERPRETED and k_cache.dtype == torch.bfloat16,
         num_warps=config.num_warps, num_stages=num_stages,
@@ -471,7 +522,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      scale: float | None = None, num_splits: int | None = None,
                      out: torch.Tensor | None = None, *, config: DecodeConfig | None = None,
                      workspace: DecodeWorkspace | None = None, new_k: torch.Tensor | None = None,
-                     new_v: torch.Tensor | None = None) -> torch.Tensor:
+                     new_v: torch.Tensor | None = None,
+                     rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of one new query per sequence over a dense KV cache; returns ``[B, H_q, D]``.
 
     ``q`` ``[B, H_q, D]`` (query heads ``h*G .. h*G+G-1`` belong to KV head ``h``);
@@ -484,17 +536,22 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     With ``new_k``/``new_v`` ``[B, H_kv, D]`` (this step's token, any strides with a contiguous last
     dim), the kernel also appends: it writes them into slot ``lengths[b] - 1`` and attends to them from
     registers, so that slot's old content is never read (no separate copy kernel before the call).
+
+    With ``rope = (cos, sin)``, each ``[B, D]`` (this step's position), ``q`` and ``new_k`` arrive without RoPE and
+    the kernel applies it as transformers' ``apply_rotary_pos_emb`` does (``x * cos + rotate_half(x) * sin``, with
+    its rounding in the model dtype) before use; the cache receives the rotated key.
     """
     config = config or DEFAULT_CONFIG
     _check_cache(q, k_cache, v_cache, lengths, starts)
     _check_new(q, new_k, new_v, k_cache.shape[1])
+    _check_rope(q, rope)
     batch, kv_heads, capacity, dim = k_cache.shape
     if q.shape[1] % kv_heads:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv_heads} KV heads")
     out, ws, num_splits = _prepare(q, capacity, kv_heads, num_splits, config, out, workspace)
     scale = dim ** -0.5 if scale is None else scale
     _launch_split(q, k_cache, v_cache, lengths, starts, None, q.shape[1] // kv_heads, out, ws,
-                  num_splits, scale, config, new_k, new_v)
+                  num_splits, scale, config, new_k, new_v, rope=rope)
     if not config.fused_combine:
         _launch_combine(out, ws)
     return out
@@ -514,7 +571,8 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
                                 scale: float | None = None, out: torch.Tensor | None = None, *,
                                 num_splits: int | Sequence[int] | None = None, config: DecodeConfig | None = None,
                                 workspace: DecodeWorkspace | None = None, new_k: torch.Tensor | None = None,
-                                new_v: torch.Tensor | None = None) -> torch.Tensor:
+                                new_v: torch.Tensor | None = None,
+                                rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Decode attention of a layer whose KV heads live in several caches (CateKV's head groups).
 
     ``groups`` are ``(k_cache, v_cache, lengths, starts, q_head_index)`` (see :class:`KVGroup`);
@@ -525,7 +583,8 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     or None for :func:`group_num_splits` (each capped by the workspace's, when one is given); the
     workspace holds the largest. Launches ``len(groups) + 1`` kernels
     (``len(groups)`` with ``fused_combine``). ``new_k``/``new_v`` ``[B, H_kv_model, D]`` append this step's
-    token to every group as in :func:`decode_attention` (each group picks its heads by ``kv_head_index``).
+    token to every group as in :func:`decode_attention` (each group picks its heads by ``kv_head_index``);
+    ``rope`` as there.
     """
     config = config or DEFAULT_CONFIG
     groups = [KVGroup(*g) for g in groups]
@@ -546,6 +605,7 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     if new_k is not None and len(groups) > 1 and any(g.kv_head_index is None for g in groups):
         raise ValueError("appending new K/V to several groups needs each group's kv_head_index")
     _check_new(q, new_k, new_v, sum(g.k_cache.shape[1] for g in groups))
+    _check_rope(q, rope)
     if num_splits is None:
         splits = group_num_splits([g.k_cache for g in groups], config, sm_count(q.device))
         if workspace is not None:
@@ -561,10 +621,24 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
     if any(not 1 <= s <= ws.num_splits for s in splits):
         raise ValueError(f"num_splits {splits} must each be in [1, {ws.num_splits}] (the workspace's)")
     scale = q.shape[2] ** -0.5 if scale is None else scale
-    for g, group_splits in zip(groups, splits):
+
+    def launch(g: KVGroup, group_splits: int) -> None:
         group_size = g.q_head_index.numel() // g.k_cache.shape[1]
         _launch_split(q, g.k_cache, g.v_cache, g.lengths, g.starts, g.q_head_index, group_size,
-                      out, ws, group_splits, scale, config, new_k, new_v, g.kv_head_index)
+                      out, ws, group_splits, scale, config, new_k, new_v, g.kv_head_index, rope)
+
+    if config.concurrent_groups and q.is_cuda and len(groups) > 1:
+        main = torch.cuda.current_stream(q.device)
+        side = _side_stream(q.device.index if q.device.index is not None else torch.cuda.current_device())
+        side.wait_stream(main)  # the side branch starts after this layer's q and K/V exist
+        with torch.cuda.stream(side):
+            for g, group_splits in zip(groups[1:], splits[1:]):
+                launch(g, group_splits)
+        launch(groups[0], splits[0])
+        main.wait_stream(side)  # the combine (and the caller) see every group's partials
+    else:
+        for g, group_splits in zip(groups, splits):
+            launch(g, group_splits)
     if not config.fused_combine:
         _launch_combine(out, ws)
     return out

@@ -11,7 +11,8 @@ bf16) this times, for every chunk after the first, in one process:
     runtime       catekv_runtime.attention.chunk_attention, what the prefill calls now: on CUDA two cuDNN calls
                   (earlier keys unmasked, own keys square-causal) merged by their log-sum-exp
     whole         one is_causal SDPA call over the whole prompt: the same arithmetic in one piece, for scale
-                  (SDPA picks cuDNN for it on an H200)
+    whole_flash   the same call restricted to SDPA's flash backend
+    whole_cudnn   the same call restricted to SDPA's cuDNN backend (``whole`` against these two: which one SDPA picks)
 
 and compares each chunk's output of ``flash_op`` and ``runtime`` with ``lower_right``. It also prints which fused
 kernels PyTorch says it can use for the bottom-right case (``can_use_flash_attention`` /
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=8192)
     args = parser.parse_args()
     from torch.backends.cuda import SDPAParams, can_use_efficient_attention, can_use_flash_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
     torch.manual_seed(0)
@@ -77,6 +79,12 @@ def main() -> None:
     def whole():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
 
+    def whole_on(backend):
+        def run():
+            with sdpa_kernel([backend]):
+                return whole()
+        return run
+
     s, e = spans[-1]
     params = SDPAParams(q[:, :, s:e], k[:, :, :e], v[:, :, :e], None, 0.0, False, True)
     print(json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
@@ -84,7 +92,9 @@ def main() -> None:
                       "can_use_efficient": can_use_efficient_attention(params, debug=True),
                       "runtime_on_cudnn": _cudnn_can_split(q[:, :, s:e], k[:, :, :e])}), flush=True)
     record = {"context": n, "chunk": c, "chunks_timed": len(spans)}
-    for name, fn in (("lower_right", lower_right), ("flash_op", flash_op), ("runtime", runtime), ("whole", whole)):
+    arms = (("lower_right", lower_right), ("flash_op", flash_op), ("runtime", runtime), ("whole", whole),
+            ("whole_flash", whole_on(SDPBackend.FLASH_ATTENTION)), ("whole_cudnn", whole_on(SDPBackend.CUDNN_ATTENTION)))
+    for name, fn in arms:
         try:
             record[f"{name}_s"] = round(timed(fn), 4)
         except Exception as exc:  # an op this build cannot run: say so and go on

@@ -58,7 +58,7 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     the top-left mask. So where cuDNN attention can run, the chunk is two cuDNN calls merged by their
     log-sum-exp: its queries over the earlier keys with no mask, and over its own keys with the square causal
     mask. Elsewhere it is one SDPA call with the bottom-right mask. ``split`` forces (True) or forbids (False)
-    the two-call form; True without cuDNN computes the two parts in plain float32 PyTorch (for tests).
+    the two-call form; True off CUDA computes the two parts in plain float32 PyTorch (for tests).
     """
     length = query.shape[2]
     end = start + length

@@ -72,7 +72,9 @@ class LeanGenerator:
             ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and residual adds fused in),
             ``"torch"`` (``F.linear``, i.e. cuBLAS, with the small ops around it compiled) or ``"auto"`` (triton
             with the triton backend). Layers the fused kernel cannot reproduce (norms other than Llama's RMSNorm,
-            activations other than SiLU, unfused projections) and batches above 1 use ``"torch"``.
+            activations other than SiLU, unfused projections) and batches above 1 use ``"torch"``. With ``"triton"``
+            the decode kernel also applies RoPE to q and the new key, where the model's RoPE is the rotate-half
+            form (checked numerically at set-up).
         overrides: runtime overrides of the profile, as in :func:`catekv_runtime.apply`.
     """
 

@@ -18,6 +18,10 @@ How it works (two kernels):
 2. ``_combine_kernel``, grid ``(batch * q_heads,)``: log-sum-exp merge of the splits of one query
    head, written straight into ``out`` (any strides).
 
+The split kernel also does the per-token work around the attention: ``rope=(cos, sin)`` rotates q and the new key
+(they arrive unrotated), and split 0 appends ``new_k``/``new_v`` to the cache, so neither needs a launch of its own. ``DecodeConfig(concurrent_groups=True)`` runs a layer's second head group on a side
+stream, beside the first.
+
 Optionally (``DecodeConfig(fused_combine=True)``) the last split program of each KV head to finish
 does the merge itself (a per-head arrival counter, reset by that program), which saves the second
 launch. Launch counts: ``decode_attention`` 2 (1 fused); ``decode_attention_two_groups`` with n
@@ -155,9 +159,10 @@ def _combine_row(PartO, PartLse, Out, row, out_offset, num_splits, stride_od,
 
 @triton.jit
 def _rotate(x, X, offs_rot, sign, cos, sin):
-    """RoPE of ``x`` (loaded from ``X`` at the usual offsets) as transformers' ``apply_rotary_pos_emb`` computes it in
-    the model dtype: ``x * cos + rotate_half(x) * sin``, each product and the sum rounded to that dtype.
-    ``X + offs_rot`` loads ``x`` with its halves swapped; ``sign`` is -1 on the first half."""
+    """RoPE of ``x`` (loaded from ``X`` at the usual offsets) in the order of transformers' ``apply_rotary_pos_emb``:
+    ``x * cos + rotate_half(x) * sin``, each product and the sum cast to the model dtype. The compiled kernel may
+    still round differently in the last bit (tests/test_triton_decode.py). ``X + offs_rot`` loads ``x`` with its
+    halves swapped; ``sign`` is -1 on the first half."""
     dtype = x.dtype
     rot = tl.load(X + offs_rot).to(tl.float32) * sign
     a = (x.to(tl.float32) * cos).to(dtype).to(tl.float32)
@@ -538,8 +543,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     registers, so that slot's old content is never read (no separate copy kernel before the call).
 
     With ``rope = (cos, sin)``, each ``[B, D]`` (this step's position), ``q`` and ``new_k`` arrive without RoPE and
-    the kernel applies it as transformers' ``apply_rotary_pos_emb`` does (``x * cos + rotate_half(x) * sin``, with
-    its rounding in the model dtype) before use; the cache receives the rotated key.
+    the kernel applies it as transformers' ``apply_rotary_pos_emb`` does (``x * cos + rotate_half(x) * sin`` in the
+    model dtype, equal to it up to the last bit) before use; the cache receives the rotated key.
     """
     config = config or DEFAULT_CONFIG
     _check_cache(q, k_cache, v_cache, lengths, starts)

@@ -8,6 +8,7 @@ The results of the current code (CURRENT below) come from, on one H200, 2026-11-
     python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k_layered.json
     python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
     python benchmarks/decode_stages.py --out docs/results/decode_stages.json
+    python benchmarks/decode_stages.py --out docs/results/decode_stages_repeat.json   (the same, later, for the spread)
     python benchmarks/chunk_attention.py --context 131072 --chunk 8192      (docs/results/chunk_attention.log)
 and, with that code less RoPE in the decode kernel (a working tree between d393b41 and CURRENT):
     python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --concurrent-groups off on
@@ -481,17 +482,23 @@ def targets(copy: float, kernel: list[dict], real: list[dict], stages: list[dict
                   f"{100 * sweep['frac_copy']:.0f}% (SDPA {100 * sweep_sdpa['frac_copy']:.0f}%, "
                   "`kernel_sweep_32k.json`)",
                   all(f[2] >= 0.9 for f in fracs)])
-    step = {(r["arm"], r["context"]): r for r in rows(stages, suite="stages", stage="summary")}
-    ratio = {c: step["lean-catekv", c]["step_ms"] / step["lean-catekv", c]["floor_ms"] for c in (131072, 524288)}
+    runs = [{(r["arm"], r["context"]): r for r in rows(records, suite="stages", stage="summary")}
+            for records in (stages, load("decode_stages_repeat.json"))]  # two runs of section f's command
+    ratio = {c: [step["lean-catekv", c]["step_ms"] / step["lean-catekv", c]["floor_ms"] for step in runs]
+             for c in (131072, 524288)}
     real128 = one(real, arm="lean-catekv", context=131072, code=CURRENT)
+    real_ratio = real128["decode_ms_per_step"] / real128["floor_ms"]
+    worst = max(*ratio[131072], real_ratio)
     lines.append(["CateKV step <= 1.15 x floor at 128K and 512K",
-                  f"{ratio[131072]:.4f}x at 128K, {ratio[524288]:.4f}x at 512K (section f, {CURRENT}); on the line at "
-                  f"128K: the real run of (b) gave {real128['decode_ms_per_step'] / real128['floor_ms']:.4f}x",
-                  max(ratio.values()) <= 1.15])
-    cat512, full512 = step["lean-catekv", 524288]["step_ms"], step["lean-full", 524288]["step_ms"]
+                  f"128K: {' and '.join(f'{x:.4f}x' for x in ratio[131072])} in two runs of section f, "
+                  f"{real_ratio:.4f}x in the real run of (b): {100 * (worst / 1.15 - 1):.2f}% over at worst; 512K: "
+                  f"{' and '.join(f'{x:.4f}x' for x in ratio[524288])} ({CURRENT})",
+                  max(worst, *ratio[524288]) <= 1.15])
+    speedup = [step["lean-full", 524288]["step_ms"] / step["lean-catekv", 524288]["step_ms"] for step in runs]
     lines.append([">= 1.8x faster than full attention on the lean path at 512K",
-                  f"{full512 / cat512:.2f}x ({cat512:.2f} vs {full512:.2f} ms, one run, {CURRENT})",
-                  full512 / cat512 >= 1.8])
+                  " and ".join(f"{x:.2f}x ({step['lean-catekv', 524288]['step_ms']:.2f} vs "
+                               f"{step['lean-full', 524288]['step_ms']:.2f} ms)" for x, step in zip(speedup, runs))
+                  + f", two runs of section f ({CURRENT})", min(speedup) >= 1.8])
     gen = one(real, arm="transformers-generate", context=131072, code=CURRENT)["decode_ms_per_step"]
     cat = real128["decode_ms_per_step"]
     lines.append([">= 10x faster per step than transformers generate at 128K",
@@ -543,8 +550,9 @@ kernel moves 50 MB per layer, too little to reach full bandwidth), post-attentio
 (`docs/results/investigation/decode_stages_d393b41.json`) the 128K step went from {old[131072]:.2f} to
 {summary[131072]['step_ms']:.2f} ms and the 512K step from {old[524288]:.2f} to {summary[524288]['step_ms']:.2f} ms: the
 q/k/v tile, the head groups on two streams and RoPE inside the attention kernel. The 128K ratio sits on the
-target: {summary[131072]['step_ms'] / summary[131072]['floor_ms']:.4f}x in section f,
-{real128['decode_ms_per_step'] / real128['floor_ms']:.4f}x in the real run.
+target (table above): what is left over the floor is spread thin over the 32 layers, per layer
+{1e3 * over('attention') / 32:.0f} us in the attention (its launches and the combine), {1e3 * over('pre_attention') / 32:.0f} us in
+pre-attention and {1e3 * over('post_attention') / 32:.0f} us in post-attention.
 
 The kernel target is missed at 32K batch 1 only: one layer's 32K cache is {k32['kv_bytes'] / 2**20:.0f} MiB,
 {floor_us:.0f} us at copy bandwidth, and the kernel takes {k32['us']:.0f} us. What lies above the floor does not grow

@@ -231,8 +231,9 @@ def test_new_token_appended_in_the_kernel(config: td.DecodeConfig, splits: int) 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rope_applied_in_the_kernel(dtype: torch.dtype) -> None:
     """rope=(cos, sin): q and the new key arrive unrotated; the kernel must rotate them as transformers'
-    apply_rotary_pos_emb does: to the bit in float32 through the interpreter, to the last bit of the model dtype
-    otherwise (the GPU compiler may fuse a multiply-add; the interpreter rounds float32 to bfloat16 its own way)."""
+    apply_rotary_pos_emb does: to the bit in float32 through the interpreter, otherwise within a last-bit rounding
+    of the model dtype (the GPU compiler may fuse a multiply-add; the interpreter rounds float32 to bfloat16 its
+    own way)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
     batch, kv_heads, group, cap, dim = 2, 2, 2, 96, 64

@@ -199,18 +199,20 @@ class LeanGenerator:
         attn = layer.self_attn
         x = layer.input_layernorm(hidden)
         if qkv_weight is None:
-            return self._rope_heads(attn, attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), cos, sin)
+            shape = (hidden.shape[0], 1, -1, attn.head_dim)
+            q, k, v = (proj(x).view(shape).transpose(1, 2) for proj in (attn.q_proj, attn.k_proj, attn.v_proj))
+            return self._rope_heads(q, k, v, cos, sin)
         # One GEMV instead of three (at batch 1 the small k/v ones run far below bandwidth).
         return self._split_heads(layer, F.linear(x, qkv_weight, qkv_bias), cos, sin, q_rows)
 
     def _split_heads(self, layer, qkv, cos, sin, q_rows: int):
-        q, kv = qkv.split([q_rows, qkv.shape[-1] - q_rows], dim=-1)
-        return self._rope_heads(layer.self_attn, q, *kv.chunk(2, dim=-1), cos, sin)
+        q, kv = _qkv_heads(qkv, q_rows, layer.self_attn.head_dim)
+        return self._rope_heads(q, kv[0], kv[1], cos, sin)
 
-    def _rope_heads(self, attn, q, k, v, cos, sin):
-        shape = (q.shape[0], 1, -1, attn.head_dim)
-        q, k = self._rope(q.view(shape).transpose(1, 2), k.view(shape).transpose(1, 2), cos, sin)
-        return q, torch.stack([k, v.view(shape).transpose(1, 2)])
+    def _rope_heads(self, q, k, v, cos, sin):
+        """RoPE of q and k ``[B, H, 1, D]``; returns q and the stacked kv ``[2, B, Hkv, 1, D]``."""
+        q, k = self._rope(q, k, cos, sin)
+        return q, torch.stack([k, v])
 
     def _post_attention(self, layer, hidden, attn_out, gate_up_weight):
         hidden = hidden + layer.self_attn.o_proj(attn_out.reshape(hidden.shape[0], 1, -1))
@@ -493,7 +495,15 @@ class _DecodeState:
         attn = gen.decoder.layers[0].self_attn
         self.scale = attn.scaling
         if gen.backend == "triton":
-            from .kernels.triton_decode import KVGroup, group_num_splits, make_workspace, sm_count
+            from .kernels.triton_decode import (
+                KVGroup,
+                decode_attention_two_groups,
+                group_num_splits,
+                make_workspace,
+                sm_count,
+            )
+
+            self._decode_attention = decode_attention_two_groups  # resolved once, not per layer and step
 
             q_heads = gen.model.config.get_text_config(decoder=True).num_attention_heads
             # Each group gets its own split count, fixed here (shapes only); the shared workspace holds the largest.
@@ -550,9 +560,7 @@ class _DecodeState:
         """Append this step's K/V ``[2, B, Hkv, 1, D]`` to the layer's groups and attend: ``[B, Hq, D]``. ``rope``
         as ``LeanGenerator._pre`` returns it (not None only with the Triton backend)."""
         if self.gen.backend == "triton":
-            from .kernels.triton_decode import decode_attention_two_groups
-
-            return decode_attention_two_groups(
+            return self._decode_attention(
                 q[:, :, 0], [slot.kernel_group for slot in slots], scale=self.scale, out=self.attn_out,
                 num_splits=[slot.num_splits for slot in slots], workspace=self.workspace,
                 config=self.gen.kernel_config, new_k=kv[0, :, :, 0], new_v=kv[1, :, :, 0], rope=rope,

@@ -48,6 +48,10 @@ def test_lean_sdpa_equals_plain_generate(family, ratio):
     assert torch.equal(tokens, expected)
     assert lean.stats.new_tokens == 16 and lean.stats.kv_bytes > 0
     assert model.config._attn_implementation == "sdpa"
+    # Separate q/k/v projections (fuse=False) take their own path through the step: the same tokens.
+    unfused = LeanGenerator(model, lean.profile, backend="sdpa", fuse=False)
+    assert unfused._fused[model.model.layers[0]].qkv_weight is None
+    assert torch.equal(unfused.generate(ids, mask, max_new_tokens=16), expected)
 
 
 @pytest.mark.skipif(torch.cuda.is_available() or importlib.util.find_spec("triton") is None,

@@ -19,8 +19,8 @@ How it works (two kernels):
    head, written straight into ``out`` (any strides).
 
 The split kernel also does the per-token work around the attention: ``rope=(cos, sin)`` rotates q and the new key
-(they arrive unrotated), and split 0 appends ``new_k``/``new_v`` to the cache, so neither needs a launch of its own. ``DecodeConfig(concurrent_groups=True)`` runs a layer's second head group on a side
-stream, beside the first.
+(they arrive unrotated), and split 0 appends ``new_k``/``new_v`` to the cache, so neither needs a launch of its own.
+``DecodeConfig(concurrent_groups=True)`` runs a layer's second head group on a side stream, beside the first.
 
 Optionally (``DecodeConfig(fused_combine=True)``) the last split program of each KV head to finish
 does the merge itself (a per-head arrival counter, reset by that program), which saves the second
@@ -431,19 +431,12 @@ def _check_rope(q: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None)
                              f"{tuple(t.shape)} with strides {t.stride()} on {t.device}")
 
 
-def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_splits: int | None,
-             config: DecodeConfig, out: torch.Tensor | None,
-             workspace: DecodeWorkspace | None) -> tuple[torch.Tensor, DecodeWorkspace, int]:
-    """Resolve ``num_splits``, the output tensor and the workspace (allocating only if missing)."""
-    batch, q_heads, dim = q.shape
+def _prepare(q: torch.Tensor, num_splits: int, out: torch.Tensor | None,
+             workspace: DecodeWorkspace | None) -> tuple[torch.Tensor, DecodeWorkspace]:
+    """Check ``q``, and ``out`` and the workspace against it and ``num_splits`` (allocating either if missing)."""
     if q.dim() != 3:
         raise ValueError(f"q must be [B, H_q, D], got {tuple(q.shape)}")
-    if num_splits is None:
-        if workspace is not None:
-            num_splits = workspace.num_splits
-        else:
-            num_splits = default_num_splits(batch, kv_heads_for_splits, max_capacity, block_n=config.block_n,
-                                            sms=sm_count(q.device), programs_per_sm=config.programs_per_sm)
+    batch, q_heads, dim = q.shape
     if not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     if workspace is None:
@@ -455,7 +448,7 @@ def _prepare(q: torch.Tensor, max_capacity: int, kv_heads_for_splits: int, num_s
         out = torch.empty_like(q)
     elif out.shape != q.shape:
         raise ValueError(f"out must be {tuple(q.shape)}, got {tuple(out.shape)}")
-    return out, workspace, num_splits
+    return out, workspace
 
 
 def _fit_shared_memory(config: DecodeConfig, head_dim: int, element_size: int) -> tuple[int, int]:
@@ -553,7 +546,11 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     batch, kv_heads, capacity, dim = k_cache.shape
     if q.shape[1] % kv_heads:
         raise ValueError(f"{q.shape[1]} query heads are not a multiple of {kv_heads} KV heads")
-    out, ws, num_splits = _prepare(q, capacity, kv_heads, num_splits, config, out, workspace)
+    if num_splits is None:
+        num_splits = workspace.num_splits if workspace is not None else default_num_splits(
+            batch, kv_heads, capacity, block_n=config.block_n, sms=sm_count(q.device),
+            programs_per_sm=config.programs_per_sm)
+    out, ws = _prepare(q, num_splits, out, workspace)
     scale = dim ** -0.5 if scale is None else scale
     _launch_split(q, k_cache, v_cache, lengths, starts, None, q.shape[1] // kv_heads, out, ws,
                   num_splits, scale, config, new_k, new_v, rope=rope)
@@ -621,8 +618,7 @@ def decode_attention_two_groups(q: torch.Tensor, groups: Sequence[KVGroup | tupl
         splits = list(num_splits)
         if len(splits) != len(groups):
             raise ValueError(f"num_splits has {len(splits)} entries for {len(groups)} groups")
-    out, ws, _ = _prepare(q, 0, 1, workspace.num_splits if workspace is not None else max(splits), config, out,
-                          workspace)
+    out, ws = _prepare(q, workspace.num_splits if workspace is not None else max(splits), out, workspace)
     if any(not 1 <= s <= ws.num_splits for s in splits):
         raise ValueError(f"num_splits {splits} must each be in [1, {ws.num_splits}] (the workspace's)")
     scale = q.shape[2] ** -0.5 if scale is None else scale

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import catekv_runtime as ck  # noqa: E402
 from catekv_runtime.cache import HeadGroup  # noqa: E402
 from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
-from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec  # noqa: E402
+from catekv_runtime.profile import UNLIMITED_BUDGET, Profile, ProfileParams, ReferenceSpec  # noqa: E402
 
 GiB = 1024**3
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -143,7 +143,7 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
             heads = (layer_map == adaptive).nonzero().flatten()
             if heads.numel() == 0:
                 continue
-            kept = params.kept_tokens(context, adaptive)
+            kept = params.kept_tokens(context, UNLIMITED_BUDGET if adaptive else params.budget)
             kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=dtype, device=device)
             q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
             groups.append(HeadGroup(heads.to(device), q_heads, kv, kept, None))

@@ -25,8 +25,8 @@ METHODS = ("full", "catekv", "duo", "snapkv", "streaming")
 def method_overrides(method: str, profile: Profile, context_length: int) -> dict[str, Any]:
     """Runtime overrides (for ``catekv_runtime.apply``) of ``method`` at ``context_length`` tokens.
 
-    ``snapkv`` and ``streaming`` get a per-head budget equal to CateKV's average tokens per head at this
-    length, so all compressed methods keep the same total KV (up to a chunk of rounding).
+    ``snapkv`` and ``streaming`` get a per-head budget that makes them keep CateKV's average tokens per head at
+    this length, so all compressed methods keep the same total KV (up to a chunk of rounding).
     """
     p = profile.params
     if method == "full":
@@ -35,7 +35,10 @@ def method_overrides(method: str, profile: Profile, context_length: int) -> dict
         return {}
     if method == "duo":
         return {"budget": p.budget, "init_tokens": p.init_tokens, "recent_tokens": p.budget - p.init_tokens}
-    per_head = max(p.init_tokens + p.recent_tokens, math.floor(profile.kv_kept_fraction(context_length) * context_length))
+    # Every head also keeps the reserve (and the prompt's remainder of a chunk) as tail, beyond its budget.
+    reserve = p.reserve_tokens // p.chunk_size * p.chunk_size
+    per_head = max(p.init_tokens + p.recent_tokens,
+                   math.floor(profile.kv_kept_fraction(context_length) * context_length) - reserve)
     if method == "snapkv":
         return {"adaptive_ratio": 0.0, "budget": per_head, "init_tokens": p.init_tokens,
                 "recent_tokens": p.recent_tokens}

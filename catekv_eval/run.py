@@ -56,21 +56,13 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     for task in tasks:
         samples = make_samples(task, tokenizer, context_length, num_samples, seed=seed)
         new = min(samples[0].max_new_tokens, max_new_tokens or samples[0].max_new_tokens)
-        predictions = {c: [] for c in configs}
-        held = {c: 0 for c in configs}
-        full = {c: 0 for c in configs}
-        seconds = {c: 0.0 for c in configs}
         ck.apply(model, profile)  # the attention function; every cache below is made explicitly
         try:
-            for first in range(0, len(samples), batch_size):
-                for config, (answers, used, full_bytes, spent) in _run_batch(
-                        model, tokenizer, profile, samples[first : first + batch_size], resolved, new).items():
-                    predictions[config] += answers
-                    held[config] += used
-                    full[config] += full_bytes
-                    seconds[config] += spent
+            results = run_batches(model, tokenizer, profile, samples, resolved, new, batch_size)
         finally:
             ck.remove(model)
+        predictions = {c: results[c][0] for c in configs}
+        held, full, seconds = ({c: results[c][i] for c in configs} for i in (1, 2, 3))
         for method, ratio in configs:
             scored = round(score(task, predictions[method, ratio], samples), 2)
             kept = round(100 * held[method, ratio] / full[method, ratio], 2)
@@ -85,8 +77,20 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     return records
 
 
+def run_batches(model: torch.nn.Module, tokenizer: Any, profile: Profile, samples: Sequence[Any],
+                resolved: dict[Any, Profile], new: int, batch_size: int) -> dict[Any, tuple]:
+    """Every retention setting of ``resolved`` on ``samples``, ``batch_size`` at a time, each batch prefilled
+    once: ``{config: (answers, KV bytes used, full-attention bytes, seconds)}`` summed over the batches.
+    The model must have CateKV applied (the attention function); ``profile`` makes the prefill's cache."""
+    totals = {config: ([], 0, 0, 0.0) for config in resolved}
+    for first in range(0, len(samples), batch_size):
+        batch = _run_batch(model, tokenizer, profile, samples[first : first + batch_size], resolved, new)
+        totals = {config: tuple(a + b for a, b in zip(totals[config], batch[config])) for config in resolved}
+    return totals
+
+
 def _run_batch(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any],
-               resolved: dict[tuple[str, float | None], Profile], new: int) -> dict[tuple[str, float | None], tuple]:
+               resolved: dict[Any, Profile], new: int) -> dict[Any, tuple]:
     """Every method on one batch: ``{config: (answers, KV bytes used, full-attention bytes, seconds)}``.
 
     A batch that runs out of GPU memory is retried in two halves (down to single samples), so one
@@ -107,14 +111,14 @@ def _run_batch(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: 
 
 
 def _run_batch_once(model: torch.nn.Module, tokenizer: Any, profile: Profile, batch: Sequence[Any],
-                    resolved: dict[tuple[str, float | None], Profile], new: int) -> dict[tuple[str, float | None], tuple]:
+                    resolved: dict[Any, Profile], new: int) -> dict[Any, tuple]:
     started = time.perf_counter()
     source, ids, mask, first_token = _prefill(model, tokenizer, profile, batch, new)
     prefill_s = (time.perf_counter() - started) / len(resolved)  # shared by the methods
     results = {}
     for config, chosen in resolved.items():
         started = time.perf_counter()
-        cache = source.fork(chosen.head_map, chosen.params, reserve=new + 1)
+        cache = source.fork(chosen.head_map, chosen.params, reserve=new + 1, budgets=chosen.budgets)
         answers = _decode(model, tokenizer, cache, ids, mask, first_token, new)
         memory = cache.memory()
         del cache

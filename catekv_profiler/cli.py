@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -53,6 +54,28 @@ def main() -> None:
               help="Observation window L_obs (last prompt queries).")
 @click.option("--init-tokens", type=int, default=None, help="Initial tokens L_init  [default: budget/32]")
 @click.option("--recent-tokens", type=int, default=None, help="Recent tokens L_rec  [default: budget/8]")
+@click.option("--reserve-tokens", type=int, default=DEFAULTS.reserve_tokens, show_default=True,
+              help="Tokens before L_rec left out of the statistics and kept as tail, in whole chunks (the "
+                   "authors' code: 32; 0 for none).")
+@click.option("--tie-rule", type=click.Choice(["exact", "inclusive"]), default=DEFAULTS.tie_rule, show_default=True,
+              help="exact: ceil(r x heads) adaptive heads, ties by mean CV; inclusive: also every head tied "
+                   "with the last one (the authors' code).")
+@click.option("--calibrate", is_flag=True,
+              help="Choose k and alpha for this model: measure every (k, alpha) of --grid-k x --grid-alpha in the "
+                   "same pass, score each head map on RULER-style tasks drawn with --calibration-seed at the target "
+                   "length and r, keep the best; the table goes into the profile. Instead of -k/--alpha.")
+@click.option("--grid-k", default="0.9,0.95,0.98,0.99,0.995,0.998", show_default=True,
+              help="Comma-separated percentiles k to calibrate over.")
+@click.option("--grid-alpha", default="0.8,1.0", show_default=True, help="Comma-separated alphas to calibrate over.")
+@click.option("--calibration-tasks", default=None,
+              help="Comma-separated catekv-eval tasks  [default: niah_single_3, niah_multikey_1, niah_multikey_3, "
+                   "niah_multivalue, vt, fwe]")
+@click.option("--calibration-samples", type=int, default=10, show_default=True, help="Samples per calibration task.")
+@click.option("--calibration-seed", type=int, default=None,
+              help="Seed of the calibration tasks; keep it apart from any evaluation's  [default: 4242; "
+                   "catekv-eval uses 1000]")
+@click.option("--calibration-length", type=int, default=None,
+              help="Tokens per calibration task sample  [default: --context-length]")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
 @click.option("--context-length", "-L", type=int, default=None,
               help="Tokens per reference sample  [default: the model's maximum, at most 131072]")
@@ -75,7 +98,10 @@ def main() -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def profile_command(model: str, output: Path, percentile: float, alpha: float, adaptive_ratio: float, eta: float,
                     budget: int, chunk_size: int, obs_window: int, init_tokens: int | None,
-                    recent_tokens: int | None, num_samples: int, context_length: int | None,
+                    recent_tokens: int | None, reserve_tokens: int, tie_rule: str, calibrate: bool, grid_k: str,
+                    grid_alpha: str, calibration_tasks: str | None, calibration_samples: int,
+                    calibration_seed: int | None, calibration_length: int | None, num_samples: int,
+                    context_length: int | None,
                     reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
                     revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
                     quiet: bool) -> None:
@@ -84,7 +110,14 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     from tqdm.auto import tqdm
 
     from .models import ModelError, load_model, model_devices
-    from .profiler import Checkpoint, ProfilingError, default_provenance, profile_model, statistics_key
+    from .profiler import (
+        Checkpoint,
+        ProfilingError,
+        default_provenance,
+        measure_samples,
+        profile_candidates,
+        statistics_key,
+    )
     from .reference import ReferenceSetError, load_reference_jsonl, reference_hash, variable_tracking_samples
 
     if output.exists() and not overwrite:
@@ -94,12 +127,16 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     try:
         params = ProfileParams.for_budget(
             budget, percentile=percentile, alpha=alpha, adaptive_ratio=adaptive_ratio, eta=eta,
-            chunk_size=chunk_size, obs_window=obs_window,
+            chunk_size=chunk_size, obs_window=obs_window, reserve_tokens=reserve_tokens, tie_rule=tie_rule,
             **{k: v for k, v in (("init_tokens", init_tokens), ("recent_tokens", recent_tokens)) if v is not None},
         )
         params.validate()
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
+    settings = _threshold_settings(params, calibrate, grid_k, grid_alpha)
+    tasks = _calibration_tasks(calibration_tasks) if calibrate else ()
+    if calibrate and calibration_samples < 1:
+        raise click.BadParameter("must be >= 1", param_hint="--calibration-samples")
 
     device_map_arg = _parse_device_map(device_map)
     if device_map_arg is not None and device != "auto":
@@ -124,6 +161,10 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         raise click.UsageError(
             f"--context-length {context_length} exceeds the model's maximum of {info.max_context} tokens"
         )
+    if calibrate and info.max_context and (calibration_length or 0) > info.max_context:
+        raise click.UsageError(
+            f"--calibration-length {calibration_length} exceeds the model's maximum of {info.max_context} tokens"
+        )
     try:
         if reference is not None:
             samples = load_reference_jsonl(reference, tokenizer, context_length)[:num_samples]
@@ -136,7 +177,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
 
     spec = info.spec()
     dtype_name = str(next(model_obj.parameters()).dtype).removeprefix("torch.")
-    checkpoint = Checkpoint(output, statistics_key(params, spec, dtype_name))
+    checkpoint = Checkpoint(output, statistics_key(params, spec, dtype_name, settings if calibrate else None))
     if restart:
         checkpoint.remove()
     ref_spec = ReferenceSpec(task=task, context_length=context_length, num_samples=len(samples), seed=seed,
@@ -148,12 +189,31 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         bar.update(1)
 
     try:
-        result = profile_model(model_obj, spec, samples, params, ref_spec, checkpoint=checkpoint,
-                               on_sample=advance, provenance=default_provenance(device, dtype_name))
+        stats = measure_samples(model_obj, samples, params, settings, checkpoint=checkpoint, on_sample=advance)
     except (ProfilingError, ProfileError) as e:
         raise click.ClickException(str(e)) from None
     finally:
         bar.close()
+    candidates = profile_candidates(stats, params, settings, spec, ref_spec, default_provenance(device, dtype_name))
+    if calibrate:
+        # The scoring runs the evaluation harness (catekv_eval builds on the profiler, not the other way).
+        from catekv_eval.calibrate import CALIBRATION_SEED
+        from catekv_eval.calibrate import calibrate as score_candidates
+        from catekv_eval.tasks import EvalTaskError
+
+        try:
+            result = score_candidates(
+                model_obj, tokenizer, candidates, context_length=calibration_length or context_length, tasks=tasks,
+                num_samples=calibration_samples,
+                seed=CALIBRATION_SEED if calibration_seed is None else calibration_seed,
+            )
+        except EvalTaskError as e:
+            raise click.ClickException(f"calibration: {e}") from None
+        from .report import calibration_summary, format_calibration
+
+        click.echo("\n".join(format_calibration(calibration_summary(result))), err=True)
+    else:
+        result = candidates[0]
     result.save(output)
     checkpoint.remove()
     elapsed = time.perf_counter() - started
@@ -162,6 +222,49 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         f"(r={params.adaptive_ratio}), {len(samples)} samples of {context_length} tokens, {elapsed:.0f} s",
         err=True,
     )
+
+
+def _threshold_settings(params: ProfileParams, calibrate: bool, grid_k: str,
+                        grid_alpha: str) -> list[tuple[float, float]]:
+    """The (k, alpha) settings to measure: the grid with --calibrate, else the one of -k/--alpha."""
+    ctx = click.get_current_context()
+    given = [f"--{name}" for name in ("percentile", "alpha")
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if not calibrate:
+        return [(params.percentile, params.alpha)]
+    if given:
+        raise click.UsageError(f"{' and '.join(given)} and --calibrate exclude each other: calibration picks k and "
+                               "alpha from --grid-k and --grid-alpha")
+    grids = []
+    for hint, text in (("--grid-k", grid_k), ("--grid-alpha", grid_alpha)):
+        try:
+            values = sorted({float(v) for v in text.split(",") if v.strip()})
+        except ValueError:
+            raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers", param_hint=hint) from None
+        if not values:
+            raise click.BadParameter("needs at least one value", param_hint=hint)
+        grids.append(values)
+    settings = [(k, alpha) for k in grids[0] for alpha in grids[1]]
+    for k, alpha in settings:
+        try:
+            dataclasses.replace(params, percentile=k, alpha=alpha).validate()
+        except ProfileError as e:
+            raise click.BadParameter(str(e), param_hint="--grid-k/--grid-alpha") from None
+    return settings
+
+
+def _calibration_tasks(text: str | None) -> tuple[str, ...]:
+    from catekv_eval.calibrate import DEFAULT_TASKS
+    from catekv_eval.tasks import TASKS
+
+    if text is None:
+        return DEFAULT_TASKS
+    tasks = tuple(t.strip() for t in text.split(",") if t.strip())
+    unknown = sorted(set(tasks) - set(TASKS))
+    if unknown or not tasks:
+        raise click.BadParameter(f"unknown tasks {unknown or [text]}; choose from {', '.join(TASKS)}",
+                                 param_hint="--calibration-tasks")
+    return tasks
 
 
 def _parse_device_map(text: str | None) -> str | dict | None:

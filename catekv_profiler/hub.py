@@ -174,6 +174,8 @@ def model_card(
                 ["observation window", "L_obs", p.obs_window],
                 ["initial tokens", "L_init", p.init_tokens],
                 ["recent tokens", "L_rec", p.recent_tokens],
+                ["reserve kept as tail, left out of the statistics", "-", p.reserve_tokens],
+                ["vote tie rule", "-", p.tie_rule],
             ],
         ),
         "",

@@ -5,6 +5,7 @@ Per-sample statistics are checkpointed beside the output, so a killed run resume
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -20,24 +21,28 @@ from catekv_runtime.profile import ModelSpec, Profile, ProfileParams, ReferenceS
 
 from .capture import capture_attention
 from .reference import ReferenceSample, reference_hash
-from .stats import LayerStats, layer_statistics
+from .stats import LayerStats, ThresholdSetting, layer_statistics
 
-SampleStats = dict[str, torch.Tensor]  # "cv", "threshold", "hit_mean": float32 [num_layers, num_kv_heads]
+# "cv", "threshold", "hit_mean": float32 [settings, num_layers, num_kv_heads] (one row per (k, alpha) setting)
+SampleStats = dict[str, torch.Tensor]
+STATISTICS = ("cv", "threshold", "hit_mean")
 
 
 class ProfilingError(RuntimeError):
     """Profiling cannot go on; the message says what is wrong and how to fix it."""
 
 
-def sample_statistics(model: torch.nn.Module, input_ids: Sequence[int], params: ProfileParams) -> SampleStats:
-    """Statistics of every layer and KV head for one reference sample (one prefill, no logits)."""
+def sample_statistics(model: torch.nn.Module, input_ids: Sequence[int], params: ProfileParams,
+                      settings: Sequence[ThresholdSetting] | None = None) -> SampleStats:
+    """Statistics of every (k, alpha) setting (default: the one of ``params``), layer and KV head for one
+    reference sample (one prefill, no logits)."""
     config = model.config.get_text_config(decoder=True)
     num_layers = config.num_hidden_layers
     per_layer: dict[int, LayerStats] = {}
 
     def on_layer(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> None:
         obs = query[0, :, -params.obs_window :]
-        per_layer[module.layer_idx] = layer_statistics(obs, key[0], module.scaling, params)
+        per_layer[module.layer_idx] = layer_statistics(obs, key[0], module.scaling, params, settings)
 
     # Where the token ids are looked up; a model split by a device map moves activations between its layers.
     device = model.get_input_embeddings().weight.device
@@ -51,10 +56,8 @@ def sample_statistics(model: torch.nn.Module, input_ids: Sequence[int], params: 
             "dispatch attention through transformers' AttentionInterface and cannot be profiled"
         )
     # Each layer's statistics stayed on that layer's device; one gather to the CPU at the end.
-    return {
-        name: torch.stack([getattr(per_layer[i], name).cpu() for i in range(num_layers)])
-        for name in ("cv", "threshold", "hit_mean")
-    }
+    return {name: torch.stack([getattr(per_layer[i], name).cpu() for i in range(num_layers)], dim=1)
+            for name in STATISTICS}
 
 
 class Checkpoint:
@@ -78,7 +81,7 @@ class Checkpoint:
         try:
             with safe_open(str(path), framework="pt") as f:
                 key = (f.metadata() or {}).get("run_key")
-                stats = {name: f.get_tensor(name) for name in ("cv", "threshold", "hit_mean")}
+                stats = {name: f.get_tensor(name) for name in STATISTICS}
         except Exception:  # a checkpoint cut short by a kill: recompute that sample
             return None
         if key != self._key(sample_hash):
@@ -95,18 +98,16 @@ class Checkpoint:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def profile_model(
+def measure_samples(
     model: torch.nn.Module,
-    model_spec: ModelSpec,
     samples: Sequence[ReferenceSample],
     params: ProfileParams,
-    reference: ReferenceSpec,
+    settings: Sequence[ThresholdSetting],
     *,
     checkpoint: Checkpoint | None = None,
     on_sample: Callable[[int, bool], None] | None = None,
-    provenance: dict[str, str] | None = None,
-) -> Profile:
-    """Profile ``model`` on ``samples`` and return the resulting :class:`Profile`.
+) -> SampleStats:
+    """Statistics of every sample and setting: float32 ``[samples, settings, layers, kv_heads]`` each.
 
     ``on_sample(index, resumed)`` is called after each sample (for progress bars). With a ``checkpoint``,
     samples already measured by an interrupted run with the same settings are read back, not recomputed.
@@ -118,8 +119,9 @@ def profile_model(
             raise ProfilingError(
                 f"reference sample {i} has {len(sample.input_ids)} tokens, fewer than the {min_tokens} that "
                 f"observation window ({params.obs_window}) + init ({params.init_tokens}) + recent "
-                f"({params.recent_tokens}) + one chunk ({params.chunk_size}) need; use longer texts or a smaller "
-                "--budget / --obs-window / --init-tokens / --recent-tokens"
+                f"({params.recent_tokens}) + reserve ({params.reserve_tokens}) + one chunk ({params.chunk_size}) "
+                "need; use longer texts or a smaller --budget / --obs-window / --init-tokens / --recent-tokens / "
+                "--reserve-tokens"
             )
     per_sample: list[SampleStats] = []
     for i, sample in enumerate(samples):
@@ -127,23 +129,56 @@ def profile_model(
         stats = checkpoint.load(i, sample_hash) if checkpoint else None
         resumed = stats is not None
         if stats is None:
-            stats = sample_statistics(model, sample.input_ids, params)
+            stats = sample_statistics(model, sample.input_ids, params, settings)
             if checkpoint:
                 checkpoint.save(i, sample_hash, stats)
         per_sample.append(stats)
         if on_sample:
             on_sample(i, resumed)
-    stacked = {name: torch.stack([s[name] for s in per_sample]) for name in ("cv", "threshold", "hit_mean")}
-    return Profile.from_statistics(
-        stacked["cv"], stacked["threshold"], stacked["hit_mean"], params, model_spec, reference, provenance
-    )
+    return {name: torch.stack([s[name] for s in per_sample]) for name in STATISTICS}
 
 
-def statistics_key(params: ProfileParams, model_spec: ModelSpec, dtype: str) -> dict[str, str]:
-    """What a sample's statistics depend on, apart from its text (r, eta and budget only act on votes)."""
-    p = asdict(params)
-    for name in ("adaptive_ratio", "eta", "budget"):
-        p.pop(name)
+def profile_candidates(
+    stats: SampleStats,
+    params: ProfileParams,
+    settings: Sequence[ThresholdSetting],
+    model_spec: ModelSpec,
+    reference: ReferenceSpec,
+    provenance: dict[str, str] | None = None,
+) -> list[Profile]:
+    """One :class:`Profile` per (k, alpha) setting from :func:`measure_samples`' statistics."""
+    return [
+        Profile.from_statistics(
+            *(stats[name][:, i] for name in STATISTICS),
+            dataclasses.replace(params, percentile=k, alpha=alpha), model_spec, reference, provenance,
+        )
+        for i, (k, alpha) in enumerate(settings)
+    ]
+
+
+def profile_model(
+    model: torch.nn.Module,
+    model_spec: ModelSpec,
+    samples: Sequence[ReferenceSample],
+    params: ProfileParams,
+    reference: ReferenceSpec,
+    *,
+    checkpoint: Checkpoint | None = None,
+    on_sample: Callable[[int, bool], None] | None = None,
+    provenance: dict[str, str] | None = None,
+) -> Profile:
+    """Profile ``model`` on ``samples`` with the k and alpha of ``params`` and return the :class:`Profile`."""
+    settings = [(params.percentile, params.alpha)]
+    stats = measure_samples(model, samples, params, settings, checkpoint=checkpoint, on_sample=on_sample)
+    return profile_candidates(stats, params, settings, model_spec, reference, provenance)[0]
+
+
+def statistics_key(params: ProfileParams, model_spec: ModelSpec, dtype: str,
+                   settings: Sequence[ThresholdSetting] | None = None) -> dict[str, str]:
+    """What a sample's statistics depend on, apart from its text (the other parameters act on votes only)."""
+    p = {name: getattr(params, name) for name in ProfileParams.STATISTICS_FIELDS}
+    if settings is not None:  # a calibration grid replaces the single (k, alpha)
+        p.update(percentile=None, alpha=None, settings=[list(s) for s in settings])
     return {"params": json.dumps(p, sort_keys=True), "model": json.dumps(asdict(model_spec)), "dtype": dtype}
 
 
@@ -163,4 +198,12 @@ def default_provenance(device: str, dtype: str) -> dict[str, str]:
     }
 
 
-__all__ = ["Checkpoint", "ProfilingError", "profile_model", "sample_statistics", "statistics_key"]
+__all__ = [
+    "Checkpoint",
+    "ProfilingError",
+    "measure_samples",
+    "profile_candidates",
+    "profile_model",
+    "sample_statistics",
+    "statistics_key",
+]

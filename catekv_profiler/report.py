@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import uuid
@@ -169,6 +170,8 @@ def summarize(profile: Profile, context_lengths: Sequence[int] = DEFAULT_CONTEXT
             "L_obs": p.obs_window,
             "L_init": p.init_tokens,
             "L_rec": p.recent_tokens,
+            "reserve": p.reserve_tokens,
+            "tie_rule": p.tie_rule,
         },
         "reference": {
             "task": ref.task,
@@ -187,12 +190,30 @@ def summarize(profile: Profile, context_lengths: Sequence[int] = DEFAULT_CONTEXT
         "budgets": {
             "consistent_heads": int((~adaptive_budget).sum().item()),
             "consistent_tokens": sorted({int(b) for b in profile.budgets[~adaptive_budget].tolist()}),
-            "consistent_middle_chunks": p.budget_chunks,
+            "consistent_middle_chunks": sorted({p.budget_chunks(int(b)) for b in profile.budgets[~adaptive_budget].tolist()}),
             "adaptive_heads": int(adaptive_budget.sum().item()),
             "adaptive_eta": p.eta,
         },
         "kv_kept": [{"context_length": int(n), "fraction": profile.kv_kept_fraction(int(n))} for n in context_lengths],
         "agreement": sample_agreement(profile),
+        "calibration": calibration_summary(profile),
+    }
+
+
+def calibration_summary(profile: Profile) -> dict[str, Any] | None:
+    """How k and alpha were chosen (``catekv-profile --calibrate``), or None when they were set by hand."""
+    c = profile.calibration
+    if "table" not in c:
+        return None
+    return {
+        "seed": int(c["seed"]),
+        "tasks": c["tasks"].split(","),
+        "samples_per_task": int(c["samples_per_task"]),
+        "context_length": int(c["context_length"]),
+        "adaptive_ratio": float(c["adaptive_ratio"]),
+        "full_attention_score": float(c["full_attention_score"]),
+        "chosen": json.loads(c["chosen"]),
+        "rows": sorted(json.loads(c["table"]), key=lambda row: -row["score"]),
     }
 
 
@@ -228,10 +249,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     tokens = "/".join(map(str, budgets["consistent_tokens"])) or str(p["budget"])
     eta = budgets["adaptive_eta"]
     keeps = "their full cache" if eta >= 1 else f"{eta:g} of their middle chunks"
+    chunks = "/".join(map(str, budgets["consistent_middle_chunks"])) or "0"
+    # Summaries of version-1 profiles saved as JSON before the reserve existed read as reserve 0.
+    reserve = p.get("reserve", 0)
+    tail = f"{p['L_rec']} recent" + (f" + {reserve} reserve + the prompt's remainder of a chunk" if reserve else "")
     lines += [
         f"Budgets: {budgets['consistent_heads']} consistent heads keep {tokens} tokens "
-        f"({p['L_init']} initial + {budgets['consistent_middle_chunks']} chunks of {p['chunk']} "
-        f"+ {p['L_rec']} recent); {budgets['adaptive_heads']} adaptive heads keep {keeps}",
+        f"({p['L_init']} initial + {chunks} chunks of {p['chunk']} + {p['L_rec']} recent; the tail is {tail}); "
+        f"{budgets['adaptive_heads']} adaptive heads keep {keeps}",
+        f"Vote: {'exactly ceil(r x heads) adaptive heads, ties by mean CV' if p.get('tie_rule', 'exact') == 'exact' else 'every head tied with the ceil(r x heads)-th most voted one is adaptive (the authors rule)'}",
         "KV cache kept (fraction of full):",
     ]
     for row in summary["kv_kept"]:
@@ -250,7 +276,24 @@ def format_summary(summary: dict[str, Any]) -> str:
             f"  Unanimous votes:             {_num(agree['unanimous_fraction'], '.1%')} of heads",
             f"  CV rank correlation:         mean {_num(agree['rank_correlation_mean'])} (Spearman, over pairs)",
         ]
+    if summary.get("calibration"):
+        lines += format_calibration(summary["calibration"])
     return "\n".join(lines)
+
+
+def format_calibration(calibration: dict[str, Any]) -> list[str]:
+    """Terminal lines of a :func:`calibration_summary`: the settings tried, best first, the chosen one marked."""
+    lines = [
+        f"Calibration: k and alpha chosen on {', '.join(calibration['tasks'])} ({calibration['samples_per_task']} "
+        f"samples each, {calibration['context_length']} tokens, seed {calibration['seed']}, "
+        f"r={calibration['adaptive_ratio']:g}); full attention scores {calibration['full_attention_score']:.2f}"
+    ]
+    chosen = calibration["chosen"]
+    for row in calibration["rows"]:
+        mark = "  <- chosen" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""
+        lines.append(f"  k={row['k']:<6g} alpha={row['alpha']:<4g} score {row['score']:6.2f}  "
+                     f"({row['adaptive_heads']} adaptive heads){mark}")
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------- plot

@@ -1,9 +1,10 @@
 """The hybrid KV cache: per layer, adaptive and consistent heads in separate, right-sized tensors.
 
 Prefill runs full attention. At the end of the prompt each layer selects what every head keeps
-(catekv-method.md, "Runtime"): consistent heads keep init + their top chunks + the tail, adaptive heads
-keep ``eta`` of their chunks (everything at eta = 1). The full KV of the layer is then dropped. Decode
-appends every new token to every head in place, into preallocated capacity that grows geometrically.
+(docs/method.md, "Runtime"): consistent heads keep init + the top chunks their budget allows + the tail,
+adaptive heads keep ``eta`` of their chunks (everything at eta = 1). Heads that share a budget share one
+tensor. The full KV of the layer is then dropped. Decode appends every new token to every head in place,
+into preallocated capacity that grows geometrically.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from .profile import ProfileParams
-from .selection import Regions, chunk_scores, observation_probs, retained_indices, top_chunks
+from .profile import ProfileParams, check_budgets, uniform_budgets
+from .selection import chunk_scores, observation_probs, retained_indices, top_chunks
 
 DEFAULT_RESERVE = 256  # decode slots preallocated when the number of new tokens is not known
 SCORE_BYTES = 256 * 2**20  # bound on the temporary attention probabilities of chunk scoring
@@ -99,11 +100,11 @@ class HeadGroup:
 
 
 class CateKVLayer(DynamicLayer):
-    """One full-attention layer: a full KV buffer during prefill, then one :class:`HeadGroup` per rule."""
+    """One full-attention layer: a full KV buffer during prefill, then one :class:`HeadGroup` per budget."""
 
-    def __init__(self, adaptive: torch.Tensor, params: ProfileParams, reserve: int, eager: bool):
+    def __init__(self, budgets: torch.Tensor, params: ProfileParams, reserve: int, eager: bool):
         super().__init__()
-        self.adaptive = adaptive.bool().cpu()  # [num_kv_heads], True for adaptive heads
+        self.budgets = budgets.to(torch.int64).cpu()  # [num_kv_heads], UNLIMITED_BUDGET for adaptive heads
         self.params = params
         self.reserve = reserve
         self.eager = eager  # compress at the end of the (single) prefill call, not at the first decode
@@ -132,8 +133,8 @@ class CateKVLayer(DynamicLayer):
         return super().update(key_states, value_states)
 
     def _check_head_count(self, heads: int) -> None:
-        if heads != self.adaptive.numel():
-            raise ValueError(f"the head map has {self.adaptive.numel()} KV heads per layer but the model computes "
+        if heads != self.budgets.numel():
+            raise ValueError(f"the head map has {self.budgets.numel()} KV heads per layer but the model computes "
                              f"{heads}; under tensor parallelism make the cache with catekv_runtime.make_cache(model, "
                              "profile)")
 
@@ -168,26 +169,25 @@ class CateKVLayer(DynamicLayer):
         batch, num_kv, total, _ = keys.shape
         group_size = queries.shape[1] // num_kv
         starts = self.valid_start.tolist() if self.valid_start is not None else [0] * batch
-        rules = [(True, self.adaptive.nonzero().flatten()), (False, (~self.adaptive).nonzero().flatten())]
-        for is_adaptive, heads in rules:
-            if heads.numel() == 0:
-                continue
+        # Adaptive heads (budget -1) first, then one group per consistent budget, smallest first.
+        for budget in torch.unique(self.budgets).tolist():
+            heads = (self.budgets == budget).nonzero().flatten()
             per_seq = [
                 self._select(
                     keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :], heads,
-                    is_adaptive, group_size,
+                    budget, group_size,
                 )
                 for b, start in enumerate(starts)
             ]
             self.groups.append(self._build_group(per_seq, keys, values, starts, heads, group_size))
         self.keys = self.values = self.obs_queries = None
 
-    def _select(self, keys, queries, heads, is_adaptive, group_size) -> torch.Tensor:
+    def _select(self, keys, queries, heads, budget, group_size) -> torch.Tensor:
         """Token indices (relative to the sequence start) kept by ``heads`` for one sequence: [heads, n]."""
         p = self.params
         n = keys.shape[1]
-        regions = Regions.of(n, p.init_tokens, p.recent_tokens, p.chunk_size)
-        keep = p.kept_chunks(regions.num_chunks, is_adaptive)
+        regions = p.regions(n)
+        keep = p.kept_chunks(regions.num_chunks, budget)
         all_tokens = torch.arange(n, device=keys.device).expand(heads.numel(), -1)
         if keep >= regions.num_chunks:  # prompt too short to compress (or eta = 1): keep it all, exactly
             return all_tokens
@@ -255,6 +255,15 @@ class CateKVLayer(DynamicLayer):
         return sum(g.used_bytes for g in self.groups) if self.compressed else self.allocated_bytes
 
 
+def _layer_budgets(head_map: torch.Tensor, params: ProfileParams, budgets: torch.Tensor | None) -> torch.Tensor:
+    """``budgets`` checked against ``head_map``, or ``params.budget`` for every consistent head."""
+    if budgets is None:
+        return uniform_budgets(head_map, params.budget)
+    budgets = budgets.to(torch.int64).cpu()
+    check_budgets(budgets, head_map.bool().cpu(), params)
+    return budgets
+
+
 def _valid_start(mask: torch.Tensor | None, batch: int, length: int, device) -> torch.Tensor | None:
     """First non-padding position of each sequence, from the boolean 4D mask of the last query."""
     if mask is None:
@@ -276,6 +285,8 @@ class CateKVCache(DynamicCache):
         config: the model's config (sliding-window layers keep transformers' own sliding layers).
         head_map: bool ``[num_layers, num_kv_heads]``, True for adaptive heads (``Profile.head_map``).
         params: retention parameters (``Profile.params``, possibly overridden).
+        budgets: int64 ``[num_layers, num_kv_heads]`` tokens per consistent head, -1 on adaptive heads
+            (``Profile.budgets``); default: ``params.budget`` for every consistent head.
         reserve: decode slots to preallocate per head (capacity grows by doubling past it).
         eager: select at the end of the prefill call, releasing each layer's full KV right away (peak
             memory: retained KV + one layer's full KV). Set False to prefill in several calls; selection
@@ -283,20 +294,23 @@ class CateKVCache(DynamicCache):
     """
 
     def __init__(self, config, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE,
-                 eager: bool = True):
+                 eager: bool = True, budgets: torch.Tensor | None = None):
         super().__init__(config=config)
         if len(self.layers) != head_map.shape[0]:
             raise ValueError(f"head map has {head_map.shape[0]} layers, the model {len(self.layers)}")
+        budgets = _layer_budgets(head_map, params, budgets)
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:  # sliding-window (and other special) layers stay as they are
-                self.layers[i] = CateKVLayer(head_map[i], params, reserve, eager)
+                self.layers[i] = CateKVLayer(budgets[i], params, reserve, eager)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         _pending.set((self, layer_idx))
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
-    def fork(self, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE) -> CateKVCache:
-        """A new cache holding what ``head_map``/``params`` keep of this cache's prefill; this one is unchanged.
+    def fork(self, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE,
+             budgets: torch.Tensor | None = None) -> CateKVCache:
+        """A new cache holding what ``head_map``/``params``/``budgets`` keep of this cache's prefill; this one is
+        unchanged.
 
         One prefill then serves several retention settings (the evaluation harness compares methods this
         way): this cache must have been made with ``eager=False`` and not have decoded yet, so that every
@@ -305,6 +319,7 @@ class CateKVCache(DynamicCache):
         """
         if head_map.shape[0] != len(self.layers):
             raise ValueError(f"head map has {head_map.shape[0]} layers, the cache {len(self.layers)}")
+        budgets = _layer_budgets(head_map, params, budgets)
         forked = copy.copy(self)
         forked.layers = []
         for i, layer in enumerate(self.layers):
@@ -317,7 +332,7 @@ class CateKVCache(DynamicCache):
                 if params.obs_window > layer.params.obs_window and layer.obs_queries.shape[2] < layer.seen:
                     raise ValueError(f"the prefill kept the last {layer.params.obs_window} queries; "
                                      f"cannot select with obs_window={params.obs_window}")
-                new.adaptive, new.params, new.reserve, new.groups = head_map[i].bool().cpu(), params, reserve, []
+                new.budgets, new.params, new.reserve, new.groups = budgets[i].cpu(), params, reserve, []
                 new.obs_queries = layer.obs_queries[:, :, -params.obs_window :]
                 new.compress()
             forked.layers.append(new)

@@ -56,7 +56,10 @@ class _Applied:
 
 
 def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
-    """The profile with runtime overrides applied (budget, eta, adaptive_ratio, windows, chunk size).
+    """The profile with runtime overrides applied (budget, eta, adaptive_ratio, tie rule, windows, chunk size).
+
+    Any override re-votes the head map and gives every consistent head ``budget`` tokens (overrides win
+    over the profile's per-head budgets).
 
     Overriding ``budget`` alone rescales ``init_tokens`` and ``recent_tokens`` to B/32 and B/8, as in the
     paper, unless they are given too.
@@ -100,7 +103,8 @@ def tensor_parallel_rank(model: torch.nn.Module) -> tuple[int, int]:
 
 
 def local_head_map(model: torch.nn.Module, head_map: torch.Tensor) -> torch.Tensor:
-    """The columns of ``head_map`` ``[layers, kv_heads]`` for the KV heads this process computes.
+    """The columns of ``head_map`` ``[layers, kv_heads]`` (or of any per-head tensor of that shape, such as
+    ``Profile.budgets``) for the KV heads this process computes.
 
     Without tensor parallelism, all of them. Under transformers' TP, ``k_proj``/``v_proj`` are ``colwise``:
     their weight is split by output rows in equal contiguous blocks (DTensor ``Shard(0)``), so rank ``r`` of
@@ -142,7 +146,7 @@ def make_cache(model: torch.nn.Module, profile: Profile, *, reserve: int = DEFAU
     if model.config._attn_implementation != IMPLEMENTATION:
         raise ProfileError("the model is not set up for CateKV: call catekv_runtime.apply(model, profile) first")
     return CateKVCache(model.config, local_head_map(model, profile.head_map), profile.params, reserve=reserve,
-                       eager=eager)
+                       eager=eager, budgets=local_head_map(model, profile.budgets))
 
 
 def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: bool = False,
@@ -162,6 +166,7 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
         spec = dataclasses.replace(spec, model_id="")
     profile.check_model(spec)
     head_map = local_head_map(model, profile.head_map)  # before the model is changed: it may refuse
+    budgets = local_head_map(model, profile.budgets)
     if hasattr(model, "_catekv"):
         remove(model)
     model._catekv = _Applied(profile, model.config._attn_implementation)
@@ -177,7 +182,7 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or DEFAULT_RESERVE
             # The profile was checked against the model above; no per-call check.
             kwargs[cache_arg] = CateKVCache(model.config, head_map, profile.params, reserve=new + 1,
-                                            eager=not chunked)
+                                            eager=not chunked, budgets=budgets)
         return original(model, *args, **kwargs)
 
     model.generate = generate

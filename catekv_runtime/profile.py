@@ -22,8 +22,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 FORMAT_NAME = "catekv-profile"
-FORMAT_VERSION = 1
+# Version 2 added param.reserve_tokens and param.tie_rule; a version-1 file reads with the values its
+# statistics were made with (reserve 0, exact vote), so nothing silently changes meaning.
+FORMAT_VERSION = 2
+_LEGACY_PARAMS = {1: {"param.reserve_tokens": "0", "param.tie_rule": "exact"}}
 UNLIMITED_BUDGET = -1  # budget of an adaptive head: all of its middle chunks scaled by eta, no token cap
+TIE_RULES = ("exact", "inclusive")
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -46,7 +50,7 @@ class ProfileError(ValueError):
 
 @dataclass(frozen=True)
 class ProfileParams:
-    """The method's parameters (catekv-method.md, "Parameters")."""
+    """The method's parameters (docs/method.md, "Parameters")."""
 
     percentile: float = 0.99  # k
     alpha: float = 1.0
@@ -57,6 +61,13 @@ class ProfileParams:
     obs_window: int = 64  # L_obs
     init_tokens: int = 64  # L_init
     recent_tokens: int = 256  # L_rec
+    reserve_tokens: int = 32  # left out of the middle before L_rec, kept as tail (the authors' 32 // c chunks)
+    tie_rule: str = "exact"  # "exact": ceil(rN) adaptive heads; "inclusive": every head tied with the last one
+
+    # What the profiler's per-sample statistics depend on; the others act on the vote or on retention only.
+    STATISTICS_FIELDS = (
+        "percentile", "alpha", "chunk_size", "obs_window", "init_tokens", "recent_tokens", "reserve_tokens",
+    )
 
     @classmethod
     def for_budget(cls, budget: int, **kwargs: Any) -> ProfileParams:
@@ -76,6 +87,8 @@ class ProfileParams:
             (self.obs_window >= 1, "observation window must be >= 1"),
             (self.init_tokens >= 0, "init tokens must be >= 0"),
             (self.recent_tokens >= 0, "recent tokens must be >= 0"),
+            (self.reserve_tokens >= 0, "reserve tokens must be >= 0 (0 = no reserve, 32 = the authors' code)"),
+            (self.tie_rule in TIE_RULES, f"tie rule must be one of {TIE_RULES}"),
             (
                 self.budget >= self.init_tokens + self.recent_tokens,
                 f"budget ({self.budget}) must be at least init + recent tokens "
@@ -86,24 +99,31 @@ class ProfileParams:
             if not ok:
                 raise ProfileError(f"invalid parameter: {message}; got {self}")
 
-    @property
-    def budget_chunks(self) -> int:
-        """Middle chunks a consistent head keeps: (B - L_init - L_rec) / c."""
-        return (self.budget - self.init_tokens - self.recent_tokens) // self.chunk_size
+    def regions(self, length: int) -> Regions:
+        """Init, middle chunks and tail of a ``length``-token prompt under these parameters."""
+        return Regions.of(length, self.init_tokens, self.recent_tokens, self.chunk_size, self.reserve_tokens)
 
-    def kept_chunks(self, num_chunks: int, adaptive: bool) -> int:
-        """Middle chunks a head keeps out of ``num_chunks``: eta of them if adaptive, else the budget's."""
-        keep = adaptive_keep_chunks(num_chunks, self.eta) if adaptive else self.budget_chunks
-        return min(keep, num_chunks)
+    def budget_chunks(self, budget: int | None = None) -> int:
+        """Middle chunks a consistent head of ``budget`` tokens (default B) keeps: (B - L_init - L_rec) / c."""
+        budget = self.budget if budget is None else budget
+        return (budget - self.init_tokens - self.recent_tokens) // self.chunk_size
 
-    def kept_tokens(self, length: int, adaptive: bool) -> int:
-        """Tokens of a ``length``-token prompt a head keeps: init + kept chunks + tail (all if too short)."""
-        regions = Regions.of(length, self.init_tokens, self.recent_tokens, self.chunk_size)
-        return length - (regions.num_chunks - self.kept_chunks(regions.num_chunks, adaptive)) * self.chunk_size
+    def kept_chunks(self, num_chunks: int, budget: int) -> int:
+        """Middle chunks a head keeps out of ``num_chunks``: eta of them for an adaptive head
+        (``budget`` = :data:`UNLIMITED_BUDGET`), else what its budget allows."""
+        if budget == UNLIMITED_BUDGET:
+            return adaptive_keep_chunks(num_chunks, self.eta)
+        return min(self.budget_chunks(budget), num_chunks)
+
+    def kept_tokens(self, length: int, budget: int) -> int:
+        """Tokens of a ``length``-token prompt a head with ``budget`` keeps: init + kept chunks + tail."""
+        regions = self.regions(length)
+        return length - (regions.num_chunks - self.kept_chunks(regions.num_chunks, budget)) * self.chunk_size
 
     def min_prompt_tokens(self) -> int:
-        """Shortest text the profiler accepts: L_obs + L_init + L_rec + one chunk."""
-        return self.obs_window + self.init_tokens + self.recent_tokens + self.chunk_size
+        """Shortest text the profiler accepts: L_obs + L_init + L_rec + the reserve + one chunk."""
+        reserve = self.reserve_tokens // self.chunk_size * self.chunk_size
+        return self.obs_window + self.init_tokens + self.recent_tokens + reserve + self.chunk_size
 
 
 @dataclass(frozen=True)
@@ -153,8 +173,9 @@ class Profile:
 
     Attributes:
         head_map: bool ``[num_layers, num_kv_heads]``, True for adaptive heads.
-        budgets: int64 ``[num_layers, num_kv_heads]``: tokens kept by consistent heads,
-            :data:`UNLIMITED_BUDGET` (-1) for adaptive heads (they keep ``eta`` of their middle chunks).
+        budgets: int64 ``[num_layers, num_kv_heads]``: tokens kept by each consistent head (``params.budget``
+            unless set per head with :meth:`with_budgets`), :data:`UNLIMITED_BUDGET` (-1) for adaptive heads
+            (they keep ``eta`` of their middle chunks). The runtime keeps what these say.
         cv: float32 ``[num_samples, num_layers, num_kv_heads]``: coefficient of variation of chunk hits.
         threshold: float32, same shape: the attention threshold tau of each sample and head.
         hit_mean: float32, same shape: mean number of observation queries hitting a chunk.
@@ -171,6 +192,7 @@ class Profile:
     model: ModelSpec
     reference: ReferenceSpec
     provenance: dict[str, str] = field(default_factory=dict)
+    calibration: dict[str, str] = field(default_factory=dict)  # how k/alpha were chosen, when calibrated
 
     @classmethod
     def from_statistics(
@@ -182,8 +204,9 @@ class Profile:
         model: ModelSpec,
         reference: ReferenceSpec,
         provenance: dict[str, str] | None = None,
+        calibration: dict[str, str] | None = None,
     ) -> Profile:
-        """Build a profile (head map, votes, budgets) from per-sample statistics."""
+        """Build a profile (head map, votes, uniform budgets) from per-sample statistics."""
         params.validate()
         # Stored as float32, so vote on float32 too: loading re-derives the head map from the file.
         cv, threshold, hit_mean = (t.detach().float().cpu().contiguous() for t in (cv, threshold, hit_mean))
@@ -192,10 +215,10 @@ class Profile:
                 f"statistics must all be [samples, layers, kv_heads]; got cv {tuple(cv.shape)}, "
                 f"threshold {tuple(threshold.shape)}, hit_mean {tuple(hit_mean.shape)}"
             )
-        head_map, votes = vote_adaptive_heads(cv, params.adaptive_ratio)
+        head_map, votes = vote_adaptive_heads(cv, params.adaptive_ratio, params.tie_rule)
         return cls(
             head_map=head_map,
-            budgets=_budgets(head_map, params.budget),
+            budgets=uniform_budgets(head_map, params.budget),
             cv=cv,
             threshold=threshold,
             hit_mean=hit_mean,
@@ -204,6 +227,7 @@ class Profile:
             model=model,
             reference=reference,
             provenance=dict(provenance or {}),
+            calibration=dict(calibration or {}),
         )
 
     @property
@@ -224,18 +248,30 @@ class Profile:
         return self.replace_params(params)
 
     def replace_params(self, params: ProfileParams) -> Profile:
-        """The same statistics under other runtime parameters (budget, eta, r, windows)."""
+        """The same statistics under other runtime parameters (budget, eta, r, tie rule, windows).
+
+        The head map is voted again and every consistent head gets ``params.budget``: an override wins over
+        per-head budgets."""
         params.validate()
-        head_map, votes = vote_adaptive_heads(self.cv, params.adaptive_ratio)
+        head_map, votes = vote_adaptive_heads(self.cv, params.adaptive_ratio, params.tie_rule)
         return dataclasses.replace(
-            self, params=params, head_map=head_map, votes=votes, budgets=_budgets(head_map, params.budget)
+            self, params=params, head_map=head_map, votes=votes, budgets=uniform_budgets(head_map, params.budget)
         )
+
+    def with_budgets(self, budgets: torch.Tensor) -> Profile:
+        """The same head map with per-head budgets ``[layers, kv_heads]`` (tokens; -1 on adaptive heads)."""
+        budgets = torch.as_tensor(budgets).to(torch.int64).cpu()
+        check_budgets(budgets, self.head_map, self.params)
+        return dataclasses.replace(self, budgets=budgets)
 
     def kv_kept_fraction(self, context_length: int) -> float:
         """Fraction of the full KV cache kept after prefill of a prompt of ``context_length`` tokens."""
         n = int(context_length)
-        a = self.adaptive_fraction
-        return (a * self.params.kept_tokens(n, True) + (1 - a) * self.params.kept_tokens(n, False)) / n
+        if n < 1:
+            raise ValueError(f"context length must be >= 1 token, got {n}")
+        values, counts = torch.unique(self.budgets, return_counts=True)
+        kept = sum(int(c) * self.params.kept_tokens(n, int(b)) for b, c in zip(values.tolist(), counts.tolist()))
+        return kept / (n * self.budgets.numel())
 
     def check_model(self, spec: ModelSpec) -> None:
         """Raise :class:`ProfileError` if this profile was made for a model of another shape (or id, when known)."""
@@ -266,22 +302,26 @@ class Profile:
         for prefix, section in (("param.", self.params), ("model.", self.model), ("reference.", self.reference)):
             for key, value in dataclasses.asdict(section).items():
                 metadata[prefix + key] = str(value)
-        for key, value in self.provenance.items():
-            metadata["provenance." + key] = str(value)
+        for prefix, extra in (("provenance.", self.provenance), ("calibration.", self.calibration)):
+            for key, value in extra.items():
+                metadata[prefix + key] = str(value)
         return atomic_save(tensors, metadata, path)
 
 
 def adaptive_keep_chunks(num_chunks: int, eta: float) -> int:
-    """Middle chunks kept by an adaptive head: ceil(eta * n), all of them at eta = 1."""
-    return min(num_chunks, math.ceil(eta * num_chunks - 1e-9))
+    """Middle chunks kept by an adaptive head: floor(eta * n) as the authors' ``int(middle_chunks * eta)``,
+    all of them at eta = 1 (the epsilon keeps 0.3 * 10 at 3 despite binary rounding)."""
+    return min(num_chunks, math.floor(eta * num_chunks + 1e-9))
 
 
-def vote_adaptive_heads(cv: torch.Tensor, ratio: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pick the adaptive heads from per-sample CVs ``[S, L, H]`` (catekv-method.md, "Across samples").
+def vote_adaptive_heads(cv: torch.Tensor, ratio: float, tie_rule: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick the adaptive heads from per-sample CVs ``[S, L, H]`` (docs/method.md, "Votes").
 
     In each sample the heads whose CV is at or below the ``ratio``-quantile of that sample's CVs get a
-    vote. The ``ceil(ratio * L * H)`` heads with most votes are adaptive; ties go to the lower mean CV,
-    then to the lower flat index, so the result is deterministic and has exactly that many heads.
+    vote. ``tie_rule="exact"``: the ``ceil(ratio * L * H)`` heads with most votes are adaptive; ties go to
+    the lower mean CV, then to the lower flat index, so the result is deterministic and has exactly that
+    many heads. ``"inclusive"`` (the authors' code): every head with at least as many votes as the
+    ``ceil(ratio * L * H)``-th most voted one, which can be more heads.
     Returns ``(head_map bool [L, H], votes int64 [L, H])``.
     """
     samples, layers, heads = cv.shape
@@ -295,11 +335,30 @@ def vote_adaptive_heads(cv: torch.Tensor, ratio: float) -> tuple[torch.Tensor, t
     order = by_cv[by_votes]
     head_map = torch.zeros(layers * heads, dtype=torch.bool)
     head_map[order[:count]] = True
+    if tie_rule == "inclusive" and count > 0:
+        head_map |= votes >= votes[order[count - 1]]
+    elif tie_rule not in TIE_RULES:
+        raise ValueError(f"tie_rule must be one of {TIE_RULES}, got {tie_rule!r}")
     return head_map.reshape(layers, heads), votes.reshape(layers, heads).to(torch.int64)
 
 
-def _budgets(head_map: torch.Tensor, budget: int) -> torch.Tensor:
-    return torch.where(head_map, UNLIMITED_BUDGET, budget).to(torch.int64)
+def uniform_budgets(head_map: torch.Tensor, budget: int) -> torch.Tensor:
+    """``budget`` tokens for every consistent head of ``head_map`` (bool ``[...]``), -1 for adaptive ones."""
+    return torch.where(head_map.bool(), UNLIMITED_BUDGET, budget).to(torch.int64)
+
+
+def check_budgets(budgets: torch.Tensor, head_map: torch.Tensor, params: ProfileParams) -> None:
+    """Raise :class:`ProfileError` unless ``budgets`` is -1 exactly on adaptive heads and every other budget
+    covers at least L_init + L_rec tokens."""
+    if budgets.shape != head_map.shape:
+        raise ProfileError(f"budgets are {tuple(budgets.shape)}, the head map {tuple(head_map.shape)}")
+    if not torch.equal(budgets == UNLIMITED_BUDGET, head_map):
+        raise ProfileError(f"budgets must be {UNLIMITED_BUDGET} exactly on the adaptive heads of the head map")
+    floor = params.init_tokens + params.recent_tokens
+    consistent = budgets[~head_map]
+    if consistent.numel() and int(consistent.min()) < floor:
+        raise ProfileError(f"a consistent head's budget of {int(consistent.min())} tokens is below L_init + L_rec "
+                           f"({params.init_tokens} + {params.recent_tokens})")
 
 
 def _norm_id(model_id: str) -> str:
@@ -434,11 +493,12 @@ def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
     if metadata.get("format") != FORMAT_NAME:
         raise fail(f"not a CateKV profile (format is {metadata.get('format')!r}, expected {FORMAT_NAME!r})")
     version = metadata.get("format_version", "")
-    if not version.isdigit() or int(version) != FORMAT_VERSION:
+    if not version.isdigit() or not 1 <= int(version) <= FORMAT_VERSION:
         raise fail(
-            f"unsupported profile format version {version!r}; this catekv reads version {FORMAT_VERSION}: "
+            f"unsupported profile format version {version!r}; this catekv reads versions 1 to {FORMAT_VERSION}: "
             "upgrade catekv or re-create the profile"
         )
+    metadata = {**_LEGACY_PARAMS.get(int(version), {}), **metadata}
     params = _section(ProfileParams, metadata, "param.", fail)
     model = _section(ModelSpec, metadata, "model.", fail)
     reference = _section(ReferenceSpec, metadata, "reference.", fail)
@@ -474,16 +534,22 @@ def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         params,
         model,
         reference,
-        provenance={k.removeprefix("provenance."): v for k, v in metadata.items() if k.startswith("provenance.")},
+        provenance=_prefixed(metadata, "provenance."),
+        calibration=_prefixed(metadata, "calibration."),
     )
     if not torch.equal(profile.head_map, head_map.bool()) or not torch.equal(profile.votes, tensors["votes"]):
         raise fail(
-            "the stored head map or votes do not follow from the stored statistics and adaptive ratio; "
+            "the stored head map or votes do not follow from the stored statistics, adaptive ratio and tie rule; "
             "the file was edited or corrupted: re-create it with `catekv-profile`"
         )
-    if not torch.equal(profile.budgets, tensors["budgets"]):
-        raise fail("the stored budgets do not match the head map and budget parameter")
-    return profile
+    try:
+        return profile.with_budgets(tensors["budgets"])
+    except ProfileError as e:
+        raise fail(f"invalid stored budgets: {e}") from None
+
+
+def _prefixed(metadata: dict[str, str], prefix: str) -> dict[str, str]:
+    return {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
 
 
 def _section(cls: type, metadata: dict[str, str], prefix: str, fail: Any) -> Any:
@@ -523,7 +589,9 @@ __all__ = [
     "ReferenceSpec",
     "adaptive_keep_chunks",
     "atomic_save",
+    "check_budgets",
     "is_hub_id",
+    "uniform_budgets",
     "list_profiles",
     "load_profile",
     "profile_from_tensors",

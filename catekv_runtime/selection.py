@@ -1,4 +1,4 @@
-"""Which tokens each KV head keeps after prefill (catekv-method.md, "Runtime").
+"""Which tokens each KV head keeps after prefill (docs/method.md, "Runtime").
 
 Plain PyTorch, shared by the runtime (chunk scores, retained indices) and the profiler (observation
 attention). Every function works on one sequence; callers loop over the batch and over KV heads so that
@@ -15,7 +15,15 @@ import torch
 
 @dataclass(frozen=True)
 class Regions:
-    """Token regions of a prompt of ``length`` tokens: [0, init) | middle chunks | [tail_start, length)."""
+    """Token regions of a prompt of ``length`` tokens: [0, init) | middle chunks | [tail_start, length).
+
+    The middle is cut to whole chunks from its start and stops ``reserve_tokens // chunk_size`` chunks
+    before the last ``recent_tokens`` (rounded down to whole chunks too). With the default reserve of 32
+    this is the authors' ``chunk_end = (n // c - 32 // c) * c``, middle ``[init, chunk_end - recent)``
+    (docs/method.md, "Regions"): the tail then holds ``recent + 32 + n mod c`` tokens, which carry heavy
+    local attention and would otherwise dominate the statistics of the middle. ``reserve_tokens=0`` gives
+    ``(n - init - recent) // c`` chunks.
+    """
 
     length: int
     init: int
@@ -23,8 +31,10 @@ class Regions:
     num_chunks: int
 
     @classmethod
-    def of(cls, length: int, init_tokens: int, recent_tokens: int, chunk_size: int) -> Regions:
-        num_chunks = max(0, (length - init_tokens - recent_tokens) // chunk_size)
+    def of(cls, length: int, init_tokens: int, recent_tokens: int, chunk_size: int,
+           reserve_tokens: int) -> Regions:
+        whole = (length - init_tokens - recent_tokens) // chunk_size
+        num_chunks = max(0, whole - reserve_tokens // chunk_size)
         init = min(init_tokens, length)
         return cls(length=length, init=init, chunk_size=chunk_size, num_chunks=num_chunks)
 

@@ -133,7 +133,7 @@ def test_file_layout_is_as_documented(saved: Path):
     }
     assert set(metadata) == EXPECTED_KEYS
     assert metadata["format"] == FORMAT_NAME == "catekv-profile"
-    assert metadata["format_version"] == str(FORMAT_VERSION) == "1"
+    assert metadata["format_version"] == str(FORMAT_VERSION) == "2"
     assert metadata["param.percentile"] == "0.99"
     assert metadata["param.budget"] == "256"
     assert metadata["param.init_tokens"] == "8" and metadata["param.recent_tokens"] == "32"
@@ -201,7 +201,8 @@ def test_with_adaptive_ratio_rejects_out_of_range():
 
 def test_kv_kept_fraction_by_hand():
     # B = 64, L_init = 4, L_rec = 8, c = 4: a consistent head keeps (64 - 4 - 8) / 4 = 13 middle chunks
-    params = ProfileParams(budget=64, init_tokens=4, recent_tokens=8, chunk_size=4, obs_window=16, adaptive_ratio=0.25)
+    params = ProfileParams(budget=64, init_tokens=4, recent_tokens=8, chunk_size=4, obs_window=16, adaptive_ratio=0.25,
+                           reserve_tokens=0)
     profile = make_profile(params)
     assert int(profile.head_map.sum()) == 2 and profile.adaptive_fraction == 0.25  # 2 of 8 heads adaptive
     # n = 100: 22 middle chunks (88 tokens), tail 100 - 4 - 88 = 8
@@ -209,12 +210,15 @@ def test_kv_kept_fraction_by_hand():
     assert profile.kv_kept_fraction(100) == pytest.approx((0.25 * 100 + 0.75 * 64) / 100)  # 0.73
     # n = 101: still 22 chunks, tail 9: consistent 4 + 52 + 9 = 65
     assert profile.kv_kept_fraction(101) == pytest.approx((0.25 * 101 + 0.75 * 65) / 101)
-    # eta = 0.5: ceil(11) = 11 chunks: 4 + 44 + 8 = 56
+    # eta = 0.5: floor(11) = 11 chunks: 4 + 44 + 8 = 56
     half = profile.replace_params(dataclasses.replace(params, eta=0.5))
     assert half.kv_kept_fraction(100) == pytest.approx((0.25 * 56 + 0.75 * 64) / 100)  # 0.62
-    # eta = 0.3: ceil(6.6) = 7 chunks: 4 + 28 + 8 = 40
+    # eta = 0.3: floor(6.6) = 6 chunks (the authors' int()): 4 + 24 + 8 = 36
     third = profile.replace_params(dataclasses.replace(params, eta=0.3))
-    assert third.kv_kept_fraction(100) == pytest.approx((0.25 * 40 + 0.75 * 64) / 100)  # 0.58
+    assert third.kv_kept_fraction(100) == pytest.approx((0.25 * 36 + 0.75 * 64) / 100)  # 0.57
+    # a reserve of 10 tokens is 2 whole chunks: 20 middle chunks, tail 100 - 4 - 80 = 16: consistent 4 + 52 + 16
+    reserved = profile.replace_params(dataclasses.replace(params, reserve_tokens=10))
+    assert reserved.kv_kept_fraction(100) == pytest.approx((0.25 * 100 + 0.75 * 72) / 100)
     # short prompts: 2 chunks (fewer than 13) or none: everything is kept
     assert profile.kv_kept_fraction(20) == 1.0
     assert profile.kv_kept_fraction(10) == 1.0
@@ -293,8 +297,8 @@ def test_safetensors_file_that_is_not_a_profile(saved: Path, tmp_path: Path):
 
 
 def test_unknown_format_version(saved: Path, tmp_path: Path):
-    expect_error(rewrite(saved, tmp_path / "v2.safetensors", metadata={"format_version": "2"}),
-                 "unsupported profile format version '2'", "upgrade catekv")
+    expect_error(rewrite(saved, tmp_path / "v3.safetensors", metadata={"format_version": "3"}),
+                 "unsupported profile format version '3'", "upgrade catekv")
     expect_error(rewrite(saved, tmp_path / "vx.safetensors", metadata={"format_version": "one"}), "format version")
     expect_error(rewrite(saved, tmp_path / "v0.safetensors", drop_keys=["format_version"]), "format version")
 
@@ -358,17 +362,49 @@ def test_edited_cv_is_detected_when_it_changes_the_head_map(saved: Path, tmp_pat
 
 def test_inconsistent_budgets(saved: Path, tmp_path: Path):
     tensors, _ = read_raw(saved)
-    budgets = tensors["budgets"].clone()
     consistent = (~tensors["head_map"].bool()).nonzero()[0]
-    budgets[consistent[0], consistent[1]] = PARAMS.budget - 1
-    expect_error(rewrite(saved, tmp_path / "b.safetensors", tensors={"budgets": budgets}), "budgets")
+    # a consistent head below L_init + L_rec
+    budgets = tensors["budgets"].clone()
+    budgets[consistent[0], consistent[1]] = PARAMS.init_tokens + PARAMS.recent_tokens - 1
+    expect_error(rewrite(saved, tmp_path / "b.safetensors", tensors={"budgets": budgets}), "budget", "L_init + L_rec")
+    # a consistent head marked unlimited
+    budgets[consistent[0], consistent[1]] = UNLIMITED_BUDGET
+    expect_error(rewrite(saved, tmp_path / "u.safetensors", tensors={"budgets": budgets}), "budgets", "adaptive")
     # an adaptive head with a finite budget
     budgets = tensors["budgets"].clone()
     adaptive = tensors["head_map"].bool().nonzero()[0]
     budgets[adaptive[0], adaptive[1]] = PARAMS.budget
-    expect_error(rewrite(saved, tmp_path / "c.safetensors", tensors={"budgets": budgets}), "budgets")
-    # the budget parameter changed without the tensor
-    expect_error(rewrite(saved, tmp_path / "d.safetensors", metadata={"param.budget": "512"}), "budgets")
+    expect_error(rewrite(saved, tmp_path / "c.safetensors", tensors={"budgets": budgets}), "budgets", "adaptive")
+
+
+def test_per_head_budgets_round_trip(saved: Path, tmp_path: Path):
+    """Budgets set per head are stored, loaded as they are, and survive only until an override re-derives them."""
+    profile = load_profile(saved)
+    budgets = profile.budgets.clone()
+    consistent = (~profile.head_map).nonzero()
+    budgets[consistent[0, 0], consistent[0, 1]] = 2 * PARAMS.budget
+    budgets[consistent[1, 0], consistent[1, 1]] = PARAMS.init_tokens + PARAMS.recent_tokens
+    path = profile.with_budgets(budgets).save(tmp_path / "per_head.safetensors")
+    loaded = load_profile(path)
+    assert torch.equal(loaded.budgets, budgets)
+    assert torch.equal(loaded.replace_params(PARAMS).budgets, profile.budgets)  # overrides win
+    n = 4096
+    kept = sum(PARAMS.kept_tokens(n, int(b)) for b in budgets.flatten())
+    assert loaded.kv_kept_fraction(n) == pytest.approx(kept / (n * budgets.numel()))
+    assert loaded.kv_kept_fraction(n) > profile.kv_kept_fraction(n)
+
+
+def test_version_1_profile_loads_with_its_old_meaning(saved: Path, tmp_path: Path):
+    """A file written before the reserve and the tie rule existed keeps reserve 0 and the exact vote."""
+    old = rewrite(saved, tmp_path / "v1.safetensors", metadata={"format_version": "1"},
+                  drop_keys=["param.reserve_tokens", "param.tie_rule"])
+    loaded = load_profile(old)
+    assert loaded.params.reserve_tokens == 0 and loaded.params.tie_rule == "exact"
+    assert loaded.params == dataclasses.replace(PARAMS, reserve_tokens=0)
+    assert torch.equal(loaded.head_map, load_profile(saved).head_map)
+    # a version-2 file must say both
+    expect_error(rewrite(saved, tmp_path / "v2.safetensors", drop_keys=["param.reserve_tokens"]),
+                 "param.reserve_tokens")
 
 
 @pytest.mark.parametrize(

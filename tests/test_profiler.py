@@ -65,7 +65,7 @@ def test_profile_model_on_every_family(family):
         model(torch.tensor([samples[1].input_ids]), use_cache=False)
     for i, (module, q, k) in captured.items():
         expected = layer_statistics(q[0, :, -PARAMS.obs_window :], k[0], module.scaling, PARAMS)
-        torch.testing.assert_close(profile.cv[1, i], expected.cv)
+        torch.testing.assert_close(profile.cv[1, i], expected.cv[0])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -110,7 +110,7 @@ def test_interrupted_run_resumes_from_checkpoint(tmp_path):
 
 def test_too_short_reference_text_is_refused():
     model = make_tiny_model("llama")
-    with pytest.raises(ProfilingError, match="fewer than the 32"):
+    with pytest.raises(ProfilingError, match="fewer than the 64"):
         profile_model(model, ck.model_spec(model), random_samples(model, 1, 20), PARAMS,
                       ReferenceSpec("random", 20, 1, 0, "h"))
 
@@ -254,4 +254,52 @@ def test_cli_bad_device_map(tmp_path, where, message):
     out = tmp_path / "x.safetensors"
     result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), "-q", *where])
     assert result.exit_code != 0 and message in result.output, result.output
+    assert not out.exists()
+
+
+# ------------------------------------------------------------------------- calibration (--calibrate)
+
+CALIBRATE = ["--calibrate", "--grid-k", "0.9,0.99", "--grid-alpha", "1.0", "--calibration-tasks", "niah_single_1,vt",
+             "--calibration-samples", "2", "--calibration-length", "1024", "--calibration-seed", "5"]
+
+
+def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
+    out = tmp_path / "calibrated.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE])
+    assert result.exit_code == 0, result.output
+    profile = ck.load_profile(out)
+    table = json.loads(profile.calibration["table"])
+    assert [(row["k"], row["alpha"]) for row in table] == [(0.9, 1.0), (0.99, 1.0)]
+    best = max(row["score"] for row in table)
+    chosen = next(row for row in table if (row["k"], row["alpha"]) == (profile.params.percentile, profile.params.alpha))
+    assert chosen["score"] == best
+    assert profile.calibration["seed"] == "5" and profile.calibration["tasks"] == "niah_single_1,vt"
+    for row in table:
+        assert set(row["tasks"]) == {"niah_single_1", "vt"}
+        assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2, abs=0.01)
+    # The chosen setting's head map is the one a plain profiling run with that k and alpha writes.
+    plain = tmp_path / "plain.safetensors"
+    k, alpha = profile.params.percentile, profile.params.alpha
+    assert CliRunner().invoke(main, ["smollm2-135m", "-o", str(plain), *SMALL, "-k", str(k), "--alpha", str(alpha)]).exit_code == 0
+    assert torch.equal(ck.load_profile(plain).head_map, profile.head_map)
+    assert torch.equal(ck.load_profile(plain).cv, profile.cv)
+    shown = CliRunner().invoke(main, ["show", str(out)])
+    assert "Calibration" in shown.output and "<- chosen" in shown.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["-k", "0.95"], "exclude each other"),
+        (["--grid-k", "0.9,x"], "comma-separated"),
+        (["--grid-k", "1.2"], "percentile"),
+        (["--calibration-tasks", "nope"], "unknown tasks"),
+        (["--calibration-samples", "0"], ">= 1"),
+    ],
+)
+def test_cli_calibrate_bad_parameters(tmp_path, args, message):
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE, *args])
+    assert result.exit_code != 0
+    assert message in result.output
     assert not out.exists()

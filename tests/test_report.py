@@ -135,7 +135,7 @@ def test_summary_matches_profile() -> None:
     assert summary["model"]["id"] == "org/tiny-model" and summary["model"]["num_kv_heads"] == 3
     assert summary["parameters"] == {
         "k": 0.99, "alpha": 1.0, "r": 0.4, "eta": 1.0, "budget": 512,
-        "chunk": 8, "L_obs": 64, "L_init": 16, "L_rec": 64,
+        "chunk": 8, "L_obs": 64, "L_init": 16, "L_rec": 64, "reserve": 32, "tie_rule": "exact",
     }  # fmt: skip
     assert summary["reference"]["num_samples"] == 6 and summary["reference"]["seed"] == 7
     # Standard provenance keys are always there (None when unrecorded); extra keys are kept.

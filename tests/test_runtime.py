@@ -59,10 +59,11 @@ def test_short_prompt_keeps_full_cache_exactly(family):
 
 
 def naive_retained(queries, keys, scale, p: ProfileParams, keep_chunks: int) -> list[list[int]]:
-    """catekv-method.md "Runtime", written plainly: one head, one query, one chunk at a time."""
+    """docs/method.md "Runtime", written plainly: one head, one query, one chunk at a time."""
     num_q, n = queries.shape[0], keys.shape[1]
     group = num_q // keys.shape[0]
-    num_chunks = (n - p.init_tokens - p.recent_tokens) // p.chunk_size
+    # the middle stops reserve // c whole chunks before the recent window (the authors' 32 // c)
+    num_chunks = (n - p.init_tokens - p.recent_tokens) // p.chunk_size - p.reserve_tokens // p.chunk_size
     mid_start, mid_end = p.init_tokens, p.init_tokens + num_chunks * p.chunk_size
     obs = queries.shape[1]
     kept = []
@@ -117,11 +118,12 @@ def test_retained_tokens_equal_naive_selection(recent):
         group = next(g for g in layer.groups if torch.equal(g.kv_heads, consistent)) if consistent.numel() else None
         if group is None:
             continue
-        expected = naive_retained(queries, keys, model.model.layers[0].self_attn.scaling, p, p.budget_chunks)
+        expected = naive_retained(queries, keys, model.model.layers[0].self_attn.scaling, p, p.budget_chunks())
         for i, h in enumerate(consistent.tolist()):
             want = keys[h, expected[h]]
             torch.testing.assert_close(group.keys[0, i, : group.length], want, rtol=0, atol=1e-6)
-        assert group.length == p.budget - p.recent_tokens + (n - p.init_tokens - recent) % p.chunk_size + recent
+        tail = recent + p.reserve_tokens // p.chunk_size * p.chunk_size + (n - p.init_tokens - recent) % p.chunk_size
+        assert group.length == p.budget - p.recent_tokens + tail
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -204,9 +206,9 @@ def test_bytes_held_equal_formula():
     cfg = model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
     per_token = 2 * 4 * head_dim * 2  # K and V, fp32, batch 2
-    num_chunks = (n - p.init_tokens - p.recent_tokens) // p.chunk_size
+    num_chunks = p.regions(n).num_chunks
     tail = n - p.init_tokens - num_chunks * p.chunk_size
-    consistent_tokens = p.init_tokens + p.budget_chunks * p.chunk_size + tail + steps
+    consistent_tokens = p.init_tokens + p.budget_chunks() * p.chunk_size + tail + steps
     adaptive = int(profile.head_map.sum())
     consistent = profile.head_map.numel() - adaptive
     used = per_token * (adaptive * (n + steps) + consistent * consistent_tokens)

@@ -1,4 +1,4 @@
-"""Independent check of the offline statistics and the runtime selection against docs catekv-method.md.
+"""Independent check of the offline statistics and the runtime selection against docs/method.md.
 
 The first section is a deliberately naive reference implementation written straight from the method
 description (steps 1-6, "Across samples", "Runtime"). It imports nothing from catekv: loops over heads and
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from catekv_profiler.stats import (
+    LayerStats,
     chunk_hits,
     coefficient_of_variation,
     head_threshold,
@@ -86,17 +87,23 @@ def ref_cv(hits):
     return math.sqrt(var) / mean
 
 
-def ref_regions(n, init, recent, c):
-    """Step 2: (mid_start, mid_end, num_chunks): middle = [init, n - recent) cut to whole chunks from its start."""
-    num_chunks = (n - init - recent) // c
+def ref_regions(n, init, recent, c, reserve):
+    """Step 2 as the authors' code cuts it (models/kv_cache.py, prefill_kv_cache, with their 32 as ``reserve``):
+    ``chunks = n // c - reserve // c``, ``chunk_end = chunks * c``, middle ``[init, chunk_end - recent)`` of
+    ``chunks - init // c - recent // c`` chunks. Their code needs init and recent in whole chunks.
+    Returns (mid_start, mid_end, num_chunks)."""
+    assert init % c == 0 and recent % c == 0
+    chunks = n // c - reserve // c
+    chunk_end = chunks * c
+    num_chunks = max(0, chunks - init // c - recent // c)
     return init, init + num_chunks * c, num_chunks
 
 
-def ref_layer(queries, keys, scale, k, alpha, c, init, recent, band=0.0):
+def ref_layer(queries, keys, scale, k, alpha, c, init, recent, reserve, band=0.0):
     """Steps 1-6 for one layer. Returns per KV head dicts: tau, hits, cv, and hits at tau*(1 +- band)."""
     n = keys.shape[1]
     obs = queries.shape[1]
-    mid_start, mid_end, _ = ref_regions(n, init, recent, c)
+    mid_start, mid_end, _ = ref_regions(n, init, recent, c, reserve)
     a = ref_observation_probs(queries, keys[:, mid_start:mid_end], scale, n - obs, mid_start)
     heads = []
     for h in range(a.shape[0]):
@@ -120,7 +127,7 @@ def ref_exact_ceil(r, n):
 
 
 def ref_votes(cv, r):
-    """"Across samples": votes and the final adaptive set, by the rule in catekv-method.md.
+    """"Across samples": votes and the final adaptive set, by the rule in docs/method.md (tie_rule "exact").
 
     A head votes in a sample if its CV is at or below the r-quantile (linear interpolation) of the sample's
     L*H CVs. With exact arithmetic that is CV <= sorted[floor(r * (N - 1))]: every larger CV is at least
@@ -195,15 +202,16 @@ def make_qk(seed, group, n, dtype):
     return queries.to(dtype), keys.to(dtype)
 
 
-def params_for(k, alpha, recent):
+def params_for(k, alpha, recent, reserve=0):
     return ProfileParams(
         percentile=k, alpha=alpha, chunk_size=CHUNK, obs_window=OBS, init_tokens=INIT, recent_tokens=recent,
-        budget=INIT + recent + 5 * CHUNK,
+        budget=INIT + recent + 5 * CHUNK, reserve_tokens=reserve,
     )
 
 
 LENGTHS = [70, 96, 133]  # 70 and 133 leave a partial chunk before the recent tokens
 RECENTS = [8, 24]  # 8 < L_obs = 16: some middle keys follow some observation queries (causal mask); 24 >= 16
+RESERVES = [0, 10]  # 10 tokens: 2 whole chunks of 4, as the authors' 32 // c rounds
 GROUPS = [1, 2, 4]
 DTYPES = [torch.float32, torch.bfloat16]
 K_ALPHA = [(0.9, 1.0), (0.99, 1.0), (0.9, 0.8), (0.99, 0.8)]
@@ -213,7 +221,7 @@ SEEDS = [0, 1, 2]
 def test_reference_sanity():
     """The reference itself: rows sum to 1, causality holds, the causal case really occurs."""
     q, k = make_qk(0, 2, 70, torch.float32)
-    _, mid_end, _ = ref_regions(70, INIT, 8, CHUNK)
+    _, mid_end, _ = ref_regions(70, INIT, 8, CHUNK, 0)
     a = ref_observation_probs(q, k[:, INIT:mid_end], SCALE, 70 - OBS, INIT)
     torch.testing.assert_close(a.sum(-1), torch.ones(NUM_KV, OBS, dtype=torch.float64))
     for i in range(OBS):
@@ -227,20 +235,23 @@ def test_reference_sanity():
 # ============================================================================ steps 1-6, end to end
 
 
+@pytest.mark.parametrize("reserve", RESERVES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
 @pytest.mark.parametrize("k,alpha", K_ALPHA)
 @pytest.mark.parametrize("recent", RECENTS)
 @pytest.mark.parametrize("length", LENGTHS)
 @pytest.mark.parametrize("group", GROUPS)
-def test_layer_statistics_matches_reference(group, length, recent, k, alpha, dtype):
-    params = params_for(k, alpha, recent)
+def test_layer_statistics_matches_reference(group, length, recent, k, alpha, dtype, reserve):
+    params = params_for(k, alpha, recent, reserve)
     rtol = PROB_RTOL[dtype]
     compared = 0
     total = 0
     for seed in SEEDS:
         q, keys = make_qk(seed, group, length, dtype)
         stats = layer_statistics(q, keys, SCALE, params)
-        _, heads = ref_layer(q, keys, SCALE, k, alpha, CHUNK, INIT, recent, band=HIT_BAND)
+        assert stats.cv.shape == stats.threshold.shape == stats.hit_mean.shape == (1, NUM_KV)
+        stats = LayerStats(stats.cv[0], stats.threshold[0], stats.hit_mean[0])  # the one (k, alpha) setting
+        _, heads = ref_layer(q, keys, SCALE, k, alpha, CHUNK, INIT, recent, reserve, band=HIT_BAND)
         assert stats.cv.shape == stats.threshold.shape == stats.hit_mean.shape == (NUM_KV,)
         assert stats.cv.dtype == stats.threshold.dtype == stats.hit_mean.dtype == torch.float32
         for h, ref in enumerate(heads):
@@ -268,7 +279,7 @@ def test_layer_statistics_matches_reference(group, length, recent, k, alpha, dty
 def test_observation_probs_matches_reference(group, length, recent, dtype):
     for seed in SEEDS:
         q, keys = make_qk(seed, group, length, dtype)
-        mid_start, mid_end, _ = ref_regions(length, INIT, recent, CHUNK)
+        mid_start, mid_end, _ = ref_regions(length, INIT, recent, CHUNK, 0)
         mine = observation_probs(q, keys[:, mid_start:mid_end], SCALE, length - OBS, mid_start)
         ref = ref_observation_probs(q, keys[:, mid_start:mid_end], SCALE, length - OBS, mid_start)
         assert mine.dtype == torch.float32 and mine.shape == ref.shape
@@ -293,7 +304,7 @@ def test_observation_probs_query_that_sees_no_middle_key():
 def test_threshold_hits_cv_on_identical_probs(group, length, k, alpha):
     for seed in SEEDS:
         q, keys = make_qk(seed, group, length, torch.float32)
-        mid_start, mid_end, _ = ref_regions(length, INIT, 8, CHUNK)
+        mid_start, mid_end, _ = ref_regions(length, INIT, 8, CHUNK, 0)
         probs = ref_observation_probs(q, keys[:, mid_start:mid_end], SCALE, length - OBS, mid_start).float()
         for h in range(NUM_KV):
             tau = head_threshold(probs[h], k, alpha)
@@ -352,10 +363,10 @@ def test_all_equal_attention_gives_cv_zero(group):
     q = torch.zeros(NUM_KV * group, OBS, HEAD_DIM)  # all logits 0
     keys = torch.randn(NUM_KV, n, HEAD_DIM, generator=torch.Generator().manual_seed(0))
     stats = layer_statistics(q, keys, SCALE, params)
-    _, _, num_chunks = ref_regions(n, INIT, 24, CHUNK)
-    assert stats.cv.tolist() == [0.0] * NUM_KV
-    assert stats.hit_mean.tolist() == [0.0] * NUM_KV
-    assert stats.threshold[0].item() == pytest.approx(1 / (num_chunks * CHUNK), rel=1e-6)
+    _, _, num_chunks = ref_regions(n, INIT, 24, CHUNK, 0)
+    assert stats.cv.tolist() == [[0.0] * NUM_KV]
+    assert stats.hit_mean.tolist() == [[0.0] * NUM_KV]
+    assert stats.threshold[0, 0].item() == pytest.approx(1 / (num_chunks * CHUNK), rel=1e-6)
 
 
 def test_layer_statistics_refuses_prompt_without_middle_chunk():
@@ -455,14 +466,21 @@ def test_votes_extremes():
 # ============================================================================ runtime selection
 
 
+@pytest.mark.parametrize("reserve", [*RESERVES, 32])
 @pytest.mark.parametrize("recent", RECENTS)
 @pytest.mark.parametrize("length", LENGTHS)
-@pytest.mark.parametrize("group", GROUPS)
-def test_regions_match_spec(group, length, recent):
-    regions = Regions.of(length, INIT, recent, CHUNK)
-    mid_start, mid_end, num_chunks = ref_regions(length, INIT, recent, CHUNK)
+def test_regions_match_spec(length, recent, reserve):
+    regions = params_for(0.99, 1.0, recent, reserve).regions(length)
+    mid_start, mid_end, num_chunks = ref_regions(length, INIT, recent, CHUNK, reserve)
     assert (regions.mid_start, regions.tail_start, regions.num_chunks) == (mid_start, mid_end, num_chunks)
-    assert recent <= length - regions.tail_start < recent + CHUNK
+    whole_reserve = reserve // CHUNK * CHUNK
+    assert recent + whole_reserve <= length - regions.tail_start < recent + whole_reserve + CHUNK
+
+
+def test_regions_reserve_zero_is_whole_chunks_before_recent():
+    """reserve 0 cuts (n - init - recent) // c chunks even when init and recent are not whole chunks."""
+    for n, init, recent, c in [(70, 3, 9, 4), (133, 5, 7, 8), (10, 1, 1, 4)]:
+        assert Regions.of(n, init, recent, c, 0).num_chunks == (n - init - recent) // c
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "bf16"])
@@ -471,10 +489,10 @@ def test_regions_match_spec(group, length, recent):
 @pytest.mark.parametrize("group", GROUPS)
 def test_runtime_selection_matches_reference(group, length, recent, dtype):
     params = params_for(0.99, 1.0, recent)
-    regions = Regions.of(length, params.init_tokens, params.recent_tokens, params.chunk_size)
-    mid_start, mid_end, num_chunks = ref_regions(length, INIT, recent, CHUNK)
+    regions = params.regions(length)
+    mid_start, mid_end, num_chunks = ref_regions(length, INIT, recent, CHUNK, 0)
     keep = (params.budget - INIT - recent) // CHUNK
-    assert params.budget_chunks == keep < num_chunks
+    assert params.budget_chunks() == keep < num_chunks
     for seed in SEEDS:
         q, keys = make_qk(seed, group, length, dtype)
         probs = observation_probs(q, keys[:, mid_start:mid_end], SCALE, length - OBS, mid_start)
@@ -498,11 +516,11 @@ def test_runtime_selection_matches_reference(group, length, recent, dtype):
                 continue  # the keep-th and next chunk are too close to call
             assert set(row) == ref_kept_tokens(length, INIT, CHUNK, num_chunks, ref[h], keep), f"seed={seed} head={h}"
 
-        # adaptive heads: eta = 1 keeps everything, eta = 0.5 the best ceil(n/2) chunks
+        # adaptive heads: eta = 1 keeps everything, eta = 0.5 the best floor(n/2) chunks (the authors' int())
         full = retained_indices(regions, top_chunks(scores, adaptive_keep_chunks(num_chunks, 1.0)))
         assert torch.equal(full, torch.arange(length).expand(NUM_KV, -1))
         half = adaptive_keep_chunks(num_chunks, 0.5)
-        assert half == math.ceil(num_chunks / 2)
+        assert half == num_chunks // 2
         kept = retained_indices(regions, top_chunks(scores, half))
         for h in range(NUM_KV):
             s = sorted(ref[h], reverse=True)

@@ -1,0 +1,98 @@
+"""Calibration of k and alpha for one model: candidate head maps scored on tasks no evaluation uses.
+
+The paper tunes the percentile k and the scale alpha per model by hand (Llama-3 0.996, Llama-3.1 0.984 with
+alpha 0.8). ``catekv-profile MODEL -o OUT --calibrate`` measures the statistics of a whole grid of (k, alpha)
+in one pass over the reference samples (one softmax and one sort per head, ``catekv_profiler.stats``); each
+setting votes its own head map at the profile's r. This module scores those head maps: RULER-style tasks
+generated with :data:`CALIBRATION_SEED` (``catekv-eval`` draws its samples with seed 1000 by default, so the
+tasks differ from any reported evaluation), at the target context length, every batch prefilled once and
+forked per head map (:meth:`CateKVCache.fork`), full attention alongside as the ceiling. The best mean score
+wins; ties go to the setting nearest the paper's default (k = 0.99, alpha = 1), then to the larger k.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+import catekv_runtime as ck
+from catekv_runtime.profile import Profile
+
+from .run import run_batches
+from .scoring import score
+from .tasks import make_samples
+
+CALIBRATION_SEED = 4242
+GRID_K = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
+GRID_ALPHA = (0.8, 1.0)
+# Retrieval and tracking tasks with short answers: where the choice of heads shows, at little decode cost.
+DEFAULT_TASKS = ("niah_single_3", "niah_multikey_1", "niah_multikey_3", "niah_multivalue", "vt", "fwe")
+_PAPER_DEFAULT = (0.99, 1.0)
+# Cap on each task's generation length: the answers are a few short items; a runaway answer scores 0 anyway.
+MAX_NEW_TOKENS = 48
+
+
+def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profile], *, context_length: int,
+              tasks: Sequence[str] = DEFAULT_TASKS, num_samples: int = 10, seed: int = CALIBRATION_SEED,
+              max_new_tokens: int | None = MAX_NEW_TOKENS, batch_size: int = 8) -> Profile:
+    """The candidate with the best mean score, its ``calibration`` metadata holding the whole table.
+
+    ``candidates``: profiles of one model that differ in k and alpha (``catekv_profiler.profiler.
+    profile_candidates``). Candidates with the same head map are scored once. The table (one row per
+    candidate: k, alpha, adaptive heads, per-task and mean score; and full attention's) goes into
+    ``Profile.calibration`` with the seed, tasks, samples and context length, so the profile says how its k
+    and alpha were chosen.
+    """
+    if not candidates:
+        raise ValueError("no candidate profiles to calibrate")
+    distinct: dict[bytes, Profile] = {}
+    for candidate in candidates:
+        distinct.setdefault(_head_map_key(candidate), candidate)
+    # Full attention: the same runtime with every head adaptive and eta = 1 (nothing evicted).
+    full = candidates[0].replace_params(dataclasses.replace(candidates[0].params, adaptive_ratio=1.0, eta=1.0))
+    configs = {("full", None): full, **{("map", key): profile for key, profile in distinct.items()}}
+    per_task: dict[tuple[str, Any], dict[str, float]] = {config: {} for config in configs}
+    ck.apply(model, candidates[0])  # the attention function; every cache is made explicitly
+    try:
+        for task in tasks:
+            samples = make_samples(task, tokenizer, context_length, num_samples, seed=seed)
+            new = min(samples[0].max_new_tokens, max_new_tokens or samples[0].max_new_tokens)
+            results = run_batches(model, tokenizer, candidates[0], samples, configs, new, batch_size)
+            for config, (answers, *_) in results.items():
+                per_task[config][task] = round(score(task, answers, samples), 2)
+    finally:
+        ck.remove(model)
+
+    def mean(scores: dict[str, float]) -> float:
+        return round(sum(scores.values()) / len(scores), 2)
+
+    rows = []
+    for candidate in candidates:
+        scores = per_task["map", _head_map_key(candidate)]
+        rows.append({"k": candidate.params.percentile, "alpha": candidate.params.alpha,
+                     "adaptive_heads": int(candidate.head_map.sum()), "score": mean(scores), "tasks": scores})
+    best = min(range(len(rows)), key=lambda i: (
+        -rows[i]["score"],
+        abs(rows[i]["k"] - _PAPER_DEFAULT[0]) + abs(rows[i]["alpha"] - _PAPER_DEFAULT[1]),
+        -rows[i]["k"],
+    ))
+    calibration = {
+        "seed": str(seed),
+        "tasks": ",".join(tasks),
+        "samples_per_task": str(num_samples),
+        "context_length": str(context_length),
+        "adaptive_ratio": str(candidates[0].params.adaptive_ratio),
+        "full_attention_score": str(mean(per_task["full", None])),
+        "full_attention_tasks": json.dumps(per_task["full", None]),
+        "chosen": json.dumps({"k": rows[best]["k"], "alpha": rows[best]["alpha"]}),
+        "table": json.dumps(rows),
+    }
+    return dataclasses.replace(candidates[best], calibration=calibration)
+
+
+def _head_map_key(profile: Profile) -> bytes:
+    return profile.head_map.numpy().tobytes()

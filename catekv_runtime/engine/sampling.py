@@ -164,7 +164,9 @@ def gumbel_noise(seeds: torch.Tensor, counters: torch.Tensor, vocab: int) -> tor
     row = _fmix32(row ^ _mul32(counters & _M32, 0x85EBCA77))
     column = torch.arange(vocab, device=seeds.device, dtype=torch.int64)
     bits = _fmix32(_fmix32(_mul32(column, 0x27D4EB2F)[None, :] ^ row[:, None]) ^ (row[:, None] >> 7))
-    uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    # 23 bits: (k + 0.5) / 2**23 is exact in float32 and strictly inside (0, 1); with 24 bits the top value rounds
+    # to 1.0, whose noise is +inf, and a filtered token's -inf + inf = NaN would win the argmax.
+    uniform = ((bits >> 9).float() + 0.5) * (1.0 / (1 << 23))
     return -torch.log(-torch.log(uniform))
 
 

@@ -161,7 +161,9 @@ class Engine:
         self._waiting: deque[_Request] = deque()
         self._prefilling: _Request | None = None
         self._running: dict[int, _Request] = {}  # slot -> request
-        self._finished: dict[int, _Request] = {}  # id -> request, until collected
+        self._owned: set[int] = set()  # ids that generate() or stream() will collect
+        self._finished: dict[int, _Request] = {}  # finished owned requests, by id, until collected
+        self._outbox: list[_Request] = []  # finished add_request() requests, until step() returns them
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -210,8 +212,9 @@ class Engine:
         return not bool(self.head_map.all())
 
     def has_unfinished(self) -> bool:
-        """Whether any request is waiting, prefilling or decoding."""
-        return bool(self._waiting or self._prefilling or self._running)
+        """Whether any request is waiting, prefilling or decoding, or finished without :meth:`step` having returned
+        it yet (it finished while :meth:`generate` or :meth:`stream` ran the loop)."""
+        return bool(self._waiting or self._prefilling or self._running or self._outbox)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
@@ -221,8 +224,9 @@ class Engine:
         per prompt. Every request is checked before any is queued.
         """
         ids = self._add_all(prompts, params)
+        self._owned.update(ids)
         while any(i not in self._finished for i in ids):
-            self.step()
+            self._step()
         return [self._finished.pop(i).completion(self.tokenizer is not None) for i in ids]
 
     def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
@@ -250,6 +254,7 @@ class Engine:
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer (Engine(..., tokenizer=...))")
         request_id = self.add_request(prompt, params)
+        self._owned.add(request_id)
         sent = 0
         while True:
             request = self._finished.get(request_id)
@@ -258,7 +263,7 @@ class Engine:
                 if len(request.text) > sent:
                     yield request.text[sent:]
                 return
-            self.step()
+            self._step()
             request = self._find(request_id)
             if request is not None:
                 ready = _stable_length(request.text, request.params.stop_strings)
@@ -289,18 +294,21 @@ class Engine:
 
     # ------------------------------------------------------------------------------------------- the loop
 
-    @torch.inference_mode()
     def step(self) -> list[Completion]:
         """One iteration: up to ``prefill_chunk`` tokens of prefill work (starting waiting requests in free slots),
-        then one decode step over the running requests. Returns the requests that finished in it (they are also
-        kept for :meth:`generate` and :meth:`stream` of the same ids)."""
-        done: list[_Request] = []
-        self._prefill_some(done)
-        if self._running:
-            self._decode(done)
+        then one decode step over the running requests. Returns the requests added with :meth:`add_request` that
+        have finished since the last call (requests of :meth:`generate` and :meth:`stream` go to their caller)."""
+        self._step()
+        done, self._outbox = self._outbox, []
         return [r.completion(self.tokenizer is not None) for r in done]
 
-    def _prefill_some(self, done: list[_Request]) -> None:
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self._prefill_some()
+        if self._running:
+            self._decode()
+
+    def _prefill_some(self) -> None:
         work = 0
         while work < self.prefill_chunk:
             if self._prefilling is None and not self._start_prefill():
@@ -311,7 +319,7 @@ class Engine:
             except StopIteration as end:
                 self._prefilling = None
                 logits, counts = end.value
-                self._first_token(request, logits, counts, done)
+                self._first_token(request, logits, counts)
 
     def _start_prefill(self) -> bool:
         free = [s for s in range(self.slots) if s not in self._running]
@@ -325,13 +333,13 @@ class Engine:
         self._prefilling = request
         return True
 
-    def _first_token(self, request: _Request, logits: torch.Tensor, counts: list[int], done: list[_Request]) -> None:
+    def _first_token(self, request: _Request, logits: torch.Tensor, counts: list[int]) -> None:
         """Sample the first token from the prefill's logits, then start the row decoding (unless that was all)."""
         p, slot = request.params, request.slot
         row = self._set_row(slot, request)
         token = sample(logits[None], *row, Filters.of([p]))
         if self._accept(request, int(token)):
-            self._finish(request, done, running=False)
+            self._finish(request, running=False)
             return
         self.kv.activate(slot, counts)
         self._tokens[slot] = token[0]
@@ -354,14 +362,14 @@ class Engine:
         return (self._temperature[rows], self._top_k[rows], self._top_p[rows], self._min_p[rows], self._seeds[rows],
                 self._counters[rows])
 
-    def _decode(self, done: list[_Request]) -> None:
+    def _decode(self) -> None:
         rows = max(self._running) + 1
         filters = Filters.of([r.params for r in self._running.values()])
         self._decode_step(rows, filters)
         tokens = self._tokens[:rows].tolist()
         for slot, request in list(self._running.items()):
             if self._accept(request, tokens[slot]):
-                self._finish(request, done, running=True)
+                self._finish(request, running=True)
 
     def _decode_step(self, rows: int, filters: Filters) -> None:
         """One decode step of rows ``[0, rows)`` entirely on the device: every row consumes its token, appends its
@@ -438,7 +446,7 @@ class Engine:
             return True
         return False
 
-    def _finish(self, request: _Request, done: list[_Request], *, running: bool) -> None:
+    def _finish(self, request: _Request, *, running: bool) -> None:
         slot = request.slot
         if running:
             del self._running[slot]
@@ -446,8 +454,11 @@ class Engine:
         self._active[slot] = 0
         self._positions[slot] = 0
         self._counters[slot] = 0
-        self._finished[request.id] = request
-        done.append(request)
+        if request.id in self._owned:
+            self._owned.discard(request.id)
+            self._finished[request.id] = request
+        else:
+            self._outbox.append(request)
 
     def _prefill_bytes(self) -> int:
         """An estimate of the prefill's working memory at ``max_model_len``: one layer's full K/V, the hidden states,

@@ -151,7 +151,7 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
                            lengths: torch.Tensor, starts: torch.Tensor, scale: float) -> torch.Tensor:
     """One decode step's attention in plain PyTorch over rows ``[0, n)``: append each row's new K/V (``k``, ``v``
     ``[n, Hkv, D]``, after RoPE) at index ``length - 1`` of its groups, then attend q ``[n, Hq, D]`` to
-    ``[start, length)``. Reads every group's whole capacity (masking what is not valid): the CPU path, and the
+    ``[start, length)`` and the new token. Reads every group's whole capacity (masking what is not valid): the CPU path, and the
     reference of the Triton kernel's."""
     n = q.shape[0]
     rows = torch.arange(n, device=q.device)
@@ -165,7 +165,11 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
         query = q[:, group.q_heads].unflatten(1, (heads, -1)).float()  # [n, h, G, D]
         scores = torch.einsum("nhgd,nhcd->nhgc", query, keys.float()) * scale
         slot = torch.arange(keys.shape[2], device=q.device)
-        valid = (slot >= starts[:n, None].long()) & (slot < length[:, None])  # [n, cap]
+        # The new token is always attended, as the kernel does from registers: a free row (length 1, its new K/V in
+        # the sink) then attends to that alone and stays finite; NaN there would reach its sink, and a masked weight
+        # of 0 times NaN is NaN when a request later uses the row.
+        last = length[:, None] - 1
+        valid = ((slot >= starts[:n, None].long()) & (slot < length[:, None])) | (slot == last)  # [n, cap]
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         probs = torch.softmax(scores, dim=-1)
         out[:, group.q_heads] = torch.einsum("nhgc,nhcd->nhgd", probs, values.float()).flatten(1, 2).to(q.dtype)

@@ -135,3 +135,17 @@ def test_profile_of_another_model_is_refused():
     other = make_profile(tiny("llama", num_hidden_layers=2), 0.5)
     with pytest.raises(ck.ProfileError):
         Engine(tiny("llama"), other, max_model_len=64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernel through its interpreter, on CPU")
+def test_triton_decode_kernel_path_on_cpu():
+    """The decode step through the Triton split-K kernel (Triton's interpreter; it rotates q and the new key, appends
+    in place and attends from the sink-skipping start), a free row in the batch: the tokens of apply + generate."""
+    model = tiny("qwen3")
+    profile = make_profile(model, 0.5)
+    batch = prompts([120, 40], seed=1)
+    steps = [4, 3]
+    engine = Engine(model, profile, max_batch_size=3, max_model_len=160, attention="triton")
+    params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
+    outputs = engine.generate(batch, params)
+    assert [o.token_ids for o in outputs] == [reference(model, p, s, profile) for p, s in zip(batch, steps)]

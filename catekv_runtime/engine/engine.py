@@ -95,12 +95,15 @@ class Engine:
         prefill_chunk: tokens per prefill chunk, and the prefill work done between two decode steps.
         attention: decode attention: ``"triton"`` (the split-K kernel, CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (plain PyTorch, any device) or ``"auto"`` (triton on CUDA).
+        cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
+            two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, tokenizer: Any = None,
                  max_batch_size: int = 8, max_model_len: int | None = None, max_decode_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
-                 prefill_chunk: int = 8192, attention: str = "auto", **overrides: Any):
+                 prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
+                 **overrides: Any):
         from ..integration import model_spec, resolve_profile
 
         self.model = DecoderModel.from_transformers(model)
@@ -133,6 +136,11 @@ class Engine:
         if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("attention='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
         self.attention = attention
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self._graphs: dict[tuple[int, Filters], Any] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         per_slot = SlotKV.bytes_per_slot(self.model, self.head_map, self.max_model_len, self.consistent_capacity)
         budget = _kv_budget(kv_cache_memory, gpu_memory_utilization, device, self._prefill_bytes())
         slots = max_batch_size if budget is None else min(max_batch_size, budget // per_slot)
@@ -365,7 +373,14 @@ class Engine:
     def _decode(self) -> None:
         rows = max(self._running) + 1
         filters = Filters.of([r.params for r in self._running.values()])
-        self._decode_step(rows, filters)
+        if self.cuda_graphs:
+            rows = min(self.slots, 1 << (rows - 1).bit_length())  # the extra rows are free: they write their sinks
+            graph = self._graphs.get((rows, filters))
+            if graph is None:
+                graph = self._graphs[rows, filters] = self._capture(rows, filters)
+            graph.replay()
+        else:
+            self._decode_step(rows, filters)
         tokens = self._tokens[:rows].tolist()
         for slot, request in list(self._running.items()):
             if self._accept(request, tokens[slot]):
@@ -393,6 +408,24 @@ class Engine:
         self._positions[:n] += active
         self._counters[:n] += active
         self.kv.lengths[:, :n] += active.to(torch.int32)
+
+    def _capture(self, rows: int, filters: Filters) -> Any:
+        """Capture :meth:`_decode_step` of ``rows`` rows as a CUDA graph. One eager step first compiles the kernels
+        and makes the workspace; the state it advanced is then restored (the K/V it wrote is what the replay writes
+        again: sampling is a pure function of the state)."""
+        state = (self._tokens, self._positions, self._counters, self.kv.lengths)
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            self._decode_step(rows, filters)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):  # records without running: the state stays restored
+            self._decode_step(rows, filters)
+        return graph
 
     def _kernel_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list, cos: torch.Tensor,
                           sin: torch.Tensor, n: int) -> torch.Tensor:

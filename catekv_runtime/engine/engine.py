@@ -129,13 +129,7 @@ class Engine:
         self.consistent_capacity = _max_consistent_tokens(self.params, self.max_model_len) + self.max_decode_len
         self.prefill_chunk = prefill_chunk
         device = self.model.device
-        if attention == "auto":
-            attention = "triton" if device.type == "cuda" else "torch"
-        if attention not in ("triton", "torch"):
-            raise ValueError(f"attention must be 'triton', 'torch' or 'auto', got {attention!r}")
-        if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise ValueError("attention='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
-        self.attention = attention
+        self.attention = _attention_kind(attention, device)
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
@@ -510,6 +504,18 @@ class Engine:
 def _check_positive(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _attention_kind(attention: str, device: torch.device) -> str:
+    """The decode attention to run: ``"auto"`` is the Triton kernel on CUDA, plain PyTorch elsewhere; the kernel
+    off CUDA only under Triton's interpreter (tests)."""
+    kinds = {"auto": "triton" if device.type == "cuda" else "torch", "triton": "triton", "torch": "torch"}
+    if attention not in kinds:
+        raise ValueError(f"attention must be 'triton', 'torch' or 'auto', got {attention!r}")
+    kind = kinds[attention]
+    if kind == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
+    return kind
 
 
 def _max_consistent_tokens(params: ProfileParams, max_model_len: int) -> int:

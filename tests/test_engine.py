@@ -12,6 +12,16 @@ import catekv_runtime as ck
 from catekv_runtime.engine import Engine, SamplingParams, UnsupportedModelError
 
 ENGINE_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "qwen3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spinning costs several times the
+    work; the engine test modules import this fixture (autouse) to run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 
 

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 from conftest import make_tiny_model
+from test_engine import one_thread  # noqa: F401 (autouse)
 
 from catekv_runtime.engine import Engine, SamplingParams
 from catekv_runtime.engine.sampling import Filters, sample

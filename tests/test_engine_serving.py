@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_model
-from test_engine import prompts, reference
+from test_engine import one_thread, prompts, reference  # noqa: F401 (one_thread: autouse)
 from test_runtime import make_profile
 
 from catekv_runtime.engine import Engine, SamplingParams

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from test_engine import one_thread  # noqa: F401 (autouse)
 from test_runtime_smollm2 import PROFILE, passkey_prompt
 
 import catekv_runtime as ck

@@ -1,7 +1,8 @@
 """CateKV runtime: load a head profile and run inference with a hybrid KV cache.
 
 The core (profiles, selection) needs only torch and safetensors; the transformers integration
-(``apply``, ``remove``, ``CateKVCache``) is imported on first use.
+(``apply``, ``remove``, ``CateKVCache``) and the engine (``Engine``, ``SamplingParams``, ``Completion``) are imported
+on first use.
 """
 
 from __future__ import annotations
@@ -30,10 +31,14 @@ _LAZY = {
     "local_head_map": "integration",
     "tensor_parallel_rank": "integration",
     "CateKVCache": "cache",
+    "Engine": "engine",
+    "SamplingParams": "engine",
+    "Completion": "engine",
 }
 
 if TYPE_CHECKING:
     from .cache import CateKVCache
+    from .engine import Completion, Engine, SamplingParams
     from .integration import (
         apply,
         cache_argument,
@@ -56,11 +61,14 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "FORMAT_VERSION",
     "CateKVCache",
+    "Completion",
+    "Engine",
     "ModelSpec",
     "Profile",
     "ProfileError",
     "ProfileParams",
     "ReferenceSpec",
+    "SamplingParams",
     "apply",
     "cache_argument",
     "list_profiles",

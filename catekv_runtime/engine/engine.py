@@ -1,0 +1,567 @@
+"""The inference engine: requests in fixed slots, prefill interleaved with decode steps, sampling, stops, streaming.
+
+A fixed number of slots (sized from ``max_batch_size`` and, if given, a KV memory budget) each hold one sequence's
+KV in static buffers (:mod:`.kv`). A request waits until a slot is free, then prefills into it layer by layer, a
+budget of ``prefill_chunk`` tokens of work per engine step, while the running requests keep decoding: every
+:meth:`Engine.step` advances the prefill by that budget and then runs one decode step over the rows in use. A
+request that finishes (end-of-sequence or a stop token, a stop string, ``max_tokens``) frees its slot at once; the
+other rows never see it, because each row's lengths, position and sampling parameters are its own.
+
+With ``profile=None`` every head keeps every token: full attention on the same engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..profile import Profile, ProfileParams
+from .kv import SlotKV, decode_attention_torch, prefill
+from .model import DecoderModel
+from .sampling import Filters, SamplingParams, sample
+
+Prompt = str | Sequence[int]
+
+
+@dataclass
+class Completion:
+    """One finished request (vLLM's ``CompletionOutput`` with the prompt and usage folded in).
+
+    ``token_ids`` include a final stop or end-of-sequence token; ``text`` (None without a tokenizer) excludes special
+    tokens and a matched stop string. ``finish_reason`` is ``"stop"`` (a stop token, stop string or end of sequence;
+    ``stop_reason`` says which, None for end of sequence) or ``"length"`` (``max_tokens`` reached).
+    """
+
+    request_id: int
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str | None
+    finish_reason: str | None
+    stop_reason: int | str | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class _Request:
+    id: int
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    output: list[int] = field(default_factory=list)
+    text: str = ""
+    slot: int = -1
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    prefill: Iterator[int] | None = None
+
+    def completion(self, with_text: bool) -> Completion:
+        return Completion(self.id, list(self.prompt), list(self.output), self.text if with_text else None,
+                          self.finish_reason, self.stop_reason)
+
+
+class Engine:
+    """Continuous-batching generation over a transformers Llama-family model, with or without a CateKV profile.
+
+    Args:
+        model: a transformers causal LM of the Llama family (see :mod:`.model`); its weights are shared, not copied.
+        profile: a CateKV profile, or None for full attention on the same engine. ``overrides`` (budget, eta, ...)
+            apply to it as in :func:`catekv_runtime.apply`.
+        tokenizer: needed for string prompts, text outputs, stop strings and chat.
+        max_batch_size: the most requests decoding at once (slots).
+        max_model_len: the most tokens (prompt + output) of one request; default the model's
+            ``max_position_embeddings``. It sizes the adaptive heads' buffers.
+        max_decode_len: the most tokens one request may generate beyond what its consistent heads keep of the prompt
+            (CateKV only; default ``min(max_model_len, 4096)``). It sizes the consistent heads' buffers: their budget
+            plus this.
+        kv_cache_memory: bytes of KV buffers to allocate at most; the slot count is then the smaller of
+            ``max_batch_size`` and what fits.
+        gpu_memory_utilization: on CUDA, the fraction of the GPU's memory the engine may hold in all (default 0.9
+            unless ``kv_cache_memory`` is given): what the model and an estimate of the prefill's working memory
+            leave of it bounds the KV buffers.
+        prefill_chunk: tokens per prefill chunk, and the prefill work done between two decode steps.
+        attention: decode attention: ``"triton"`` (the split-K kernel, CUDA, or CPU under ``TRITON_INTERPRET=1``),
+            ``"torch"`` (plain PyTorch, any device) or ``"auto"`` (triton on CUDA).
+        cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
+            two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
+    """
+
+    def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, tokenizer: Any = None,
+                 max_batch_size: int = 8, max_model_len: int | None = None, max_decode_len: int | None = None,
+                 kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
+                 prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
+                 **overrides: Any):
+        from ..integration import model_spec, resolve_profile
+
+        self.model = DecoderModel.from_transformers(model)
+        self.tokenizer = tokenizer
+        config = model.config.get_text_config(decoder=True)
+        if profile is not None:
+            profile = resolve_profile(profile, overrides)
+            profile.check_model(dataclasses.replace(model_spec(model), model_id=""))
+        elif overrides:
+            raise TypeError(f"overrides {sorted(overrides)} need a profile")
+        self.profile = profile
+        _check_positive("max_batch_size", max_batch_size)
+        _check_positive("prefill_chunk", prefill_chunk)
+        self.max_model_len = max_model_len if max_model_len is not None else int(config.max_position_embeddings)
+        _check_positive("max_model_len", self.max_model_len)
+        if profile is not None:
+            self.head_map, self.params = profile.head_map.bool(), profile.params
+        else:
+            self.head_map = torch.ones(self.model.num_layers, self.model.kv_heads, dtype=torch.bool)
+            self.params = ProfileParams(adaptive_ratio=1.0, eta=1.0)
+        self.max_decode_len = min(self.max_model_len, 4096) if max_decode_len is None else max_decode_len
+        _check_positive("max_decode_len", self.max_decode_len)
+        self.consistent_capacity = _max_consistent_tokens(self.params, self.max_model_len) + self.max_decode_len
+        self.prefill_chunk = prefill_chunk
+        device = self.model.device
+        self.attention = _attention_kind(attention, device)
+        self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and device.type != "cuda":
+            raise ValueError("cuda_graphs needs the model on a CUDA device")
+        self._graphs: dict[tuple[int, Filters], Any] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        per_slot = SlotKV.bytes_per_slot(self.model, self.head_map, self.max_model_len, self.consistent_capacity)
+        budget = _kv_budget(kv_cache_memory, gpu_memory_utilization, device, self._prefill_bytes())
+        slots = max_batch_size if budget is None else min(max_batch_size, budget // per_slot)
+        if slots < 1:
+            raise ValueError(f"kv_cache_memory: one slot needs {per_slot} bytes of KV, the budget is {budget}; "
+                             "lower max_model_len (or max_decode_len) or give more memory")
+        self.kv = SlotKV(self.model, self.head_map, slots, self.max_model_len, self.consistent_capacity)
+        self.slots = slots
+        # Per-row decode state, in device memory; rows of free slots hold harmless values (token 0, length 1).
+        self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
+        self._positions = torch.zeros(slots, dtype=torch.long, device=device)
+        self._counters = torch.zeros(slots, dtype=torch.long, device=device)  # tokens generated so far
+        self._active = torch.zeros(slots, dtype=torch.long, device=device)
+        self._temperature = torch.zeros(slots, dtype=torch.float32, device=device)
+        self._top_p = torch.ones(slots, dtype=torch.float32, device=device)
+        self._top_k = torch.zeros(slots, dtype=torch.long, device=device)
+        self._min_p = torch.zeros(slots, dtype=torch.float32, device=device)
+        self._seeds = torch.zeros(slots, dtype=torch.long, device=device)
+        self._workspaces: dict[int, tuple[Any, list[int]]] = {}
+        self._kernel_config = None
+        if attention == "triton":
+            from ..lean import LeanGenerator
+
+            self._kernel_config = LeanGenerator.default_kernel_config(profile)
+        self._ids = itertools.count()
+        self._waiting: deque[_Request] = deque()
+        self._prefilling: _Request | None = None
+        self._running: dict[int, _Request] = {}  # slot -> request
+        self._owned: set[int] = set()  # ids that generate() or stream() will collect
+        self._finished: dict[int, _Request] = {}  # finished owned requests, by id, until collected
+        self._outbox: list[_Request] = []  # finished add_request() requests, until step() returns them
+
+    # ------------------------------------------------------------------------------------------ requests
+
+    def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
+        """Queue one request (a string, with a tokenizer, or token ids); returns its id. Checks everything first:
+        a bad request raises ``ValueError`` naming the field and leaves the engine as it was."""
+        return self._add(self._checked(prompt, params or SamplingParams()))
+
+    def _checked(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt: a string prompt needs a tokenizer (Engine(..., tokenizer=...)), or pass "
+                                 "token ids")
+            ids = list(self.tokenizer(prompt).input_ids) if prompt else []
+        elif isinstance(prompt, torch.Tensor):
+            ids = prompt.flatten().tolist()
+        else:
+            ids = list(prompt)
+        if not ids:
+            raise ValueError("prompt: empty prompt (at least one token is needed)")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model.vocab_size for t in ids):
+            raise ValueError(f"prompt: token ids must be ints in [0, {self.model.vocab_size})")
+        if len(ids) + params.max_tokens > self.max_model_len:
+            raise ValueError(f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
+                             f"max_model_len {self.max_model_len}")
+        if self._has_consistent_heads():
+            kept = self.params.kept_tokens(len(ids), adaptive=False)
+            if kept + params.max_tokens > self.consistent_capacity:
+                raise ValueError(f"max_tokens {params.max_tokens} does not fit the consistent heads' room "
+                                 f"({self.consistent_capacity - kept} tokens after this prompt); raise "
+                                 f"Engine(max_decode_len=...) (now {self.max_decode_len})")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop: stop strings need a tokenizer (Engine(..., tokenizer=...)); use stop_token_ids")
+        return ids, params
+
+    def _add(self, checked: tuple[list[int], SamplingParams]) -> int:
+        ids, params = checked
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        request = _Request(next(self._ids), ids, params, seed)
+        self._waiting.append(request)
+        return request.id
+
+    def _has_consistent_heads(self) -> bool:
+        return not bool(self.head_map.all())
+
+    def has_unfinished(self) -> bool:
+        """Whether any request is waiting, prefilling or decoding, or finished without :meth:`step` having returned
+        it yet (it finished while :meth:`generate` or :meth:`stream` ran the loop)."""
+        return bool(self._waiting or self._prefilling or self._running or self._outbox)
+
+    def generate(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Run prompts to completion (with whatever else is queued); their completions, in order.
+
+        ``prompts``: one prompt (a string or a list of token ids) or a list of them; ``params`` one for all or one
+        per prompt. Every request is checked before any is queued.
+        """
+        ids = self._add_all(prompts, params)
+        self._owned.update(ids)
+        while any(i not in self._finished for i in ids):
+            self._step()
+        return [self._finished.pop(i).completion(self.tokenizer is not None) for i in ids]
+
+    def chat(self, messages: list[dict[str, str]] | list[list[dict[str, str]]],
+             params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
+        """Like :meth:`generate` for chat conversations (a list of messages, or a list of such lists), rendered by
+        the tokenizer's chat template with the generation prompt."""
+        if self.tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer (Engine(..., tokenizer=...))")
+        if not messages:
+            raise ValueError("messages: empty conversation")
+        conversations = [messages] if isinstance(messages[0], dict) else messages
+        prompts = [self._chat_prompt(c) for c in conversations]
+        return self.generate(prompts, params)
+
+    def _chat_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
+        if not conversation:
+            raise ValueError("messages: empty conversation")
+        text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return list(self.tokenizer(text, add_special_tokens=False).input_ids)
+
+    def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
+        """Generate one prompt, yielding its text as it grows (needs a tokenizer). Other queued requests advance
+        too. A piece is held back while it may be an incomplete character or the start of a stop string; the
+        pieces joined equal the finished completion's text."""
+        if self.tokenizer is None:
+            raise ValueError("stream needs a tokenizer (Engine(..., tokenizer=...))")
+        request_id = self.add_request(prompt, params)
+        self._owned.add(request_id)
+        sent = 0
+        while True:
+            request = self._finished.get(request_id)
+            if request is not None:
+                self._finished.pop(request_id)
+                if len(request.text) > sent:
+                    yield request.text[sent:]
+                return
+            self._step()
+            request = self._find(request_id)
+            if request is not None:
+                ready = _stable_length(request.text, request.params.stop_strings)
+                if ready > sent:
+                    yield request.text[sent:ready]
+                    sent = ready
+
+    def _find(self, request_id: int) -> _Request | None:
+        for request in itertools.chain(self._running.values(), (self._prefilling,) if self._prefilling else ()):
+            if request.id == request_id:
+                return request
+        return None
+
+    def _add_all(self, prompts: Prompt | Sequence[Prompt],
+                 params: SamplingParams | Sequence[SamplingParams] | None) -> list[int]:
+        single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and all(
+            isinstance(t, int) for t in prompts))
+        prompts = [prompts] if single or isinstance(prompts, torch.Tensor) else list(prompts)
+        if not prompts:
+            raise ValueError("prompts: no prompt given")
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        params = list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"params: {len(params)} sampling params for {len(prompts)} prompts")
+        checked = [self._checked(p, s) for p, s in zip(prompts, params)]
+        return [self._add(c) for c in checked]
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def step(self) -> list[Completion]:
+        """One iteration: up to ``prefill_chunk`` tokens of prefill work (starting waiting requests in free slots),
+        then one decode step over the running requests. Returns the requests added with :meth:`add_request` that
+        have finished since the last call (requests of :meth:`generate` and :meth:`stream` go to their caller)."""
+        self._step()
+        done, self._outbox = self._outbox, []
+        return [r.completion(self.tokenizer is not None) for r in done]
+
+    @torch.inference_mode()
+    def _step(self) -> None:
+        self._prefill_some()
+        if self._running:
+            self._decode()
+
+    def _prefill_some(self) -> None:
+        work = 0
+        while work < self.prefill_chunk:
+            if self._prefilling is None and not self._start_prefill():
+                return
+            request = self._prefilling
+            try:
+                work += next(request.prefill)
+            except StopIteration as end:
+                self._prefilling = None
+                logits, counts = end.value
+                self._first_token(request, logits, counts)
+
+    def _start_prefill(self) -> bool:
+        free = [s for s in range(self.slots) if s not in self._running]
+        if not self._waiting or not free:
+            return False
+        request = self._waiting.popleft()
+        request.slot = free[0]  # the lowest free row: the decode batch stays as short as it can
+        ids = torch.tensor(request.prompt, dtype=torch.long, device=self.model.device)
+        request.prefill = prefill(self.model, self.kv, request.slot, ids, self.head_map, self.params,
+                                  self.prefill_chunk)
+        self._prefilling = request
+        return True
+
+    def _first_token(self, request: _Request, logits: torch.Tensor, counts: list[int]) -> None:
+        """Sample the first token from the prefill's logits, then start the row decoding (unless that was all)."""
+        p, slot = request.params, request.slot
+        row = self._set_row(slot, request)
+        token = sample(logits[None], *row, Filters.of([p]))
+        if self._accept(request, int(token)):
+            self._finish(request, running=False)
+            return
+        self.kv.activate(slot, counts)
+        self._tokens[slot] = token[0]
+        self._positions[slot] = len(request.prompt)
+        self._counters[slot] = 1
+        self._active[slot] = 1
+        self._running[slot] = request
+
+    def _set_row(self, slot: int, request: _Request) -> tuple[torch.Tensor, ...]:
+        """Write a request's sampling parameters into its row; returns them as one-row tensors for the first token
+        (temperature, top_k, top_p, min_p, seed, counter)."""
+        p = request.params
+        self._temperature[slot] = p.temperature
+        self._top_k[slot] = max(p.top_k, 0)
+        self._top_p[slot] = p.top_p
+        self._min_p[slot] = p.min_p
+        self._seeds[slot] = request.seed
+        self._counters[slot] = 0
+        rows = slice(slot, slot + 1)
+        return (self._temperature[rows], self._top_k[rows], self._top_p[rows], self._min_p[rows], self._seeds[rows],
+                self._counters[rows])
+
+    def _decode(self) -> None:
+        rows = max(self._running) + 1
+        filters = Filters.of([r.params for r in self._running.values()])
+        if self.cuda_graphs:
+            rows = min(self.slots, 1 << (rows - 1).bit_length())  # the extra rows are free: they write their sinks
+            graph = self._graphs.get((rows, filters))
+            if graph is None:
+                graph = self._graphs[rows, filters] = self._capture(rows, filters)
+            graph.replay()
+        else:
+            self._decode_step(rows, filters)
+        tokens = self._tokens[:rows].tolist()
+        for slot, request in list(self._running.items()):
+            if self._accept(request, tokens[slot]):
+                self._finish(request, running=True)
+
+    def _decode_step(self, rows: int, filters: Filters) -> None:
+        """One decode step of rows ``[0, rows)`` entirely on the device: every row consumes its token, appends its
+        K/V and samples the next; rows of running requests advance their position, counter and lengths."""
+        model, n = self.model, rows
+        x = model.embed[self._tokens[:n]]
+        cos, sin = model.rope_tables(self._positions[:n])
+        for weights, groups in zip(model.layers, self.kv.layers):
+            q, k, v = model.qkv(weights, x)
+            if self.attention == "triton":
+                attn = self._kernel_attention(q, k, v, groups, cos, sin, n)
+            else:
+                q, k = model.rope(q, cos, sin), model.rope(k, cos, sin)
+                attn = decode_attention_torch(q, k, v, groups, self.kv.lengths, self.kv.starts, model.scale)
+            x = model.attention_out(weights, x, attn)
+        logits = model.logits(x)
+        token = sample(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._min_p[:n],
+                       self._seeds[:n], self._counters[:n], filters)
+        active = self._active[:n]
+        self._tokens[:n] = token
+        self._positions[:n] += active
+        self._counters[:n] += active
+        self.kv.lengths[:, :n] += active.to(torch.int32)
+
+    def _capture(self, rows: int, filters: Filters) -> Any:
+        """Capture :meth:`_decode_step` of ``rows`` rows as a CUDA graph. One eager step first compiles the kernels
+        and makes the workspace; the state it advanced is then restored (the K/V it wrote is what the replay writes
+        again: sampling is a pure function of the state)."""
+        state = (self._tokens, self._positions, self._counters, self.kv.lengths)
+        saved = [t.clone() for t in state]
+        stream = torch.cuda.Stream(self.model.device)
+        stream.wait_stream(torch.cuda.current_stream(self.model.device))
+        with torch.cuda.stream(stream):
+            self._decode_step(rows, filters)
+        torch.cuda.current_stream(self.model.device).wait_stream(stream)
+        for tensor, value in zip(state, saved):
+            tensor.copy_(value)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):  # records without running: the state stays restored
+            self._decode_step(rows, filters)
+        return graph
+
+    def _kernel_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list, cos: torch.Tensor,
+                          sin: torch.Tensor, n: int) -> torch.Tensor:
+        """The Triton split-K kernel over the layer's groups: it rotates q and the new key, appends the new K/V at
+        each row's ``length - 1`` and attends to ``[1, length)``."""
+        from ..kernels.triton_decode import KVGroup, decode_attention_two_groups
+
+        workspace, splits = self._workspace(n)
+        kernel_groups = [KVGroup(g.kv[0, :n], g.kv[1, :n], self.kv.lengths[g.row, :n], self.kv.starts[:n], g.q_heads,
+                                 g.kv_heads) for g in groups]
+        return decode_attention_two_groups(
+            q, kernel_groups, scale=self.model.scale, num_splits=[splits[g.row] for g in groups], workspace=workspace,
+            config=self._kernel_config, new_k=k, new_v=v, rope=(cos, sin))
+
+    def _workspace(self, n: int) -> tuple[Any, list[int]]:
+        """The kernel's workspace and per-group split counts for a decode batch of ``n`` rows (made once per n)."""
+        if n not in self._workspaces:
+            from ..kernels.triton_decode import group_num_splits, make_workspace, sm_count
+
+            splits = group_num_splits([g.kv[0, :n] for g in self.kv.groups], self._kernel_config,
+                                      sm_count(self.model.device))
+            workspace = make_workspace(n, self.model.q_heads, self.model.head_dim, max(splits), self.model.device)
+            self._workspaces[n] = (workspace, splits)
+        return self._workspaces[n]
+
+    # ---------------------------------------------------------------------------------------- stopping
+
+    def _accept(self, request: _Request, token: int) -> bool:
+        """Append a sampled token and update the text; True if the request is now finished (sets the reason)."""
+        p = request.params
+        request.output.append(token)
+        previous = len(request.text)
+        if self.tokenizer is not None:
+            request.text = self.tokenizer.decode(request.output, skip_special_tokens=True)
+        # vLLM's order: end of sequence, stop tokens, stop strings, length.
+        if not p.ignore_eos and token in self.model.eos_token_ids:
+            request.finish_reason = "stop"
+            return True
+        if p.stop_token_ids and token in p.stop_token_ids:
+            request.finish_reason, request.stop_reason = "stop", token
+            return True
+        if p.stop_strings:
+            longest = max(len(s) for s in p.stop_strings)
+            found = _find_stop(request.text, p.stop_strings, max(0, previous - longest))
+            if found is not None:
+                request.text = request.text[: found[0]]
+                request.finish_reason, request.stop_reason = "stop", found[1]
+                return True
+        if len(request.output) >= p.max_tokens:
+            request.finish_reason = "length"
+            return True
+        return False
+
+    def _finish(self, request: _Request, *, running: bool) -> None:
+        slot = request.slot
+        if running:
+            del self._running[slot]
+        self.kv.release(slot)
+        self._active[slot] = 0
+        self._positions[slot] = 0
+        self._counters[slot] = 0
+        if request.id in self._owned:
+            self._owned.discard(request.id)
+            self._finished[request.id] = request
+        else:
+            self._outbox.append(request)
+
+    def _prefill_bytes(self) -> int:
+        """An estimate of the prefill's working memory at ``max_model_len``: one layer's full K/V, the hidden states,
+        one chunk's activations and the selection's scores (``cache.SCORE_BYTES``)."""
+        from ..cache import SCORE_BYTES
+
+        m, n = self.model, self.max_model_len
+        element = m.embed.element_size()
+        hidden = m.embed.shape[1]
+        full_kv = 2 * m.kv_heads * m.head_dim * n * element
+        chunk = min(self.prefill_chunk, n)
+        activations = chunk * (m.layers[0].qkv.shape[0] + 2 * m.layers[0].gate_up.shape[0] + 4 * hidden) * element
+        return 2 * full_kv + 2 * n * hidden * element + activations + SCORE_BYTES
+
+
+def _check_positive(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _attention_kind(attention: str, device: torch.device) -> str:
+    """The decode attention to run: ``"auto"`` is the Triton kernel on CUDA, plain PyTorch elsewhere; the kernel
+    off CUDA only under Triton's interpreter (tests)."""
+    kinds = {"auto": "triton" if device.type == "cuda" else "torch", "triton": "triton", "torch": "torch"}
+    if attention not in kinds:
+        raise ValueError(f"attention must be 'triton', 'torch' or 'auto', got {attention!r}")
+    kind = kinds[attention]
+    if kind == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError("attention='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
+    return kind
+
+
+def _max_consistent_tokens(params: ProfileParams, max_model_len: int) -> int:
+    """The most prompt tokens a consistent head keeps for any prompt up to ``max_model_len``. Past one chunk beyond
+    the budget's chunks the kept count repeats with period ``chunk_size``, so a short scan covers every length."""
+    c = params.chunk_size
+    horizon = params.init_tokens + params.recent_tokens + (params.budget_chunks + 2) * c
+    return max(params.kept_tokens(n, adaptive=False) for n in range(1, min(max_model_len, horizon) + 1))
+
+
+def _kv_budget(kv_cache_memory: int | None, utilization: float | None, device: torch.device,
+               prefill_bytes: int) -> int | None:
+    if kv_cache_memory is not None:
+        _check_positive("kv_cache_memory", kv_cache_memory)
+        return kv_cache_memory
+    if device.type != "cuda":
+        if utilization is not None:
+            raise ValueError("gpu_memory_utilization needs a CUDA model; give kv_cache_memory (bytes) instead")
+        return None
+    utilization = 0.9 if utilization is None else utilization
+    if not 0 < utilization <= 1:
+        raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {utilization}")
+    total = torch.cuda.get_device_properties(device).total_memory
+    return max(0, int(total * utilization) - torch.cuda.memory_allocated(device) - prefill_bytes)
+
+
+def _find_stop(text: str, stops: tuple[str, ...], start: int) -> tuple[int, str] | None:
+    """The earliest stop string in ``text[start:]``: (its index, the string), or None."""
+    best = None
+    for stop in stops:
+        index = text.find(stop, start)
+        if index >= 0 and (best is None or index < best[0]):
+            best = (index, stop)
+    return best
+
+
+def _stable_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of an unfinished output's text can be shown: not a trailing incomplete character (U+FFFD from a
+    partial UTF-8 sequence), nor a suffix that could be the start of a stop string."""
+    end = len(text)
+    while end and text[end - 1] == "\ufffd":
+        end -= 1
+    held = 0
+    for stop in stops:
+        for size in range(min(len(stop) - 1, end), held, -1):
+            if text[end - size : end] == stop[:size]:
+                held = size
+                break
+    return end - held

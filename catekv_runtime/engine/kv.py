@@ -1,0 +1,176 @@
+"""Static per-slot KV: each layer's head groups in preallocated buffers, one row per slot, written in place.
+
+A layer has one buffer per head group (CateKV: adaptive and consistent heads; full attention: one group of every
+head), ``[2, slots, heads, capacity, head_dim]``. Row ``s`` holds slot ``s``'s sequence. Slot index 0 of every row
+is a sink: a row without a running request has length 1, so the decode step (which writes each row's new K/V at
+index ``length - 1`` and attends to ``[1, length)``) writes its throwaway K/V there and reads nothing. That keeps
+a row that is being prefilled, or is free, intact while the other rows decode, with no host-side branching. A
+request's tokens live at ``[1, 1 + kept + decoded)``.
+
+The lengths ``[groups, slots]`` int32 live in device memory, one row per (layer, group), read by the decode
+attention; a decode step adds ``active`` to all of them at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import chunk_attention
+from ..cache import CateKVLayer, HeadGroup
+from ..profile import ProfileParams
+from .model import DecoderModel
+
+
+@dataclass
+class GroupKV:
+    """One head group of one layer across all slots."""
+
+    kv_heads: torch.Tensor  # [h] int64 on the device: the model's KV heads in this group
+    q_heads: torch.Tensor  # [h * G] int64: their query heads, in cache order
+    kv: torch.Tensor  # [2, slots, h, capacity, D]
+    row: int  # this group's row in SlotKV.lengths
+    adaptive: bool
+
+
+class SlotKV:
+    """Every layer's head groups for ``slots`` sequences, and their lengths.
+
+    Args:
+        model: the decode model (heads, dtype, device).
+        head_map: bool ``[layers, kv_heads]``, True for heads that keep every token (all True: full attention).
+        slots: rows of every buffer.
+        adaptive_capacity / consistent_capacity: tokens a row of an adaptive / consistent group can hold (the
+            sink slot is added on top).
+    """
+
+    def __init__(self, model: DecoderModel, head_map: torch.Tensor, slots: int, adaptive_capacity: int,
+                 consistent_capacity: int):
+        self.slots = slots
+        device, dtype, dim = model.device, model.dtype, model.head_dim
+        group = model.q_heads // model.kv_heads
+        self.layers: list[list[GroupKV]] = []
+        row = 0
+        for adaptive in head_map.bool().cpu():
+            groups = []
+            for is_adaptive, heads in ((True, adaptive.nonzero().flatten()), (False, (~adaptive).nonzero().flatten())):
+                if heads.numel() == 0:
+                    continue
+                capacity = 1 + (adaptive_capacity if is_adaptive else consistent_capacity)
+                q_heads = (heads[:, None] * group + torch.arange(group)).flatten()
+                kv = torch.zeros(2, slots, heads.numel(), capacity, dim, dtype=dtype, device=device)
+                groups.append(GroupKV(heads.to(device), q_heads.to(device), kv, row, is_adaptive))
+                row += 1
+            self.layers.append(groups)
+        self.lengths = torch.ones(row, slots, dtype=torch.int32, device=device)
+        self.starts = torch.ones(slots, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def bytes_per_slot(model: DecoderModel, head_map: torch.Tensor, adaptive_capacity: int,
+                       consistent_capacity: int) -> int:
+        """Bytes one slot takes in every buffer (to size the slot count from a memory budget)."""
+        adaptive = int(head_map.bool().sum())
+        consistent = head_map.numel() - adaptive
+        tokens = adaptive * (1 + adaptive_capacity) + consistent * (1 + consistent_capacity)
+        return 2 * tokens * model.head_dim * model.embed.element_size()
+
+    @property
+    def groups(self) -> list[GroupKV]:
+        return [g for layer in self.layers for g in layer]
+
+    def load_layer(self, slot: int, layer: int, selected: list[HeadGroup]) -> list[int]:
+        """Copy one layer's selected tokens of one sequence (``CateKVLayer.groups`` of a batch of 1) into row
+        ``slot``; returns each group's token count (the row's lengths stay as they are until :meth:`activate`)."""
+        mine = self.layers[layer]
+        if len(mine) != len(selected):
+            raise RuntimeError(f"layer {layer}: selection made {len(selected)} head groups, the slots hold {len(mine)}")
+        counts = []
+        for group, chosen in zip(mine, selected):
+            start = int(chosen.pad[0]) if chosen.pad is not None else 0
+            kept = chosen.length - start
+            if not torch.equal(group.kv_heads, chosen.kv_heads) or 1 + kept > group.kv.shape[3]:
+                raise RuntimeError(f"layer {layer}: selected {kept} tokens of heads {chosen.kv_heads.tolist()}, "
+                                   f"which do not fit the slot group of heads {group.kv_heads.tolist()}")
+            group.kv[:, slot, :, 1 : 1 + kept] = chosen.kv[:, 0, :, start : chosen.length]
+            counts.append(kept)
+        return counts
+
+    def activate(self, slot: int, counts: list[int]) -> None:
+        """Make row ``slot`` decode: its lengths become sink + kept tokens + the token about to be decoded."""
+        self.lengths[:, slot] = torch.tensor(counts, dtype=torch.int32).to(self.lengths.device) + 2
+
+    def release(self, slot: int) -> None:
+        """Row ``slot`` stops decoding: length 1 (the sink only)."""
+        self.lengths[:, slot] = 1
+
+
+def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, head_map: torch.Tensor,
+            params: ProfileParams, chunk: int) -> Iterator[int]:
+    """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time.
+
+    A generator: it yields the number of tokens it just processed after every chunk of every layer, so that the
+    engine can run decode steps in between, and returns the last position's logits ``[vocab]`` and the per-group
+    token counts to pass to :meth:`SlotKV.activate`. Per layer, each chunk's q/k/v come from the layer's input (the
+    chunks before it already hold the layer's output, but their K/V were written first), its queries attend to every
+    key up to their own, and then the layer selects what each head keeps (``CateKVLayer.select_from``, the same code
+    as ``apply``'s cache) and the selection is copied into the row: only one layer's full K/V exists at a time.
+    """
+    n = token_ids.shape[0]
+    hidden = model.embed[token_ids]  # [n, hidden]
+    positions = torch.arange(n, device=token_ids.device)
+    spans = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+    counts: list[int] = []
+    for index, weights in enumerate(model.layers):
+        keys = hidden.new_empty(1, model.kv_heads, n, model.head_dim)
+        values = torch.empty_like(keys)
+        window = params.obs_window
+        last_queries = None
+        for start, end in spans:
+            x = hidden[start:end]
+            q, k, v = model.qkv(weights, x)  # [m, H, D]
+            cos, sin = model.rope_tables(positions[start:end])
+            q, k = model.rope(q, cos, sin), model.rope(k, cos, sin)
+            keys[0, :, start:end] = k.transpose(0, 1)
+            values[0, :, start:end] = v.transpose(0, 1)
+            q = q.transpose(0, 1)[None]  # [1, Hq, m, D]
+            tail = q[:, :, -window:]
+            last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
+            out = chunk_attention(q, keys, values, start, model.scale)
+            hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
+            yield end - start
+        selector = CateKVLayer(head_map[index], params, 0, True)
+        selector.select_from(keys, values, last_queries, model.scale)
+        del keys, values
+        counts += kv.load_layer(slot, index, selector.groups)
+    return model.logits(hidden[-1]), counts
+
+
+def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layer: list[GroupKV],
+                           lengths: torch.Tensor, starts: torch.Tensor, scale: float) -> torch.Tensor:
+    """One decode step's attention in plain PyTorch over rows ``[0, n)``: append each row's new K/V (``k``, ``v``
+    ``[n, Hkv, D]``, after RoPE) at index ``length - 1`` of its groups, then attend q ``[n, Hq, D]`` to
+    ``[start, length)`` and the new token. Reads every group's whole capacity (masking what is not valid): the CPU path, and the
+    reference of the Triton kernel's."""
+    n = q.shape[0]
+    rows = torch.arange(n, device=q.device)
+    out = torch.empty_like(q)
+    for group in layer:
+        length = lengths[group.row, :n].long()
+        keys, values = group.kv[0, :n], group.kv[1, :n]  # [n, h, cap, D]
+        keys[rows, :, length - 1] = k[:, group.kv_heads]
+        values[rows, :, length - 1] = v[:, group.kv_heads]
+        heads = group.kv_heads.numel()
+        query = q[:, group.q_heads].unflatten(1, (heads, -1)).float()  # [n, h, G, D]
+        scores = torch.einsum("nhgd,nhcd->nhgc", query, keys.float()) * scale
+        slot = torch.arange(keys.shape[2], device=q.device)
+        # The new token is always attended, as the kernel does from registers: a free row (length 1, its new K/V in
+        # the sink) then attends to that alone and stays finite; NaN there would reach its sink, and a masked weight
+        # of 0 times NaN is NaN when a request later uses the row.
+        last = length[:, None] - 1
+        valid = ((slot >= starts[:n, None].long()) & (slot < length[:, None])) | (slot == last)  # [n, cap]
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[:, group.q_heads] = torch.einsum("nhgc,nhcd->nhgd", probs, values.float()).flatten(1, 2).to(q.dtype)
+    return out

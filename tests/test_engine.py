@@ -1,0 +1,161 @@
+"""The engine (catekv_runtime.engine) against independent references: transformers' ``generate`` with ``apply``'s
+CateKV cache, full attention, and each request run alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_runtime import make_profile
+
+import catekv_runtime as ck
+from catekv_runtime.engine import Engine, SamplingParams, UnsupportedModelError
+
+ENGINE_FAMILIES = ("llama", "qwen2", "mistral", "phi3", "qwen3")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and on a shared CPU their spinning costs several times the
+    work; the engine test modules import this fixture (autouse) to run on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+GREEDY = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+
+def tiny(family: str, **overrides):
+    """A tiny model of ``family``; Qwen3 (q/k head norms) is built here, conftest does not know it."""
+    if family != "qwen3":
+        return make_tiny_model(family, **overrides)
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    config = Qwen3Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=4096,
+                         bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    # Random norms: Qwen3's q/k norms at their initial 1.0 would not test that they are applied.
+    for layer in model.model.layers:
+        for norm in (layer.self_attn.q_norm, layer.self_attn.k_norm):
+            norm.weight.copy_(torch.rand(norm.weight.shape, generator=torch.Generator().manual_seed(3)) + 0.5)
+    return model
+
+
+def prompts(lengths, seed=0, vocab=256) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randint(3, vocab, (n,), generator=gen).tolist() for n in lengths]
+
+
+def reference(model, prompt: list[int], steps: int, profile=None) -> list[int]:
+    """Greedy tokens of transformers' generate, alone, with apply's CateKV cache when ``profile`` is given."""
+    model.generation_config.eos_token_id = None
+    if profile is not None:
+        ck.apply(model, profile)
+    try:
+        out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, pad_token_id=0)
+    finally:
+        if profile is not None:
+            ck.remove(model)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_greedy_equals_apply_and_generate(family):
+    """A batch of prompts of different lengths, greedy: each equals apply + generate of that prompt alone with the
+    same profile; and at this budget CateKV's tokens differ from full attention's somewhere (so the comparison
+    would notice an engine that ignored the profile)."""
+    model = tiny(family)
+    profile = make_profile(model, 0.5)
+    batch = prompts([230, 97, 150, 180])
+    expected = [reference(model, p, 12, profile) for p in batch]
+    engine = Engine(model, profile, max_batch_size=4, max_model_len=512, prefill_chunk=64)
+    outputs = engine.generate(batch, GREEDY)
+    assert [o.token_ids for o in outputs] == expected
+    assert all(o.finish_reason == "length" and o.completion_tokens == 12 for o in outputs)
+    assert [o.prompt_tokens for o in outputs] == [230, 97, 150, 180]
+    full = [reference(model, p, 12) for p in batch]
+    assert full != expected
+
+
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_full_attention_equals_generate(family):
+    """profile=None, and a profile that evicts nothing (r = 1, eta = 1), equal transformers' full attention."""
+    model = tiny(family)
+    batch = prompts([200, 61, 130], seed=1)
+    expected = [reference(model, p, 12) for p in batch]
+    full = Engine(model, None, max_batch_size=3, max_model_len=400, prefill_chunk=48)
+    assert [o.token_ids for o in full.generate(batch, GREEDY)] == expected
+    keep_all = Engine(model, make_profile(model, 1.0), max_batch_size=2, max_model_len=400)
+    assert [o.token_ids for o in keep_all.generate(batch, GREEDY)] == expected
+
+
+@pytest.mark.parametrize("rope", [
+    {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+     "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64, "rope_theta": 10000.0},
+], ids=["llama3", "yarn"])
+def test_scaled_rope_equals_generate(rope):
+    """RoPE scaling comes from the model's own rotary module (inv_freq, attention_scaling): llama3 and yarn."""
+    model = tiny("llama", rope_parameters=rope)
+    assert model.model.rotary_emb.rope_type == rope["rope_type"]
+    batch = prompts([150, 90], seed=2)
+    profile = make_profile(model, 0.5)
+    engine = Engine(model, profile, max_batch_size=2, max_model_len=256)
+    assert [o.token_ids for o in engine.generate(batch, GREEDY)] == [reference(model, p, 12, profile) for p in batch]
+
+
+def test_engine_shares_the_models_weights():
+    """The fused q/k/v and gate/up weights are the model's own storage (viewed), and the model is unchanged."""
+    model = tiny("qwen2")
+    ids = torch.tensor([prompts([40])[0]])
+    before = model(ids).logits
+    engine = Engine(model, None, max_batch_size=1, max_model_len=64)
+    layer, weights = model.model.layers[0], engine.model.layers[0]
+    assert layer.self_attn.q_proj.weight.untyped_storage().data_ptr() == weights.qkv.untyped_storage().data_ptr()
+    assert layer.mlp.up_proj.weight.untyped_storage().data_ptr() == weights.gate_up.untyped_storage().data_ptr()
+    assert weights.qkv_bias is not None
+    assert torch.equal(model(ids).logits, before)
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda: make_tiny_model("mistral", sliding_window=64), "sliding-window"),
+    (lambda: make_tiny_model("qwen2", sliding_window=64), "sliding-window"),
+    (lambda: make_tiny_model("llama", rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}),
+     "'dynamic'"),
+    (lambda: make_tiny_model("llama", hidden_act="gelu"), "activation"),
+], ids=["mistral-window", "qwen2-window", "dynamic-rope", "gelu"])
+def test_unsupported_models_are_refused(make, reason):
+    with pytest.raises(UnsupportedModelError, match=reason):
+        Engine(make(), None, max_model_len=64)
+
+
+def test_other_architectures_are_refused():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64))
+    with pytest.raises(UnsupportedModelError, match="Llama family"):
+        Engine(model, None)
+
+
+def test_profile_of_another_model_is_refused():
+    other = make_profile(tiny("llama", num_hidden_layers=2), 0.5)
+    with pytest.raises(ck.ProfileError):
+        Engine(tiny("llama"), other, max_model_len=64)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernel through its interpreter, on CPU")
+def test_triton_decode_kernel_path_on_cpu():
+    """The decode step through the Triton split-K kernel (Triton's interpreter; it rotates q and the new key, appends
+    in place and attends from the sink-skipping start), a free row in the batch: the tokens of apply + generate."""
+    model = tiny("qwen3")
+    profile = make_profile(model, 0.5)
+    batch = prompts([120, 40], seed=1)
+    steps = [4, 3]
+    engine = Engine(model, profile, max_batch_size=3, max_model_len=160, attention="triton")
+    params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
+    outputs = engine.generate(batch, params)
+    assert [o.token_ids for o in outputs] == [reference(model, p, s, profile) for p, s in zip(batch, steps)]

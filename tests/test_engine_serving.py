@@ -1,0 +1,225 @@
+"""Serving behaviour of the engine: stops and finish reasons, staggered arrivals, streaming, chat, bad input.
+
+A byte-level tokenizer (each token id is one byte; ids 0-2 are special) gives the tiny models text, including
+multi-byte UTF-8 characters split over tokens.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_tiny_model
+from test_engine import one_thread, prompts, reference  # noqa: F401 (one_thread: autouse)
+from test_runtime import make_profile
+
+from catekv_runtime.engine import Engine, SamplingParams
+
+SPECIAL = (0, 1, 2)
+
+
+class ByteTokenizer:
+    """Token id -> one byte (``table`` may remap some), decoded as UTF-8 with replacement characters, as Hugging Face
+    tokenizers decode byte-level tokens; ids 0-2 are special (skipped with ``skip_special_tokens``)."""
+
+    def __init__(self, table: dict[int, int] | None = None):
+        self.table = table or {}
+
+    def __call__(self, text: str, add_special_tokens: bool = True):
+        class Encoding:
+            input_ids = ([1] if add_special_tokens else []) + list(text.encode("utf-8"))
+        return Encoding()
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        data = bytes(self.table.get(i, i) for i in ids if not (skip_special_tokens and i in SPECIAL))
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, conversation, add_generation_prompt=False, tokenize=True):
+        assert not tokenize
+        text = "".join(f"<{m['role']}>{m['content']}" for m in conversation)
+        return text + ("<assistant>" if add_generation_prompt else "")
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = make_tiny_model("llama")
+    m.generation_config.eos_token_id = None
+    return m
+
+
+@pytest.fixture(scope="module")
+def greedy_run(model):
+    """A prompt and its first 24 greedy tokens (transformers' generate, full attention)."""
+    prompt = prompts([50], seed=11)[0]
+    return prompt, reference(model, prompt, 24)
+
+
+def first_new(tokens: list[int], start: int) -> int:
+    """The first index >= start whose token did not occur before it."""
+    return next(i for i in range(start, len(tokens)) if tokens[i] not in tokens[:i])
+
+
+def test_stop_token_ids_eos_and_length(model, greedy_run):
+    prompt, tokens = greedy_run
+    i = first_new(tokens, 4)
+    engine = Engine(model, None, max_batch_size=2, max_model_len=128)
+    out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[tokens[i]]))[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (tokens[: i + 1], "stop", tokens[i])
+    out = engine.generate(prompt, SamplingParams(max_tokens=7, temperature=0))[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (tokens[:7], "length", None)
+    model.generation_config.eos_token_id = tokens[i]
+    try:
+        eos_engine = Engine(model, None, max_batch_size=2, max_model_len=128)
+    finally:
+        model.generation_config.eos_token_id = None
+    out = eos_engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0))[0]
+    assert (out.token_ids, out.finish_reason, out.stop_reason) == (tokens[: i + 1], "stop", None)
+    out = eos_engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0]
+    assert (out.token_ids, out.finish_reason) == (tokens, "length")
+    # A stop on the very first token (sampled from the prefill) and max_tokens = 1.
+    out = engine.generate(prompt, SamplingParams(max_tokens=5, temperature=0, stop_token_ids=[tokens[0]]))[0]
+    assert (out.token_ids, out.finish_reason) == (tokens[:1], "stop")
+    assert engine.generate(prompt, SamplingParams(max_tokens=1, temperature=0))[0].token_ids == tokens[:1]
+
+
+def expected_stop(tokenizer, tokens: list[int], stops: list[str]) -> tuple[list[int], str, str]:
+    """Plainly: the first prefix of tokens whose text holds a stop string; the text before the earliest one."""
+    for k in range(1, len(tokens) + 1):
+        text = tokenizer.decode(tokens[:k], skip_special_tokens=True)
+        hits = [(text.find(s), s) for s in stops if s in text]
+        if hits:
+            index, stop = min(hits)
+            return tokens[:k], text[:index], stop
+    raise AssertionError("no stop string in the output")
+
+
+@pytest.mark.parametrize("where", [5, 12])
+def test_stop_strings_end_the_text_where_they_start(model, greedy_run, where):
+    """A stop string spanning a token boundary: the text ends just before it, the token ids run to the token that
+    completed it, finish_reason is "stop" and stop_reason the string; of two stop strings the earlier one wins."""
+    prompt, tokens = greedy_run
+    tokenizer = ByteTokenizer()
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stop = text[where : where + 2]
+    later = text[where + 4 : where + 6]
+    engine = Engine(model, None, tokenizer=tokenizer, max_batch_size=2, max_model_len=128)
+    for stops in ([stop], [later, stop]):
+        out = engine.generate(prompt, SamplingParams(max_tokens=24, temperature=0, stop=stops))[0]
+        want_ids, want_text, want_stop = expected_stop(tokenizer, tokens, stops)
+        assert (out.token_ids, out.text, out.finish_reason, out.stop_reason) == (want_ids, want_text, "stop", want_stop)
+        assert want_stop not in out.text
+
+
+def test_staggered_arrivals_equal_runs_alone(model):
+    """Seven requests of different lengths and max_tokens over three slots, arriving at different times while others
+    prefill (64-token chunks, so a prefill spans several steps) and decode: each gives, greedily, the tokens of
+    apply + generate run alone with the same profile. Slots are reused as requests finish."""
+    profile = make_profile(model, 0.5)
+    batch = prompts([230, 40, 150, 97, 64, 180, 20], seed=5)
+    steps = [10, 6, 14, 3, 9, 5, 12]
+    params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
+    expected = [reference(model, p, s, profile) for p, s in zip(batch, steps)]
+    engine = Engine(model, profile, max_batch_size=3, max_model_len=256, prefill_chunk=64)
+    ids, done = {}, {}
+    arrivals = {0: [0, 1], 2: [2], 3: [3, 4], 9: [5], 10: [6]}
+    step = 0
+    while step <= max(arrivals) or engine.has_unfinished():
+        for k in arrivals.get(step, []):
+            ids[engine.add_request(batch[k], params[k])] = k
+        for completion in engine.step():
+            done[ids[completion.request_id]] = completion
+        assert len(engine._running) <= 3
+        step += 1
+    assert [done[k].token_ids for k in range(len(batch))] == expected
+    assert all(done[k].finish_reason == "length" for k in done)
+    assert not engine._running and bool((engine.kv.lengths == 1).all())  # every row back to the sink only
+
+
+def test_stream_yields_the_text_in_order_and_holds_back(model, greedy_run):
+    """Streamed pieces join to the completion's text, so none held a partial UTF-8 character (two output tokens are
+    mapped to the two bytes of "é": after the first, the decoded text ends in U+FFFD, which must not be sent) or the
+    beginning of the stop string that is cut later."""
+    prompt, tokens = greedy_run
+    a, b = tokens[3], tokens[4]
+    assert a != b
+    table = {i: 0x20 + i % 95 for i in range(256)}  # printable ASCII, but for the two bytes of "é"
+    tokenizer = ByteTokenizer({**table, a: 0xC3, b: 0xA9})
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    stop = text[10:13]
+    params = SamplingParams(max_tokens=24, temperature=0, stop=stop)
+    engine = Engine(model, None, tokenizer=tokenizer, max_batch_size=2, max_model_len=128)
+    other = engine.add_request(prompts([30], seed=9)[0], SamplingParams(max_tokens=20, temperature=0))
+    pieces = list(engine.stream(prompt, params))
+    expected = engine.generate(prompt, params)[0].text
+    assert "".join(pieces) == expected and len(pieces) > 1
+    assert "é" in expected
+    assert stop not in "".join(pieces)
+    finished = []
+    while engine.has_unfinished():  # the request added before the stream kept running beside it
+        finished += engine.step()
+    assert [(c.request_id, c.finish_reason) for c in finished] == [(other, "length")]
+
+
+def test_chat_renders_the_template(model):
+    tokenizer = ByteTokenizer()
+    engine = Engine(model, None, tokenizer=tokenizer, max_batch_size=2, max_model_len=128)
+    messages = [{"role": "user", "content": "hi"}]
+    params = SamplingParams(max_tokens=5, temperature=0)
+    ids = tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+                    add_special_tokens=False).input_ids
+    assert engine.chat(messages, params)[0].token_ids == engine.generate(ids, params)[0].token_ids
+    two = engine.chat([messages, [{"role": "user", "content": "yo"}]], params)
+    assert len(two) == 2 and two[0].prompt_token_ids == ids
+    with pytest.raises(ValueError, match="messages"):
+        engine.chat([], params)
+
+
+@pytest.mark.parametrize("prompt, params, field", [
+    ([], SamplingParams(), "prompt"),
+    ("", SamplingParams(), "prompt"),
+    ([5] * 100, SamplingParams(max_tokens=29), "max_tokens"),
+    ([5, 300], SamplingParams(), "prompt"),
+])
+def test_bad_requests_raise_before_compute_and_others_continue(model, prompt, params, field):
+    """A bad request raises ValueError naming the field; the request already running finishes with the tokens it
+    would have had alone, and a batch with a bad prompt queues nothing."""
+    engine = Engine(model, None, tokenizer=ByteTokenizer(), max_batch_size=2, max_model_len=128)
+    good = prompts([40], seed=3)[0]
+    alone = reference(model, good, 8)
+    running = engine.add_request(good, SamplingParams(max_tokens=8, temperature=0))
+    engine.step()
+    engine.step()
+    with pytest.raises(ValueError, match=field):
+        engine.add_request(prompt, params)
+    with pytest.raises(ValueError, match=field):
+        engine.generate([good, prompt], params)
+    assert len(engine._waiting) == 0
+    finished = []
+    while engine.has_unfinished():
+        finished += engine.step()
+    assert [(c.request_id, c.token_ids) for c in finished] == [(running, alone)]
+
+
+def test_requests_that_need_a_tokenizer_or_more_room_are_refused(model):
+    engine = Engine(model, None, max_batch_size=1, max_model_len=128)
+    with pytest.raises(ValueError, match="prompt"):
+        engine.add_request("text", SamplingParams())
+    with pytest.raises(ValueError, match="stop"):
+        engine.add_request([5, 6], SamplingParams(stop="x"))
+    with pytest.raises(ValueError, match="tokenizer"):
+        next(engine.stream([5, 6]))
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.add_request([5, 6], {"max_tokens": 3})
+    profile = make_profile(model, 0.5)  # budget 64: consistent heads keep at most ~67 prompt tokens
+    small = Engine(model, profile, max_batch_size=1, max_model_len=512, max_decode_len=16)
+    with pytest.raises(ValueError, match="max_decode_len"):
+        small.add_request(prompts([300])[0], SamplingParams(max_tokens=40))
+    assert small.generate(prompts([300])[0], SamplingParams(max_tokens=16, temperature=0))[0].completion_tokens == 16
+    with pytest.raises(ValueError, match="kv_cache_memory"):
+        Engine(model, None, max_batch_size=4, max_model_len=128, kv_cache_memory=1000)
+    slot_bytes = 3 * 2 * (1 + 128) * 16 * 2 * 4  # layers x KV heads x (sink + max_model_len) x head_dim x K,V x fp32
+    sized = Engine(model, None, max_batch_size=8, max_model_len=128, kv_cache_memory=3 * slot_bytes + slot_bytes // 2)
+    assert sized.slots == 3
+    for bad in (dict(max_batch_size=0), dict(prefill_chunk=0), dict(attention="flash"),
+                dict(gpu_memory_utilization=0.5)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            Engine(model, None, **bad)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from ..profile import Profile, ProfileParams
+from ..profile import Profile, ProfileParams, uniform_budgets
 from .kv import SlotKV, decode_attention_torch, prefill
 from .model import DecoderModel
 from .sampling import Filters, SamplingParams, sample
@@ -112,6 +112,9 @@ class Engine:
         if profile is not None:
             profile = resolve_profile(profile, overrides)
             profile.check_model(dataclasses.replace(model_spec(model), model_id=""))
+            if not torch.equal(profile.budgets, uniform_budgets(profile.head_map, profile.params.budget)):
+                raise ValueError("profile: the engine keeps one budget for every consistent head, and this profile "
+                                 "sets budgets per head; pass budget=... to give every consistent head one budget")
         elif overrides:
             raise TypeError(f"overrides {sorted(overrides)} need a profile")
         self.profile = profile
@@ -194,7 +197,7 @@ class Engine:
             raise ValueError(f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
                              f"max_model_len {self.max_model_len}")
         if self._has_consistent_heads():
-            kept = self.params.kept_tokens(len(ids), adaptive=False)
+            kept = self.params.kept_tokens(len(ids), self.params.budget)
             if kept + params.max_tokens > self.consistent_capacity:
                 raise ValueError(f"max_tokens {params.max_tokens} does not fit the consistent heads' room "
                                  f"({self.consistent_capacity - kept} tokens after this prompt); raise "
@@ -522,8 +525,8 @@ def _max_consistent_tokens(params: ProfileParams, max_model_len: int) -> int:
     """The most prompt tokens a consistent head keeps for any prompt up to ``max_model_len``. Past one chunk beyond
     the budget's chunks the kept count repeats with period ``chunk_size``, so a short scan covers every length."""
     c = params.chunk_size
-    horizon = params.init_tokens + params.recent_tokens + (params.budget_chunks + 2) * c
-    return max(params.kept_tokens(n, adaptive=False) for n in range(1, min(max_model_len, horizon) + 1))
+    horizon = params.init_tokens + params.recent_tokens + params.reserve_tokens + (params.budget_chunks() + 2) * c
+    return max(params.kept_tokens(n, params.budget) for n in range(1, min(max_model_len, horizon) + 1))
 
 
 def _kv_budget(kv_cache_memory: int | None, utilization: float | None, device: torch.device,

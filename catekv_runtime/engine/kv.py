@@ -20,7 +20,7 @@ import torch
 
 from ..attention import chunk_attention
 from ..cache import CateKVLayer, HeadGroup
-from ..profile import ProfileParams
+from ..profile import ProfileParams, uniform_budgets
 from .model import DecoderModel
 
 
@@ -140,7 +140,7 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
             out = chunk_attention(q, keys, values, start, model.scale)
             hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
             yield end - start
-        selector = CateKVLayer(head_map[index], params, 0, True)
+        selector = CateKVLayer(uniform_budgets(head_map[index], params.budget), params, 0, True)
         selector.select_from(keys, values, last_queries, model.scale)
         del keys, values
         counts += kv.load_layer(slot, index, selector.groups)

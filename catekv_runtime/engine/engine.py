@@ -158,7 +158,7 @@ class Engine:
         self._seeds = torch.zeros(slots, dtype=torch.long, device=device)
         self._workspaces: dict[int, tuple[Any, list[int]]] = {}
         self._kernel_config = None
-        if attention == "triton":
+        if self.attention == "triton":
             from ..lean import LeanGenerator
 
             self._kernel_config = LeanGenerator.default_kernel_config(profile)

@@ -312,9 +312,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # After save_file, which leaves the file 0600 (mkstemp's mode, or its own); a profile is meant to be shared.
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -229,6 +230,12 @@ def test_save_leaves_no_temporary_files(tmp_path: Path):
     make_profile(seed=1).save(target)  # overwrite
     assert [p.name for p in target.parent.iterdir()] == ["profile.safetensors"]
     assert torch.equal(load_profile(target).cv, make_profile(seed=1).cv)
+
+
+def test_saved_profile_is_readable_by_everyone(tmp_path: Path):
+    """0644, as a file meant to be shared: safetensors' save_file leaves its output 0600, so save sets the mode after it."""
+    target = make_profile().save(tmp_path / "profile.safetensors")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
 
 
 def test_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -283,13 +283,26 @@ def test_truncated_file(saved: Path, tmp_path: Path):
 def test_random_bytes(tmp_path: Path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
-    expect_error(junk, "junk.safetensors", "not a readable safetensors file")
+    expect_error(junk, "junk.safetensors", "not a safetensors file")
 
 
 def test_empty_file(tmp_path: Path):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    expect_error(empty, "not a readable safetensors file")
+    expect_error(empty, "not a safetensors file")
+
+
+def test_json_file_is_not_a_safetensors_file(tmp_path: Path):
+    """A file of another kind is named as such, not as a damaged profile."""
+    other = tmp_path / "profile.json"
+    other.write_text('{"format": "catekv-profile", "head_map": [[0, 1]]}')
+    message = expect_error(other, "profile.json", "not a safetensors file")
+    assert "truncated" not in message
+
+
+def test_directory_is_not_a_profile(tmp_path: Path):
+    message = expect_error(tmp_path, "is a directory", "pass the .safetensors file")
+    assert "not found" not in message
 
 
 def test_safetensors_file_that_is_not_a_profile(saved: Path, tmp_path: Path):
@@ -326,7 +339,26 @@ def test_unparsable_metadata_value(saved: Path, tmp_path: Path):
     ],
 )
 def test_wrong_tensor_shape_or_dtype(saved: Path, tmp_path: Path, name: str, tensor: torch.Tensor):
-    expect_error(rewrite(saved, tmp_path / "s.safetensors", tensors={name: tensor}), f"tensor {name!r}", "expected")
+    message = expect_error(rewrite(saved, tmp_path / "s.safetensors", tensors={name: tensor}), f"tensor {name!r}",
+                           "expected")
+    # The dimensions named are those of this tensor: per-sample statistics have three, the head map two.
+    dims = "num_samples x num_layers x num_kv_heads" if name in ("cv", "threshold") else "(num_layers x num_kv_heads"
+    assert dims in message
+
+
+@pytest.mark.parametrize(
+    "key,value,fragment",
+    [
+        ("model.head_dim", "-64", "'model.head_dim'=-64 must be >= 1"),
+        ("model.num_attention_heads", "0", "'model.num_attention_heads'=0 must be >= 1"),
+        ("model.num_attention_heads", "5", "not a multiple of 'model.num_kv_heads'=2"),
+        ("reference.context_length", "0", "'reference.context_length'=0 must be >= 1"),
+        ("param.obs_window", "1000000000", "exceed the 4096-token reference samples"),
+        ("reference.context_length", "64", "exceed the 64-token reference samples"),  # 32 + 8 + 32 + 8 > 64
+    ],
+)
+def test_impossible_sizes_are_refused(saved: Path, tmp_path: Path, key: str, value: str, fragment: str):
+    expect_error(rewrite(saved, tmp_path / "z.safetensors", metadata={key: value}), fragment)
 
 
 def test_missing_tensor(saved: Path, tmp_path: Path):

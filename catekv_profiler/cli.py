@@ -83,12 +83,13 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     import torch
     from tqdm.auto import tqdm
 
-    from .models import ModelError, load_model, model_devices
+    from .models import DEVICE_MAP_STRATEGIES, ModelError, ModelInfo, load_model, model_devices
     from .profiler import Checkpoint, ProfilingError, default_provenance, profile_model, statistics_key
     from .reference import ReferenceSetError, load_reference_jsonl, reference_hash, variable_tracking_samples
 
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    _check_output(output, "'-o' / '--output'")
     if num_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--num-samples")
     try:
@@ -100,16 +101,33 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         params.validate()
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
+    if context_length is not None and context_length < params.min_prompt_tokens():
+        raise click.BadParameter(
+            f"{context_length} is shorter than the {params.min_prompt_tokens()} tokens the parameters need "
+            f"(observation window {params.obs_window} + init {params.init_tokens} + recent {params.recent_tokens} "
+            f"+ one chunk {params.chunk_size}); pass a larger -L or a smaller --budget / --obs-window",
+            param_hint="'-L' / '--context-length'")
 
     device_map_arg = _parse_device_map(device_map)
     if device_map_arg is not None and device != "auto":
         raise click.UsageError("pass either --device or --device-map, not both")
+    if device_map_arg in DEVICE_MAP_STRATEGIES and not torch.cuda.is_available():
+        click.echo(f"warning: no GPU is visible, so --device-map {device_map_arg} puts the whole model on the CPU "
+                   "(as --device cpu does)", err=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def check_config(config_info: ModelInfo) -> None:  # before the weights load
+        if context_length and config_info.max_context and context_length > config_info.max_context:
+            raise click.UsageError(
+                f"--context-length {context_length} exceeds the model's maximum of {config_info.max_context} tokens"
+            )
+
     started = time.perf_counter()
     try:
         model_obj, tokenizer, info = load_model(model, device=device, device_map=device_map_arg, dtype=dtype,
-                                                revision=revision, trust_remote_code=trust_remote_code)
+                                                revision=revision, trust_remote_code=trust_remote_code,
+                                                on_config=check_config, progress=not quiet)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
     if device_map_arg is not None:  # recorded in the profile's provenance: where the model actually ran
@@ -120,10 +138,6 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         )
     if context_length is None:
         context_length = min(info.max_context or 131072, 131072)
-    if info.max_context and context_length > info.max_context:
-        raise click.UsageError(
-            f"--context-length {context_length} exceeds the model's maximum of {info.max_context} tokens"
-        )
     try:
         if reference is not None:
             samples = load_reference_jsonl(reference, tokenizer, context_length)[:num_samples]
@@ -164,6 +178,16 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     )
 
 
+def _check_output(path: Path, param_hint: str) -> None:
+    """A usage error, before any compute, if ``path`` cannot be written."""
+    from .paths import OutputPathError, check_writable
+
+    try:
+        check_writable(path)
+    except OutputPathError as e:
+        raise click.BadParameter(str(e), param_hint=param_hint) from None
+
+
 def _parse_device_map(text: str | None) -> str | dict | None:
     """--device-map: a strategy name as is, or a JSON object (module name -> GPU index or device string)."""
     if text is None or not text.strip().startswith("{"):
@@ -180,12 +204,14 @@ def _parse_device_map(text: str | None) -> str | dict | None:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the CV heatmap and head map to this PNG file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--context-length", "-L", "context_lengths", type=int, multiple=True,
+@click.option("--context-length", "-L", "context_lengths", type=click.IntRange(min=1), multiple=True,
               help="Context lengths at which to report the KV cache kept (repeatable).")
 def show_command(profile: str, png: Path | None, as_json: bool, context_lengths: tuple[int, ...]) -> None:
     """Summarise PROFILE (a file or a Hub repo id): head map, budgets, memory kept, sample agreement."""
     from .report import format_summary, plot_profile, summarize
 
+    if png is not None:
+        _check_output(png, "'--png'")
     try:
         loaded = load_profile(profile)
     except ProfileError as e:

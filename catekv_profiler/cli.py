@@ -11,6 +11,8 @@ import click
 
 from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
 
+from .checks import check_context_length_option, check_output_option
+
 DEFAULTS = ProfileParams()
 
 
@@ -89,7 +91,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
 
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
-    _check_output(output, "'-o' / '--output'")
+    check_output_option(output, "'-o' / '--output'")
     if num_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--num-samples")
     try:
@@ -101,12 +103,8 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         params.validate()
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
-    if context_length is not None and context_length < params.min_prompt_tokens():
-        raise click.BadParameter(
-            f"{context_length} is shorter than the {params.min_prompt_tokens()} tokens the parameters need "
-            f"(observation window {params.obs_window} + init {params.init_tokens} + recent {params.recent_tokens} "
-            f"+ one chunk {params.chunk_size}); pass a larger -L or a smaller --budget / --obs-window",
-            param_hint="'-L' / '--context-length'")
+    if context_length is not None:
+        check_context_length_option(context_length, params, "'-L' / '--context-length'")
 
     device_map_arg = _parse_device_map(device_map)
     if device_map_arg is not None and device != "auto":
@@ -118,10 +116,8 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         device = "cuda" if torch.cuda.is_available() else "cpu"
 
     def check_config(config_info: ModelInfo) -> None:  # before the weights load
-        if context_length and config_info.max_context and context_length > config_info.max_context:
-            raise click.UsageError(
-                f"--context-length {context_length} exceeds the model's maximum of {config_info.max_context} tokens"
-            )
+        if context_length is not None:
+            check_context_length_option(context_length, params, "'-L' / '--context-length'", config_info.max_context)
 
     started = time.perf_counter()
     try:
@@ -178,16 +174,6 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     )
 
 
-def _check_output(path: Path, param_hint: str) -> None:
-    """A usage error, before any compute, if ``path`` cannot be written."""
-    from .paths import OutputPathError, check_writable
-
-    try:
-        check_writable(path)
-    except OutputPathError as e:
-        raise click.BadParameter(str(e), param_hint=param_hint) from None
-
-
 def _parse_device_map(text: str | None) -> str | dict | None:
     """--device-map: a strategy name as is, or a JSON object (module name -> GPU index or device string)."""
     if text is None or not text.strip().startswith("{"):
@@ -211,7 +197,7 @@ def show_command(profile: str, png: Path | None, as_json: bool, context_lengths:
     from .report import format_summary, plot_profile, summarize
 
     if png is not None:
-        _check_output(png, "'--png'")
+        check_output_option(png, "'--png'")
     try:
         loaded = load_profile(profile)
     except ProfileError as e:

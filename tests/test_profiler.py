@@ -165,7 +165,7 @@ def test_cli_refuses_to_overwrite(smollm2_profile):
         (["--eta", "0"], "eta"),
         (["-r", "2"], "adaptive ratio"),
         (["--alpha", "-1"], "alpha"),
-        (["-L", "100000"], "exceeds the model's maximum"),
+        (["-L", "100000"], "100000 exceeds the model's maximum of 8192 tokens"),
     ],
 )
 def test_cli_bad_parameters(tmp_path, args, message, smollm2, no_weights):
@@ -323,7 +323,7 @@ def test_cli_context_length_beyond_the_model_is_refused_from_its_config(tmp_path
     save_with_byte_tokenizer(make_tiny_model("llama"), tmp_path / "model")  # max_position_embeddings 4096
     out = tmp_path / "x.safetensors"
     result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), *SMALL, "-L", "5000"])
-    assert_usage_error(result, "--context-length 5000 exceeds the model's maximum of 4096 tokens")
+    assert_usage_error(result, "5000 exceeds the model's maximum of 4096 tokens")
     assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
 
 

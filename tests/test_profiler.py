@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ import catekv_runtime as ck
 from catekv_profiler.capture import capture_attention
 from catekv_profiler.cli import main
 from catekv_profiler.profiler import Checkpoint, ProfilingError, profile_model, sample_statistics, statistics_key
-from catekv_profiler.reference import ReferenceSample
+from catekv_profiler.reference import ReferenceSample, variable_tracking_samples
 from catekv_profiler.stats import layer_statistics
 from catekv_runtime.profile import ProfileParams, ReferenceSpec
 
@@ -156,6 +157,26 @@ def test_cli_show_reports_agreement_and_draws(smollm2_profile, tmp_path):
 def test_cli_refuses_to_overwrite(smollm2_profile):
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(smollm2_profile), *SMALL])
     assert result.exit_code != 0 and "--overwrite" in result.output
+
+
+def test_setup_reproduces_the_shipped_profile(smollm2):
+    """README's set-up claim: the shipped 2K profile's head map and votes, statistics equal up to float32 rounding.
+
+    Its first reference sample, profiled again here, gives the shipped file's statistics within 1e-6 (the
+    last bits may differ between CPUs); voting with it in place of the shipped one changes nothing.
+    """
+    model, tokenizer, info = smollm2
+    shipped = ck.load_profile("smollm2-135m-instruct")
+    ref = shipped.reference
+    sample = variable_tracking_samples(tokenizer, 1, ref.context_length, seed=ref.seed)
+    again = profile_model(model, info.spec(), sample, shipped.params, dataclasses.replace(ref, num_samples=1))
+    for name in ("cv", "threshold", "hit_mean"):
+        torch.testing.assert_close(getattr(again, name)[0], getattr(shipped, name)[0], rtol=1e-5, atol=1e-6)
+    cv, threshold, hit_mean = (torch.cat([getattr(again, name), getattr(shipped, name)[1:]])
+                               for name in ("cv", "threshold", "hit_mean"))
+    revoted = ck.Profile.from_statistics(cv, threshold, hit_mean, shipped.params, shipped.model, shipped.reference)
+    for name in ("head_map", "votes", "budgets"):
+        assert torch.equal(getattr(revoted, name), getattr(shipped, name)), name
 
 
 @pytest.mark.parametrize(

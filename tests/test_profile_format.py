@@ -233,7 +233,7 @@ def test_save_leaves_no_temporary_files(tmp_path: Path):
 
 
 def test_saved_profile_is_readable_by_everyone(tmp_path: Path):
-    """0644, as a file meant to be shared: safetensors' save_file leaves its output 0600, so save sets the mode after it."""
+    """0644, as a file meant to be shared (safetensors' save_file leaves its output 0600: the mode is set after)."""
     target = make_profile().save(tmp_path / "profile.safetensors")
     assert stat.S_IMODE(target.stat().st_mode) == 0o644
 

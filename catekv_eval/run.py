@@ -9,7 +9,7 @@ keeps is measured from the cache's bytes. Results: JSON records and a markdown t
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import gc
 import json
 import shlex
@@ -19,15 +19,16 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import click
 import torch
 
 import catekv_runtime as ck
 from catekv_runtime.cache import CateKVCache
 from catekv_runtime.integration import resolve_profile
-from catekv_runtime.profile import Profile
+from catekv_runtime.profile import Profile, ProfileError
 
 from .methods import METHODS, method_overrides
-from .tasks import TASKS, make_samples
+from .tasks import TASKS, EvalTaskError, make_samples
 from .scoring import score
 
 
@@ -185,53 +186,148 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("model")
-    parser.add_argument("profile", help="profile file or Hub id")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096])
-    parser.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="adaptive ratios r (default: the profile's)")
-    parser.add_argument("--budget", type=int, default=None, help="consistent-head budget (default: the profile's)")
-    parser.add_argument("--obs-window", type=int, default=None,
-                        help="observation window L_obs of the runtime selection (default: the profile's)")
-    parser.add_argument("--samples", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=1000)
-    parser.add_argument("--max-new-tokens", type=int, default=None, help="cap on RULER's generation lengths")
-    parser.add_argument("--batch-size", type=int, default=8, help="samples prefilled and decoded together")
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--out", type=Path, default=None, help="JSON results (a .md table is written beside it)")
-    args = parser.parse_args(argv)
+class _OneOrMore(click.Command):
+    """Options that take one or more values, as ``--lengths 4096 8192`` (click's own form repeats the option).
 
-    from catekv_profiler.models import load_model
+    Every argument after such an option, up to the next one that starts with "-" and is not a number, is
+    passed to click as a repetition of it. The arguments as given are kept in ``ctx.meta`` for the record.
+    """
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, tokenizer, info = load_model(args.model, device=device, dtype=args.dtype)
-    base = ck.load_profile(args.profile)
-    overrides = {name: value for name, value in (("budget", args.budget), ("obs_window", args.obs_window))
-                 if value is not None}
-    base = resolve_profile(base, overrides)
+    MANY = ("--lengths", "--tasks", "--methods", "--ratios")
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["catekv_eval.argv"] = list(args)
+        rewritten: list[str] = []
+        option, values = None, 0
+        for arg in args:
+            if option is not None and not _is_option(arg):
+                rewritten += [option, arg] if values else [arg]
+                values += 1
+                continue
+            option, values = (arg, 0) if arg in self.MANY else (None, 0)
+            rewritten.append(arg)
+        return super().parse_args(ctx, rewritten)
+
+
+def _is_option(arg: str) -> bool:
+    if not arg.startswith("-"):
+        return False
+    try:
+        float(arg)
+    except ValueError:
+        return True
+    return False  # a negative number: a value, for the option's range check to refuse
+
+
+@click.command(cls=_OneOrMore, context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("model")
+@click.argument("profile")
+@click.option("--lengths", type=click.IntRange(min=1), multiple=True, default=(4096,), show_default=True,
+              help="Context lengths to evaluate at, one or more (--lengths 4096 8192); at most the model's maximum.")
+@click.option("--tasks", type=click.Choice(list(TASKS)), multiple=True, default=list(TASKS), show_default="all",
+              help="RULER tasks, one or more.")
+@click.option("--methods", type=click.Choice(list(METHODS)), multiple=True, default=list(METHODS),
+              show_default="all", help="KV-cache methods, one or more (see catekv_eval.methods).")
+@click.option("--ratios", type=click.FloatRange(0, 1), multiple=True,
+              help="Adaptive ratios r, one or more  [default: the profile's]")
+@click.option("--budget", type=click.IntRange(min=1), default=None,
+              help="Tokens kept by a consistent head; init and recent tokens become B/32 and B/8  "
+                   "[default: the profile's]")
+@click.option("--obs-window", type=click.IntRange(min=1), default=None,
+              help="Observation window L_obs of the runtime selection  [default: the profile's]")
+@click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
+              help="Samples per task and length.")
+@click.option("--seed", type=int, default=1000, show_default=True, help="Seed of the generated samples.")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=None,
+              help="Cap on RULER's generation lengths  [default: each task's own]")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Samples prefilled and decoded together (a batch that runs out of GPU memory runs in halves).")
+@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@click.option("--dtype", default="auto", show_default=True,
+              help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="JSON results; the markdown table is written beside it (.md).")
+@click.pass_context
+def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...], tasks: tuple[str, ...],
+         methods: tuple[str, ...], ratios: tuple[float, ...], budget: int | None, obs_window: int | None,
+         samples: int, seed: int, max_new_tokens: int | None, batch_size: int, device: str, dtype: str,
+         out: Path | None) -> None:
+    """Score KV-cache methods on RULER-style tasks: MODEL with PROFILE, at each length, ratio and method.
+
+    MODEL is anything catekv-profile accepts (Hub id, folder, .gguf file, or an embedded model: smollm2-135m,
+    qwen2.5-coder-0.5b). PROFILE is a profile file, the short name of a shipped one or a Hub repo id. Every
+    method runs through the CateKV runtime at the same total KV, measured from the cache's bytes; the
+    results are printed as JSON lines and a markdown table.
+
+    \b
+    catekv-eval smollm2-135m smollm2-135m-instruct-8k --lengths 4096 8192 --ratios 0.2 0.4 --out r.json
+    """
+    from catekv_profiler.checks import check_context_length_option, check_output_option
+    from catekv_profiler.models import ModelError, ModelInfo, load_model
+
+    # Everything that can be checked is checked before the model loads (its shape and maximum: from its config).
+    if out is not None:
+        if out.suffix == ".md":
+            raise click.BadParameter(f"{out} ends in .md, the name of the table written beside the JSON; "
+                                     "name a .json file", param_hint="'--out'")
+        check_output_option(out, "'--out'")
+    try:
+        base = ck.load_profile(profile)
+    except ProfileError as e:
+        raise click.ClickException(str(e)) from None
+    overrides = {name: value for name, value in (("budget", budget), ("obs_window", obs_window)) if value is not None}
+    try:
+        base = resolve_profile(base, overrides)
+    except ProfileError as e:
+        raise click.UsageError(f"--budget / --obs-window: {e}") from None
+    for length in lengths:
+        check_context_length_option(length, base.params, "'--lengths'")
+
+    def check_config(info: ModelInfo) -> None:
+        try:
+            base.check_model(dataclasses.replace(info.spec(), model_id=""))  # shapes; apply checks the id too
+        except ProfileError as e:
+            raise click.ClickException(str(e)) from None
+        for length in lengths:
+            check_context_length_option(length, base.params, "'--lengths'", info.max_context)
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        model_obj, tokenizer, info = load_model(model, device=device, dtype=dtype, on_config=check_config)
+    except ModelError as e:
+        raise click.ClickException(str(e)) from None
+    if tokenizer is None:
+        raise click.ClickException(f"{model} has no tokenizer files; the tasks are tokenized with the model's own")
     records = []
-    for length in args.lengths:
-        records += evaluate(model, tokenizer, base, tasks=args.tasks, context_length=length, num_samples=args.samples,
-                            methods=args.methods, ratios=args.ratios, seed=args.seed,
-                            max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    try:
+        for length in lengths:
+            records += evaluate(model_obj, tokenizer, base, tasks=tasks, context_length=length, num_samples=samples,
+                                methods=methods, ratios=ratios, seed=seed, max_new_tokens=max_new_tokens,
+                                batch_size=batch_size)
+    except (EvalTaskError, ProfileError) as e:
+        raise click.ClickException(str(e)) from None
     table = markdown(records)
-    print(table)
-    if args.out:
+    click.echo(table)
+    if out:
         run = {
-            "model": args.model, "profile": args.profile, "model_id": info.model_id,
-            "date": time.strftime("%Y-%m-%d"), "command": "catekv-eval " + " ".join(map(shlex.quote, argv or sys.argv[1:])),
+            "model": model, "profile": profile, "model_id": info.model_id, "date": time.strftime("%Y-%m-%d"),
+            "command": "catekv-eval " + shlex.join(ctx.meta["catekv_eval.argv"]),
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
-            "dtype": str(next(model.parameters()).dtype).replace("torch.", ""), "records": records,
+            "dtype": str(next(model_obj.parameters()).dtype).replace("torch.", ""), "records": records,
         }
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        partial = args.out.with_name(args.out.name + ".partial")
-        partial.write_text(json.dumps(run, indent=1))
-        partial.replace(args.out)
-        args.out.with_suffix(".md").write_text(table + "\n")
+        _write_atomically(out, json.dumps(run, indent=1))
+        _write_atomically(out.with_suffix(".md"), table + "\n")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``path`` holds either its old content or all of ``text``, never a part (a temporary file renamed)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    try:
+        partial.write_text(text)
+        partial.replace(path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ import click
 
 from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
 
+from .checks import check_context_length_option, check_output_option
+
 DEFAULTS = ProfileParams()
 
 
@@ -109,7 +111,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     import torch
     from tqdm.auto import tqdm
 
-    from .models import ModelError, load_model, model_devices
+    from .models import DEVICE_MAP_STRATEGIES, ModelError, ModelInfo, load_model, model_devices
     from .profiler import (
         Checkpoint,
         ProfilingError,
@@ -122,6 +124,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
 
     if output.exists() and not overwrite:
         raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    check_output_option(output, "'-o' / '--output'")
     if num_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--num-samples")
     try:
@@ -137,16 +140,27 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     tasks = _calibration_tasks(calibration_tasks) if calibrate else ()
     if calibrate and calibration_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--calibration-samples")
+    if context_length is not None:
+        check_context_length_option(context_length, params, "'-L' / '--context-length'")
 
     device_map_arg = _parse_device_map(device_map)
     if device_map_arg is not None and device != "auto":
         raise click.UsageError("pass either --device or --device-map, not both")
+    if device_map_arg in DEVICE_MAP_STRATEGIES and not torch.cuda.is_available():
+        click.echo(f"warning: no GPU is visible, so --device-map {device_map_arg} puts the whole model on the CPU "
+                   "(as --device cpu does)", err=True)
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+
+    def check_config(config_info: ModelInfo) -> None:  # before the weights load
+        if context_length is not None:
+            check_context_length_option(context_length, params, "'-L' / '--context-length'", config_info.max_context)
+
     started = time.perf_counter()
     try:
         model_obj, tokenizer, info = load_model(model, device=device, device_map=device_map_arg, dtype=dtype,
-                                                revision=revision, trust_remote_code=trust_remote_code)
+                                                revision=revision, trust_remote_code=trust_remote_code,
+                                                on_config=check_config, progress=not quiet)
     except ModelError as e:
         raise click.ClickException(str(e)) from None
     if device_map_arg is not None:  # recorded in the profile's provenance: where the model actually ran
@@ -157,10 +171,6 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         )
     if context_length is None:
         context_length = min(info.max_context or 131072, 131072)
-    if info.max_context and context_length > info.max_context:
-        raise click.UsageError(
-            f"--context-length {context_length} exceeds the model's maximum of {info.max_context} tokens"
-        )
     if calibrate and info.max_context and (calibration_length or 0) > info.max_context:
         raise click.UsageError(
             f"--calibration-length {calibration_length} exceeds the model's maximum of {info.max_context} tokens"
@@ -283,12 +293,14 @@ def _parse_device_map(text: str | None) -> str | dict | None:
 @click.option("--png", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also draw the CV heatmap and head map to this PNG file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-@click.option("--context-length", "-L", "context_lengths", type=int, multiple=True,
+@click.option("--context-length", "-L", "context_lengths", type=click.IntRange(min=1), multiple=True,
               help="Context lengths at which to report the KV cache kept (repeatable).")
 def show_command(profile: str, png: Path | None, as_json: bool, context_lengths: tuple[int, ...]) -> None:
     """Summarise PROFILE (a file or a Hub repo id): head map, budgets, memory kept, sample agreement."""
     from .report import format_summary, plot_profile, summarize
 
+    if png is not None:
+        check_output_option(png, "'--png'")
     try:
         loaded = load_profile(profile)
     except ProfileError as e:

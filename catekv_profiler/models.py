@@ -23,7 +23,7 @@ import re
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -211,7 +211,6 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
     (e.g. built with ``from_config``).
     """
     config = model.config
-    text = config.get_text_config()  # the language model's config, also for multimodal wrappers
     provenance = getattr(model, _PROVENANCE_ATTR, None)
     if provenance is None:
         name = getattr(config, "name_or_path", "") or ""
@@ -221,6 +220,12 @@ def model_info(model: torch.nn.Module) -> ModelInfo:
             "source": ("folder" if os.path.isdir(name) else "hub") if name else "",
         }
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    return _describe(config, provenance, architecture)
+
+
+def _describe(config: Any, provenance: dict[str, str], architecture: str = "") -> ModelInfo:
+    """The ModelInfo of a config; ``architecture`` "" takes the config's own (``architectures[0]``) if any."""
+    text = config.get_text_config()  # the language model's config, also for multimodal wrappers
     shape = ModelSpec.from_config(config, architecture=architecture)
     return ModelInfo(
         model_id=provenance["model_id"],
@@ -262,8 +267,13 @@ def load_model(
     dtype: str | torch.dtype = "auto",
     trust_remote_code: bool = False,
     revision: str | None = None,
+    on_config: Callable[[ModelInfo], None] | None = None,
+    progress: bool = True,
 ) -> tuple[Any, Any, ModelInfo]:
     """Load a decoder-only causal LM, in eval mode with gradients off and SDPA attention.
+
+    The public entry point for every kind of MODEL the profiler accepts, the embedded GGUF models included
+    (``load_model("smollm2-135m")``); transformers de-quantises GGUF weights to ``dtype``.
 
     Args:
         spec: embedded short name, path to a ``.gguf`` file, local folder, or Hub id.
@@ -274,6 +284,12 @@ def load_model(
         dtype: "auto" (float32 on CPU, bfloat16 on CUDA), a name such as "bf16", or a torch dtype.
         trust_remote_code: run model code shipped with a Hub repo or folder (off by default).
         revision: Hub branch, tag or commit; only for Hub ids.
+        on_config: called with the model's :class:`ModelInfo`, read from its config, before any weights
+            are loaded, so that a caller can refuse a bad combination (a context length beyond
+            ``max_context``, a profile of another shape) without the cost of loading; an exception it
+            raises propagates.
+        progress: False silences the progress bars of loading (transformers', huggingface_hub's and
+            the GGUF de-quantisation bar).
 
     Returns:
         ``(model, tokenizer, info)``. The tokenizer is None when a folder or Hub repo ships none
@@ -292,15 +308,20 @@ def load_model(
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelError(f"device {device!r} requested but CUDA is not available")
     placement = device if device_map is None else device_map
-    spec = str(spec)
+    with contextlib.nullcontext() if progress else _no_progress_bars():
+        return _load(str(spec), revision, placement, torch_dtype, trust_remote_code, on_config)
 
+
+def _load(spec: str, revision: str | None, placement: DeviceMap, torch_dtype: torch.dtype, trust_remote_code: bool,
+          on_config: Callable[[ModelInfo], None] | None) -> tuple[Any, Any, ModelInfo]:
+    """``load_model`` once its arguments are checked: find what ``spec`` names and load it."""
     if spec in EMBEDDED_MODELS:
         _refuse_revision(revision, spec)
         entry = EMBEDDED_MODELS[spec]
         path = entry.path()
         _verify_sha256(path, entry.sha256)
         provenance = {"model_id": entry.model_id, "revision": entry.sha256, "source": "embedded"}
-        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code)
+        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code, on_config)
 
     local = Path(spec).expanduser()
     if local.is_file():
@@ -309,15 +330,52 @@ def load_model(
         _refuse_revision(revision, spec)
         path = local.resolve()
         provenance = {"model_id": str(path), "revision": _sha256(path), "source": "gguf"}
-        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code)
+        return _load_gguf(path, provenance, placement, torch_dtype, trust_remote_code, on_config)
 
     if local.is_dir():
         _refuse_revision(revision, spec)
-        return _load_folder(local.resolve(), placement, torch_dtype, trust_remote_code)
+        return _load_folder(local.resolve(), placement, torch_dtype, trust_remote_code, on_config)
 
     if _looks_like_path(spec):
         raise ModelError(f"model path {spec!r} not found")
-    return _load_hub(spec, revision, placement, torch_dtype, trust_remote_code)
+    return _load_hub(spec, revision, placement, torch_dtype, trust_remote_code, on_config)
+
+
+def _config_read(config: Any, provenance: dict[str, str], on_config: Callable[[ModelInfo], None] | None) -> None:
+    """Give ``on_config`` the model's info from its config, before the weights load."""
+    if on_config is not None:
+        on_config(_describe(config, provenance))
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Silence loading's progress bars, then restore their previous state.
+
+    transformers' own bars ("Loading weights") and huggingface_hub's have a switch; the GGUF de-quantisation
+    bar is plain tqdm, imported by name into ``transformers.modeling_gguf_pytorch_utils``, so that name is
+    replaced by a disabled tqdm while loading.
+    """
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars
+    from transformers.utils import logging as transformers_logging
+
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:  # no GGUF support in this transformers: nothing of it to silence
+        gguf_utils = None
+    transformers_on, hub_off = transformers_logging.is_progress_bar_enabled(), are_progress_bars_disabled()
+    gguf_tqdm = getattr(gguf_utils, "tqdm", None)
+    transformers_logging.disable_progress_bar()  # also huggingface_hub's
+    if gguf_tqdm is not None:
+        gguf_utils.tqdm = functools.partial(gguf_tqdm, disable=True)
+    try:
+        yield
+    finally:
+        if gguf_tqdm is not None:
+            gguf_utils.tqdm = gguf_tqdm
+        if transformers_on:
+            transformers_logging.enable_progress_bar()  # also huggingface_hub's, set back below
+        if hub_off:
+            disable_progress_bars()
 
 
 def _check_device_map(device_map: DeviceMap) -> str:
@@ -420,7 +478,8 @@ def _finish(model: Any, tokenizer: Any, provenance: dict[str, str]) -> tuple[Any
 
 
 def _load_gguf(
-    path: Path, provenance: dict[str, str], placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
+    path: Path, provenance: dict[str, str], placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool,
+    on_config: Callable[[ModelInfo], None] | None = None,
 ) -> tuple[Any, Any, ModelInfo]:
     """Load a GGUF file; transformers de-quantises the weights to ``dtype``."""
     if importlib.util.find_spec("gguf") is None:
@@ -434,6 +493,7 @@ def _load_gguf(
         except (ValueError, KeyError, NotImplementedError) as error:
             raise ModelError(f"cannot read {path} as a transformers GGUF model: {error}") from error
         _check_causal_lm(config, str(path), trust_remote_code)
+        _config_read(config, provenance, on_config)
         model = AutoModelForCausalLM.from_pretrained(
             folder, gguf_file=name, config=config, **_load_kwargs(placement, dtype, trust_remote_code)
         )
@@ -442,7 +502,8 @@ def _load_gguf(
 
 
 def _load_folder(
-    folder: Path, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
+    folder: Path, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool,
+    on_config: Callable[[ModelInfo], None] | None = None,
 ) -> tuple[Any, Any, ModelInfo]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -461,14 +522,14 @@ def _load_folder(
     except ValueError as error:  # unknown model_type, or remote code needed but not trusted
         raise ModelError(f"cannot read the config of {folder}: {error}") from error
     _check_causal_lm(config, str(folder), trust_remote_code)
+    provenance = {"model_id": str(folder), "revision": _snapshot_commit(folder), "source": "folder"}
+    _config_read(config, provenance, on_config)
     model = AutoModelForCausalLM.from_pretrained(
         folder, config=config, use_safetensors=True, **_load_kwargs(placement, dtype, trust_remote_code)
     )
     tokenizer = None
     if any(name in files for name in _TOKENIZER_FILES):
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    revision = _snapshot_commit(folder)
-    provenance = {"model_id": str(folder), "revision": revision, "source": "folder"}
     return _finish(model, tokenizer, provenance)
 
 
@@ -480,7 +541,8 @@ def _snapshot_commit(folder: Path) -> str:
 
 
 def _load_hub(
-    spec: str, revision: str | None, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool
+    spec: str, revision: str | None, placement: DeviceMap, dtype: torch.dtype, trust_remote_code: bool,
+    on_config: Callable[[ModelInfo], None] | None = None,
 ) -> tuple[Any, Any, ModelInfo]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
@@ -492,6 +554,9 @@ def _load_hub(
             f"or folder, nor a model on the Hugging Face Hub or in its local cache: {error}"
         ) from error
     _check_causal_lm(config, spec, trust_remote_code)
+    snapshot = _hub_snapshot(spec, revision)  # config.json is in the cache now
+    provenance = {"model_id": spec, "revision": snapshot.name if snapshot is not None else "", "source": "hub"}
+    _config_read(config, provenance, on_config)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             spec,
@@ -506,13 +571,10 @@ def _load_hub(
             f"pickle-based .bin files (transformers said: {error})"
         ) from error
     tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
-    snapshot = _hub_snapshot(spec, revision)
     if snapshot is not None and not any((snapshot / name).is_file() for name in _TOKENIZER_FILES):
         # transformers 5 builds an empty tokenizer from the model type when a repo has no tokenizer
         # files; an empty vocabulary is worse than none.
         tokenizer = None
-    revision_hash = snapshot.name if snapshot is not None else ""
-    provenance = {"model_id": spec, "revision": revision_hash, "source": "hub"}
     return _finish(model, tokenizer, provenance)
 
 

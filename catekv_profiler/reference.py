@@ -163,7 +163,7 @@ def _fit_haystack(
     if len(ids) > context_length:
         raise ReferenceSetError(
             f"context_length={context_length} is too small: the variable chains and the question "
-            f"alone take {len(ids)} tokens. Use a larger context_length or fewer num_chains/num_hops."
+            f"alone take {len(ids)} tokens; use a larger context length (catekv-profile -L)."
         )
     target = context_length - _FIT_MARGIN
     lo, lo_len = 0, len(ids)  # largest filler count known to fit (but too short so far)

@@ -54,7 +54,16 @@ def __getattr__(name: str) -> Any:
     if name in _LAZY:
         from importlib import import_module
 
-        return getattr(import_module(f".{_LAZY[name]}", __name__), name)
+        try:
+            module = import_module(f".{_LAZY[name]}", __name__)
+        except ModuleNotFoundError as e:
+            if e.name not in ("transformers", "accelerate"):
+                raise
+            raise ModuleNotFoundError(
+                f"catekv_runtime.{name} needs {e.name}, which is not installed: pip install 'catekv[transformers]'",
+                name=e.name,
+            ) from None
+        return getattr(module, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

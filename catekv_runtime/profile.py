@@ -371,9 +371,10 @@ def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a profile is meant to be shared
     try:
         save_file(tensors, tmp, metadata=metadata)
+        # After save_file, which leaves the file 0600 (mkstemp's mode, or its own); a profile is meant to be shared.
+        os.chmod(tmp, 0o644)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -393,6 +394,7 @@ _TENSORS = {  # name: (dtype, shape key); "LH" = [layers, kv heads], "SLH" = [sa
     "hit_mean": (torch.float32, "SLH"),
     "votes": (torch.int64, "LH"),
 }
+_SHAPE_NAMES = {"LH": "num_layers x num_kv_heads", "SLH": "num_samples x num_layers x num_kv_heads"}
 
 
 def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -> Profile:
@@ -404,6 +406,10 @@ def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -
     cache and work offline from it. Raises :class:`ProfileError` naming what is wrong.
     """
     local = _resolve(path, revision)
+    if not _has_safetensors_header(local):
+        raise ProfileError(
+            f"{local}: not a safetensors file; a profile is the .safetensors file that `catekv-profile` writes"
+        )
     try:
         tensors = load_file(str(local))
         with safe_open(str(local), framework="pt") as f:
@@ -414,6 +420,19 @@ def load_profile(path: str | os.PathLike[str], *, revision: str | None = None) -
             "download or re-create it with `catekv-profile`"
         ) from None
     return profile_from_tensors(tensors, metadata, source=str(local))
+
+
+def _has_safetensors_header(path: Path) -> bool:
+    """True if ``path`` starts as a safetensors file does: an 8-byte header length, then a JSON object.
+
+    Tells a file of another kind (JSON, random bytes, empty) from a safetensors file cut short or damaged.
+    """
+    try:
+        with open(path, "rb") as f:
+            start = f.read(9)
+    except OSError:
+        return True  # let the safetensors reader report why the file cannot be read
+    return len(start) == 9 and int.from_bytes(start[:8], "little") >= 2 and start[8:] == b"{"
 
 
 # Profiles shipped in the repository's profiles/ folder (present in source checkouts and editable
@@ -431,6 +450,8 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     if local.is_file():
         return local
     text = str(path)
+    if local.is_dir():
+        raise ProfileError(f"{text!r} is a directory, not a profile file; pass the .safetensors file")
     shipped = SHIPPED_PROFILES / f"{text}.safetensors"
     if "/" not in text and shipped.is_file():
         return shipped
@@ -506,6 +527,7 @@ def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         params.validate()
     except ProfileError as e:
         raise fail(str(e)) from None
+    _check_sizes(model, reference, params, fail)
 
     missing = sorted(set(_TENSORS) - set(tensors))
     if missing:
@@ -517,7 +539,7 @@ def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
         if t.dtype != dtype or tuple(t.shape) != shapes[shape_key]:
             raise fail(
                 f"tensor {name!r} is {t.dtype} {tuple(t.shape)}, expected {dtype} {shapes[shape_key]} "
-                f"(num_samples x num_layers x num_kv_heads from the metadata)"
+                f"({_SHAPE_NAMES[shape_key]} from the metadata)"
             )
     for name in ("cv", "threshold", "hit_mean"):
         t = tensors[name]
@@ -550,6 +572,28 @@ def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, s
 
 def _prefixed(metadata: dict[str, str], prefix: str) -> dict[str, str]:
     return {k.removeprefix(prefix): v for k, v in metadata.items() if k.startswith(prefix)}
+
+
+def _check_sizes(model: ModelSpec, reference: ReferenceSpec, params: ProfileParams, fail: Any) -> None:
+    """Refuse sizes no model or profiling run has: non-positive counts, a window longer than the reference text."""
+    for key, value in (
+        *((f"model.{n}", getattr(model, n)) for n in ("num_layers", "num_kv_heads", "num_attention_heads", "head_dim")),
+        *((f"reference.{n}", getattr(reference, n)) for n in ("context_length", "num_samples")),
+    ):
+        if value < 1:
+            raise fail(f"metadata {key!r}={value} must be >= 1; the file was edited or corrupted")
+    if model.num_attention_heads % model.num_kv_heads:
+        raise fail(
+            f"metadata 'model.num_attention_heads'={model.num_attention_heads} is not a multiple of "
+            f"'model.num_kv_heads'={model.num_kv_heads}; the file was edited or corrupted"
+        )
+    if params.min_prompt_tokens() > reference.context_length:
+        raise fail(
+            f"invalid parameter: observation window ({params.obs_window}) + init ({params.init_tokens}) + recent "
+            f"({params.recent_tokens}) + one chunk ({params.chunk_size}) exceed the {reference.context_length}-token "
+            "reference samples the statistics come from; the file was edited or corrupted: re-create it with "
+            "`catekv-profile`"
+        )
 
 
 def _section(cls: type, metadata: dict[str, str], prefix: str, fail: Any) -> Any:

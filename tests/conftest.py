@@ -127,3 +127,33 @@ def smollm2() -> tuple[Any, Any, Any]:
 def smollm2_tokenizer(smollm2: tuple[Any, Any, Any]) -> Any:
     """The real SmolLM2 tokenizer (from the same session-wide load as ``smollm2``)."""
     return smollm2[1]
+
+
+@pytest.fixture(params=["read-only", "os.access-refuses", "parent-is-a-file"])
+def unwritable_dir(request: pytest.FixtureRequest, tmp_path: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """A directory path under which no file can be written, made three ways.
+
+    ``read-only``: a real directory without write bits (skipped as root, who may write to it anyway);
+    ``os.access-refuses``: ``os.access`` says no for it, as it does on a read-only file system, which works
+    as root too; ``parent-is-a-file``: the "directory" is a regular file, which fails for anyone.
+    """
+    folder = tmp_path / "out"
+    if request.param == "parent-is-a-file":
+        folder.write_text("not a directory")
+        return folder
+    folder.mkdir()
+    if request.param == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("running as root: a directory without write bits is still writable")
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))
+    else:
+        real_access = os.access
+
+        def access(path: Any, mode: int, *args: Any, **kwargs: Any) -> bool:
+            if os.path.abspath(path) == str(folder) and mode & os.W_OK:
+                return False
+            return real_access(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(os, "access", access)
+    return folder

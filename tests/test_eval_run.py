@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from conftest import make_tiny_model
 from test_runtime import make_profile
 
 import catekv_runtime as ck
 from catekv_eval.methods import METHODS, method_overrides
-from catekv_eval.run import evaluate, markdown
+from catekv_eval.run import evaluate, main, markdown
 from catekv_eval.tasks import make_samples
+from catekv_profiler.models import ModelInfo
+from catekv_profiler.models import load_model as load_model_real
 from catekv_runtime.integration import resolve_profile
 
-PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.safetensors"
+REPO = Path(__file__).resolve().parents[1]
+PROFILE = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
 
 
 @pytest.mark.parametrize("length", [400, 1000, 5000])
@@ -98,3 +105,141 @@ def test_a_batch_out_of_memory_is_split(smollm2, monkeypatch, capsys):
     assert [r["predictions"] for r in split] == [r["predictions"] for r in singles]
     assert [r["kv_kept_pct"] for r in split] == [r["kv_kept_pct"] for r in singles]
     assert "running them in two halves" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------- the catekv-eval command
+
+# SmolLM2-135M's shape and maximum context, as its config gives them (what the fake loader below reports).
+SMOLLM2_INFO = ModelInfo(model_id="HuggingFaceTB/SmolLM2-135M-Instruct", revision="", source="embedded",
+                         architecture="LlamaForCausalLM", num_layers=30, num_kv_heads=3, num_attention_heads=9,
+                         head_dim=64, max_context=8192, sliding_window_layers=())
+
+
+@pytest.fixture
+def fake_run(monkeypatch):
+    """catekv-eval without a model: the loader reports SmolLM2's config, ``evaluate`` records its calls.
+
+    Returns the list of ``evaluate`` calls (keyword arguments, plus ``context_length``).
+    """
+    from catekv_eval import run
+    from catekv_profiler import models
+
+    def load_model(spec, *, on_config=None, **kwargs):
+        on_config(SMOLLM2_INFO)
+        return torch.nn.Linear(1, 1), object(), SMOLLM2_INFO
+
+    calls = []
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(run, "evaluate", lambda model, tokenizer, profile, **kwargs: calls.append(kwargs) or [])
+    return calls
+
+
+def test_cli_takes_one_or_more_values_and_records_the_command(tmp_path, fake_run):
+    """Options keep argparse's form (--lengths 1024 2048); the --out JSON records the command as given."""
+    out = tmp_path / "results" / "r.json"
+    args = ["smollm2-135m", "smollm2-135m-instruct", "--lengths", "1024", "2048", "--tasks", "vt", "cwe", "--ratios",
+            "0.2", "0.4", "--methods", "full", "catekv", "--samples", "3", "--batch-size", "2", "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert [c["context_length"] for c in fake_run] == [1024, 2048]
+    assert fake_run[0]["tasks"] == ("vt", "cwe") and fake_run[0]["ratios"] == (0.2, 0.4)
+    assert fake_run[0]["methods"] == ("full", "catekv") and fake_run[0]["num_samples"] == 3
+    assert fake_run[0]["batch_size"] == 2 and fake_run[0]["seed"] == 1000 and fake_run[0]["max_new_tokens"] is None
+    record = json.loads(out.read_text())
+    assert record["command"] == "catekv-eval " + " ".join(args) and record["records"] == []
+    assert out.with_suffix(".md").exists() and sorted(p.name for p in out.parent.iterdir()) == ["r.json", "r.md"]
+
+
+def test_cli_defaults_are_shown_and_used(fake_run):
+    help_text = CliRunner().invoke(main, ["--help"]).output
+    for shown in ("[default: 4096; x>=1]", "[default: 20;", "[default: (all)]", "the profile's"):
+        assert shown in " ".join(help_text.split()), help_text
+    assert CliRunner().invoke(main, ["smollm2-135m", "smollm2-135m-instruct"]).exit_code == 0
+    assert [c["context_length"] for c in fake_run] == [4096]
+    assert fake_run[0]["ratios"] == () and fake_run[0]["num_samples"] == 20  # () = the profile's r
+
+
+def random_bytes_profile(tmp_path) -> str:
+    path = tmp_path / "junk.safetensors"
+    path.write_bytes(bytes(range(256)) * 4)
+    return str(path)
+
+
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["qwen2.5-coder-0.5b-instruct-32k"], 1, "with num_layers=24, but the model has num_layers=30"),
+        ([random_bytes_profile], 1, "not a safetensors file"),
+        (["smollm2-135m-instruct", "--lengths", "0"], 2, "'--lengths': 0 is not in the range x>=1"),
+        (["smollm2-135m-instruct", "--lengths", "1024", "100"], 2, "100 is shorter than the 152 tokens"),
+        (["smollm2-135m-instruct", "--lengths", "100000"], 2, "100000 exceeds the model's maximum of 8192 tokens"),
+        (["smollm2-135m-instruct", "--samples", "0"], 2, "'--samples': 0 is not in the range x>=1"),
+        (["smollm2-135m-instruct", "--ratios", "0.2", "2"], 2, "'--ratios': 2.0 is not in the range 0<=x<=1"),
+        (["smollm2-135m-instruct", "--ratios", "-0.5"], 2, "'--ratios': -0.5 is not in the range 0<=x<=1"),
+        (["smollm2-135m-instruct", "--budget", "1"], 2, "budget (1) must be at least init + recent tokens"),
+        (["smollm2-135m-instruct", "--batch-size", "0"], 2, "'--batch-size': 0 is not in the range x>=1"),
+        (["smollm2-135m-instruct", "--tasks", "qa"], 2, "'qa' is not one of"),
+        (["smollm2-135m-instruct", "--out", "r.md"], 2, "r.md ends in .md"),
+    ],
+)
+def test_cli_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, args, code, message):
+    """Each refused from the options, the profile and the model's config: no weights, no traceback."""
+    from catekv_profiler import models
+
+    def load_model(spec, *, on_config=None, **kwargs):
+        on_config(SMOLLM2_INFO)
+        raise AssertionError("the model's weights would load now")
+
+    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.chdir(tmp_path)
+    args = [arg(tmp_path) if callable(arg) else arg for arg in args]
+    before = set(tmp_path.iterdir())
+    result = CliRunner().invoke(main, ["smollm2-135m", *args])
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception  # a click error, not a traceback
+    errors = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(errors) == 1 and message in errors[0], result.output
+    assert set(tmp_path.iterdir()) == before  # nothing left behind
+
+
+def test_cli_out_that_cannot_be_written(unwritable_dir, fake_run):
+    out = unwritable_dir / "r.json"
+    result = CliRunner().invoke(main, ["smollm2-135m", "smollm2-135m-instruct", "--out", str(out)])
+    assert result.exit_code == 2 and f"Invalid value for '--out': cannot write {out}" in result.output, result.output
+    assert not fake_run  # nothing evaluated
+
+
+def test_cli_model_and_task_errors_are_one_line(tmp_path, fake_run, monkeypatch):
+    from catekv_eval import run
+    from catekv_eval.tasks import EvalTaskError
+    from catekv_profiler import models
+
+    def too_short(*args, **kwargs):
+        raise EvalTaskError("context_length=1024 is too small for task vt")
+
+    monkeypatch.setattr(run, "evaluate", too_short)
+    result = CliRunner().invoke(main, ["smollm2-135m", "smollm2-135m-instruct", "--lengths", "1024"])
+    assert result.exit_code == 1 and "Error: context_length=1024 is too small" in result.output, result.output
+    monkeypatch.setattr(models, "load_model", load_model_real)
+    result = CliRunner().invoke(main, [str(tmp_path / "nope"), "smollm2-135m-instruct"])
+    assert result.exit_code == 1 and result.output.startswith("Error: model path") and "not found" in result.output
+
+
+def test_module_entry_point_refuses_bad_input_without_a_traceback():
+    """``python -m catekv_eval.run`` is the same command; a usage error exits 2 with one line."""
+    done = subprocess.run([sys.executable, "-m", "catekv_eval.run", "smollm2-135m", "smollm2-135m-instruct",
+                           "--lengths", "0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1] == "Error: Invalid value for '--lengths': 0 is not in the range x>=1."
+
+
+def test_cli_end_to_end_on_smollm2(smollm2, tmp_path):
+    """The real command, model loading included: a JSON and a table, the KV kept by each method."""
+    out = tmp_path / "r.json"
+    result = CliRunner().invoke(main, ["smollm2-135m", "smollm2-135m-instruct", "--lengths", "1024", "--budget", "256",
+                                       "--tasks", "niah_single_1", "--methods", "full", "catekv", "--samples", "1",
+                                       "--max-new-tokens", "6", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["kv_kept_pct"] == 100.0) for r in records] == [("full", True), ("catekv", False)]
+    assert "| niah_single_1 |" in out.with_suffix(".md").read_text()

@@ -285,3 +285,37 @@ def test_gguf_loads_with_a_device_map(smollm2):
     ids = torch.tensor([[1, 2, 3, 4, 5]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, smollm2[0](ids).logits)
+
+
+def test_on_config_sees_the_model_before_its_weights_load(tmp_path, monkeypatch):
+    """A caller can refuse a model from its config alone: the weights are not loaded when on_config raises."""
+    from transformers import AutoModelForCausalLM
+
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    real = AutoModelForCausalLM.from_pretrained
+    loaded = []
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: loaded.append(1) or real(*a, **k))
+    seen = []
+
+    def refuse(info: ModelInfo) -> None:
+        seen.append(info)
+        raise LookupError("refused from the config")
+
+    with pytest.raises(LookupError, match="refused from the config"):
+        load_model(str(tmp_path), on_config=refuse)
+    assert not loaded
+    _, _, info = load_model(str(tmp_path), on_config=seen.append)
+    assert loaded and seen[0] == seen[1] == info  # the config tells all that the loaded model does
+
+
+def test_loading_without_progress_bars(tmp_path, capfd):
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as transformers_logging
+
+    make_tiny_model("llama").save_pretrained(tmp_path)
+    load_model(str(tmp_path))
+    assert "Loading weights" in capfd.readouterr().err  # transformers' bar, on by default
+    load_model(str(tmp_path), progress=False)
+    assert "Loading weights" not in capfd.readouterr().err
+    assert transformers_logging.is_progress_bar_enabled() and not are_progress_bars_disabled()  # set back

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import stat
 from fractions import Fraction
 from pathlib import Path
 
@@ -235,6 +236,12 @@ def test_save_leaves_no_temporary_files(tmp_path: Path):
     assert torch.equal(load_profile(target).cv, make_profile(seed=1).cv)
 
 
+def test_saved_profile_is_readable_by_everyone(tmp_path: Path):
+    """0644, as a file meant to be shared (safetensors' save_file leaves its output 0600: the mode is set after)."""
+    target = make_profile().save(tmp_path / "profile.safetensors")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+
+
 def test_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     target = make_profile().save(tmp_path / "profile.safetensors")
     before = target.read_bytes()
@@ -280,13 +287,26 @@ def test_truncated_file(saved: Path, tmp_path: Path):
 def test_random_bytes(tmp_path: Path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(torch.randint(0, 256, (4096,), generator=torch.Generator().manual_seed(0), dtype=torch.uint8).numpy().tobytes())
-    expect_error(junk, "junk.safetensors", "not a readable safetensors file")
+    expect_error(junk, "junk.safetensors", "not a safetensors file")
 
 
 def test_empty_file(tmp_path: Path):
     empty = tmp_path / "empty.safetensors"
     empty.write_bytes(b"")
-    expect_error(empty, "not a readable safetensors file")
+    expect_error(empty, "not a safetensors file")
+
+
+def test_json_file_is_not_a_safetensors_file(tmp_path: Path):
+    """A file of another kind is named as such, not as a damaged profile."""
+    other = tmp_path / "profile.json"
+    other.write_text('{"format": "catekv-profile", "head_map": [[0, 1]]}')
+    message = expect_error(other, "profile.json", "not a safetensors file")
+    assert "truncated" not in message
+
+
+def test_directory_is_not_a_profile(tmp_path: Path):
+    message = expect_error(tmp_path, "is a directory", "pass the .safetensors file")
+    assert "not found" not in message
 
 
 def test_safetensors_file_that_is_not_a_profile(saved: Path, tmp_path: Path):
@@ -323,7 +343,11 @@ def test_unparsable_metadata_value(saved: Path, tmp_path: Path):
     ],
 )
 def test_wrong_tensor_shape_or_dtype(saved: Path, tmp_path: Path, name: str, tensor: torch.Tensor):
-    expect_error(rewrite(saved, tmp_path / "s.safetensors", tensors={name: tensor}), f"tensor {name!r}", "expected")
+    message = expect_error(rewrite(saved, tmp_path / "s.safetensors", tensors={name: tensor}), f"tensor {name!r}",
+                           "expected")
+    # The dimensions named are those of this tensor: per-sample statistics have three, the head map two.
+    dims = "num_samples x num_layers x num_kv_heads" if name in ("cv", "threshold") else "(num_layers x num_kv_heads"
+    assert dims in message
 
 
 def test_missing_tensor(saved: Path, tmp_path: Path):
@@ -417,11 +441,19 @@ def test_version_1_profile_loads_with_its_old_meaning(saved: Path, tmp_path: Pat
         ("param.eta", "0", "eta"),
         ("param.chunk_size", "0", "chunk size"),
         ("param.init_tokens", "300", "budget"),  # 300 + 32 > 256
+        # sizes no model or profiling run has
+        ("param.obs_window", "1000000000", "exceed the 4096-token reference samples"),
+        ("reference.context_length", "64", "exceed the 64-token reference samples"),  # 32 + 8 + 32 + 8 > 64
+        ("model.head_dim", "-64", "'model.head_dim'=-64 must be >= 1"),
+        ("model.num_attention_heads", "0", "'model.num_attention_heads'=0 must be >= 1"),
+        ("model.num_attention_heads", "5", "not a multiple of 'model.num_kv_heads'=2"),
+        ("reference.context_length", "0", "'reference.context_length'=0 must be >= 1"),
     ],
 )
-def test_out_of_range_parameter(saved: Path, tmp_path: Path, key: str, value: str, fragment: str):
-    message = expect_error(rewrite(saved, tmp_path / "p.safetensors", metadata={key: value}), "invalid parameter", fragment)
+def test_out_of_range_metadata(saved: Path, tmp_path: Path, key: str, value: str, fragment: str):
+    message = expect_error(rewrite(saved, tmp_path / "p.safetensors", metadata={key: value}), fragment)
     assert "p.safetensors" in message
+    assert "invalid parameter" in message or not key.startswith("param.")
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -1.0])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -15,7 +16,7 @@ import catekv_runtime as ck
 from catekv_profiler.capture import capture_attention
 from catekv_profiler.cli import main
 from catekv_profiler.profiler import Checkpoint, ProfilingError, profile_model, sample_statistics, statistics_key
-from catekv_profiler.reference import ReferenceSample
+from catekv_profiler.reference import ReferenceSample, variable_tracking_samples
 from catekv_profiler.stats import layer_statistics
 from catekv_runtime.profile import ProfileParams, ReferenceSpec
 
@@ -126,6 +127,9 @@ def smollm2_profile(tmp_path_factory, smollm2):
     out = tmp_path_factory.mktemp("cli") / "smollm2.safetensors"
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL])
     assert result.exit_code == 0, result.output
+    # -q: no progress bar at all, the GGUF de-quantisation's and transformers' weight loading's included
+    assert "de-quantizing" not in result.output and "Loading weights" not in result.output, result.output
+    assert "%|" not in result.output
     return out
 
 
@@ -155,6 +159,26 @@ def test_cli_refuses_to_overwrite(smollm2_profile):
     assert result.exit_code != 0 and "--overwrite" in result.output
 
 
+def test_setup_reproduces_the_shipped_profile(smollm2):
+    """README's set-up claim: the shipped 2K profile's head map and votes, statistics equal up to float32 rounding.
+
+    Its first reference sample, profiled again here, gives the shipped file's statistics within 1e-6 (the
+    last bits may differ between CPUs); voting with it in place of the shipped one changes nothing.
+    """
+    model, tokenizer, info = smollm2
+    shipped = ck.load_profile("smollm2-135m-instruct")
+    ref = shipped.reference
+    sample = variable_tracking_samples(tokenizer, 1, ref.context_length, seed=ref.seed)
+    again = profile_model(model, info.spec(), sample, shipped.params, dataclasses.replace(ref, num_samples=1))
+    for name in ("cv", "threshold", "hit_mean"):
+        torch.testing.assert_close(getattr(again, name)[0], getattr(shipped, name)[0], rtol=1e-5, atol=1e-6)
+    cv, threshold, hit_mean = (torch.cat([getattr(again, name), getattr(shipped, name)[1:]])
+                               for name in ("cv", "threshold", "hit_mean"))
+    revoted = ck.Profile.from_statistics(cv, threshold, hit_mean, shipped.params, shipped.model, shipped.reference)
+    for name in ("head_map", "votes", "budgets"):
+        assert torch.equal(getattr(revoted, name), getattr(shipped, name)), name
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -162,10 +186,11 @@ def test_cli_refuses_to_overwrite(smollm2_profile):
         (["--eta", "0"], "eta"),
         (["-r", "2"], "adaptive ratio"),
         (["--alpha", "-1"], "alpha"),
-        (["-L", "100000"], "exceeds the model's maximum"),
+        (["-L", "100000"], "100000 exceeds the model's maximum of 8192 tokens"),
     ],
 )
-def test_cli_bad_parameters(tmp_path, args, message, smollm2):
+def test_cli_bad_parameters(tmp_path, args, message, smollm2, no_weights):
+    """Refused before the weights load (-L: from the GGUF file's config)."""
     out = tmp_path / "x.safetensors"
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *args])
     assert result.exit_code != 0
@@ -233,6 +258,9 @@ def test_cli_device_map_gives_the_same_profile(tmp_path):
         out = tmp_path / f"{name}.safetensors"
         result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), *args, *where])
         assert result.exit_code == 0, result.output
+        # A strategy without a GPU splits nothing: the run says so.
+        warned = "no GPU is visible, so --device-map auto puts the whole model on the CPU" in result.output
+        assert warned == (name == "strategy" and not torch.cuda.is_available()), result.output
         runs[name] = ck.load_profile(out)
     for name in ("strategy", "layers"):
         assert torch.equal(runs[name].cv, runs["device"].cv)
@@ -303,3 +331,83 @@ def test_cli_calibrate_bad_parameters(tmp_path, args, message):
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists()
+
+# ------------------------------------------------------------------------- bad input, refused before any compute
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Loading a model fails the test: what these tests give must be refused before."""
+    from catekv_profiler import models
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(models, "load_model", refuse)
+
+
+@pytest.fixture
+def no_weights(monkeypatch):
+    """Loading a model's weights (its config is fine) fails the test."""
+    from transformers import AutoModelForCausalLM
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model's weights were loaded")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", refuse)
+
+
+def assert_usage_error(result, *fragments: str) -> None:
+    """Exit code 2, one line of error naming each fragment, no traceback."""
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
+    error = [line for line in result.output.splitlines() if line.startswith("Error:")]
+    assert len(error) == 1, result.output
+    for fragment in fragments:
+        assert fragment in error[0], result.output
+
+
+def test_cli_output_that_cannot_be_written(unwritable_dir, no_model):
+    """-o in a directory that cannot be written: refused before the model loads, and nothing is left behind."""
+    before = sorted(unwritable_dir.iterdir()) if unwritable_dir.is_dir() else unwritable_dir.read_text()
+    out = unwritable_dir / "out.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL])
+    assert_usage_error(result, "'-o' / '--output'", f"cannot write {out}")
+    assert (sorted(unwritable_dir.iterdir()) if unwritable_dir.is_dir() else unwritable_dir.read_text()) == before
+
+
+def test_cli_output_that_is_a_directory(tmp_path, no_model):
+    assert_usage_error(CliRunner().invoke(main, ["smollm2-135m", "-o", str(tmp_path), "--overwrite", *SMALL]),
+                       f"'{tmp_path}' is a directory")
+
+
+def test_cli_context_length_below_what_the_parameters_need(tmp_path, no_model):
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(tmp_path / "x.safetensors"), *SMALL, "-L", "30"])
+    assert_usage_error(result, "30 is shorter than the 40 tokens", "observation window 16")  # 16 + 4 + 16 + 4
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_context_length_beyond_the_model_is_refused_from_its_config(tmp_path, no_weights):
+    save_with_byte_tokenizer(make_tiny_model("llama"), tmp_path / "model")  # max_position_embeddings 4096
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, [str(tmp_path / "model"), "-o", str(out), *SMALL, "-L", "5000"])
+    assert_usage_error(result, "5000 exceeds the model's maximum of 4096 tokens")
+    assert not out.exists() and not out.with_name(out.name + ".ckpt").exists()
+
+
+def test_cli_show_png_that_cannot_be_written(unwritable_dir):
+    png = unwritable_dir / "h.png"
+    result = CliRunner().invoke(main, ["show", "smollm2-135m-instruct", "--png", str(png)])
+    assert_usage_error(result, "'--png'", f"cannot write {png}")
+    assert not png.exists() and not result.output.startswith("CateKV profile")  # checked before the summary
+
+
+@pytest.mark.parametrize("length", ["0", "-100"])
+def test_cli_show_refuses_a_context_length_below_one(length):
+    result = CliRunner().invoke(main, ["show", "smollm2-135m-instruct", "-L", length])
+    assert_usage_error(result, "'--context-length' / '-L'", f"{length} is not in the range x>=1")
+
+
+def test_cli_show_a_directory(tmp_path):
+    result = CliRunner().invoke(main, ["show", str(tmp_path)])
+    assert result.exit_code == 1 and "is a directory, not a profile file" in result.output, result.output

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -271,3 +274,24 @@ def test_sliding_window_layers_keep_their_cache(family):
             assert type(layer) is type(plain_layer)
     assert torch.equal(tokens, ref_tokens)
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
+
+
+def test_missing_transformers_names_the_extra_to_install():
+    """Without transformers, the core still loads profiles; apply and CateKVCache say what to install."""
+    code = (
+        "import sys; sys.modules['transformers'] = None\n"  # as if it were not installed
+        "import catekv_runtime as ck\n"
+        "assert ck.load_profile('smollm2-135m-instruct').num_layers == 30\n"
+        "for name in ('apply', 'CateKVCache'):\n"
+        "    try:\n"
+        "        getattr(ck, name)\n"
+        "    except ModuleNotFoundError as e:\n"
+        "        print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        f"catekv_runtime.{name} needs transformers, which is not installed: pip install 'catekv[transformers]'"
+        for name in ("apply", "CateKVCache")
+    ]

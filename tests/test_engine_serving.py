@@ -317,3 +317,15 @@ def test_max_new_tokens_is_the_room_add_request_allows(model):
             engine.add_request(prompt, SamplingParams(max_tokens=room + 1))
     assert Engine(model, None, max_batch_size=1, max_model_len=128).max_new_tokens(128) == 0
     assert engine.tokenize(torch.tensor([[5, 6]])) == [5, 6] and engine.tokenize((7,)) == [7]
+
+
+def test_int64_bounds_of_seed_and_top_k(model):
+    """The engine keeps seeds and top_k in int64 rows: values beyond int64 are refused with the field named (a server
+    passes clients' values on; an overflow inside a step would stop it), the extremes of int64 run."""
+    for name in ("seed", "top_k"):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: 2**63})
+    engine = Engine(model, None, max_batch_size=2, max_model_len=64)
+    params = [SamplingParams(max_tokens=3, seed=seed, top_k=2**63 - 1) for seed in (2**63 - 1, -(2**63))]
+    outputs = engine.generate([prompts([10])[0]] * 2, params)
+    assert [o.completion_tokens for o in outputs] == [3, 3]

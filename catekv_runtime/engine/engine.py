@@ -249,14 +249,15 @@ class Engine:
     def partial(self, request_id: int) -> Completion | None:
         """The output so far of an unfinished request (None once it has finished, or for an unknown id): its
         token ids, and the part of its text that is safe to show, as :meth:`stream` shows it (no trailing partial
-        character, nor the start of a stop string). ``finish_reason`` is None."""
+        character, nor the start of a stop string). ``finish_reason`` is None. Cheap enough to call for every
+        request after every step: ``prompt_token_ids`` is the request's own list, not a copy (do not modify it)."""
         request = self._requests.get(request_id)
         if request is None:
             return None
         text = None
         if self.tokenizer is not None:
             text = request.text[: _stable_length(request.text, request.params.stop_strings)]
-        return Completion(request.id, list(request.prompt), list(request.output), text, None)
+        return Completion(request.id, request.prompt, list(request.output), text, None)
 
     @property
     def num_running(self) -> int:

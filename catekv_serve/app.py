@@ -80,8 +80,8 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
                            param="model", code="model_not_found")
 
     async def encode(make_ids: Callable[[], list[int]], prompt_field: str) -> list[int]:
-        """Token ids from the tokenizer, in a worker thread (a long prompt does not hold up the event loop); ``make_ids``
-        may raise an :class:`ApiError` of its own."""
+        """Token ids from the tokenizer, in a worker thread (a long prompt does not hold up the event loop);
+        ``make_ids`` may raise an :class:`ApiError` of its own."""
         try:
             return await run_in_threadpool(make_ids)
         except (ValueError, TypeError) as error:
@@ -105,7 +105,8 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         try:
             handle = worker.submit(ids, params, stream=body.stream, arrival=arrival)
         except (QueueFull, EngineDead) as error:
-            raise ApiError(503, str(error), code="queue_full" if isinstance(error, QueueFull) else "engine_stopped")
+            code = "queue_full" if isinstance(error, QueueFull) else "engine_stopped"
+            raise ApiError(503, str(error), code=code) from None
         try:
             event = await handle.next()
             if event[0] == "error":

@@ -11,8 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-exported for the app)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 # Seconds. Time to first token spans a short prompt on a GPU (ms) to a long prompt queued behind others (minutes);
 # inter-token latency a GPU decode step (ms) to a CPU one (tenths of a second).

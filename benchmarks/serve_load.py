@@ -67,13 +67,17 @@ class Load:
         self.next_offset = 0
 
     async def prepare(self) -> dict[str, Any]:
-        """The filler's token ids (long enough for every offset) and what the server says about itself."""
+        """The filler's token ids (one text long enough for every offset, so that a tokenizer's start token stays at
+        the start) and what the server says about itself."""
         models = (await self.client.get("/v1/models")).raise_for_status().json()["data"][0]
-        text = FILLER * 8
-        ids = (await self.client.post("/tokenize", json={"prompt": text})).raise_for_status().json()["tokens"]
-        repeats = (self.args.prompt_tokens + 1024) // len(ids) + 1
-        self.filler = ids * repeats
+        one = len(await self._tokenize(FILLER))
+        self.filler = await self._tokenize(FILLER * ((self.args.prompt_tokens + 1024) // max(one - 2, 1) + 2))
+        if len(self.filler) < self.args.prompt_tokens + 1024:
+            raise RuntimeError(f"the filler has {len(self.filler)} tokens, fewer than the prompts need")
         return {"model": models["id"], "max_model_len": models.get("max_model_len")}
+
+    async def _tokenize(self, text: str) -> list[int]:
+        return (await self.client.post("/tokenize", json={"prompt": text})).raise_for_status().json()["tokens"]
 
     def prompt(self) -> list[int]:
         """The next prompt: ``--prompt-tokens`` ids of the filler from the next of 1024 offsets."""

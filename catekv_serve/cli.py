@@ -48,9 +48,11 @@ class BadInput(click.ClickException):
 @click.option("--served-model-name", default=None, help="The `model` that requests name  [default: MODEL]")
 @click.option("--log-level", type=click.Choice(["critical", "error", "warning", "info", "debug"]), default="info",
               show_default=True)
+@click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every HTTP request.")
 def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: int, max_model_len: int | None,
           max_decode_len: int | None, max_waiting: int, gpu_memory_utilization: float | None, prefill_chunk: int,
-          device: str, dtype: str, api_key: str | None, served_model_name: str | None, log_level: str) -> None:
+          device: str, dtype: str, api_key: str | None, served_model_name: str | None, log_level: str,
+          access_log: bool) -> None:
     """Serve MODEL with a CateKV profile over OpenAI's API: /v1/completions, /v1/chat/completions (streamed as
     server-sent events with stream=true), /v1/models, /tokenize, /health, /metrics (Prometheus).
 
@@ -113,7 +115,9 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
     click.echo(f"catekv-serve: {model} as `{name}` with {_describe(profile, profile_name)}; {engine.slots} slots of "
                f"{engine.max_model_len} tokens, {_kv_gib(engine):.2f} GiB of KV buffers on {device}; "
                f"http://{host}:{port}/v1", err=True)
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)).run()
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
+                            timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
 
 
 def _describe(profile: Any, name: str) -> str:

@@ -25,6 +25,8 @@ import threading
 import time
 from typing import Any
 
+import torch
+
 from catekv_runtime.engine import Completion, Engine, SamplingParams
 
 from .metrics import Metrics
@@ -135,6 +137,9 @@ class EngineWorker:
 
     def _run(self) -> None:
         reason = "server shutting down"
+        device = self.engine.model.device
+        if device.type == "cuda":  # a new thread's current device is cuda:0; CUDA graphs capture on the current one
+            torch.cuda.set_device(device)
         try:
             while self._take_commands(block=not self.engine.has_unfinished()):
                 if self.engine.has_unfinished():

@@ -68,7 +68,7 @@ def server(tmp_path_factory) -> Server:
     port = free_port()
     # cwd and PYTHONPATH: the server imports this checkout's packages, not an installed copy.
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "2", "CATEKV_API_KEY": ""}
+           "OMP_NUM_THREADS": "2"}
     command = [sys.executable, "-m", "catekv_serve", "smollm2-135m", "--profile", "smollm2-135m-instruct",
                "--port", str(port), "--max-batch-size", str(SLOTS), "--max-waiting", str(WAITING),
                "--max-model-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", NAME, "--device", "cpu",

@@ -223,3 +223,109 @@ def test_requests_that_need_a_tokenizer_or_more_room_are_refused(model):
                 dict(gpu_memory_utilization=0.5)):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Engine(model, None, **bad)
+
+
+@pytest.mark.parametrize("where", ["waiting", "prefilling", "decoding"])
+def test_abort_frees_the_slot_for_the_next_request(model, where):
+    """One slot: a request aborted while it waits, while it prefills (a 230-token prompt in 64-token chunks takes
+    several steps) or while it decodes is dropped (never returned by step, its slot back to the sink only), and
+    the other request runs to the tokens it has alone."""
+    victim_prompt, other_prompt = prompts([230, 40], seed=21)
+    alone = reference(model, other_prompt, 6)
+    engine = Engine(model, None, max_batch_size=1, max_model_len=256, prefill_chunk=64)
+    greedy = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    if where == "waiting":
+        other = engine.add_request(other_prompt, SamplingParams(max_tokens=6, temperature=0))
+        victim = engine.add_request(victim_prompt, greedy)
+        engine.step()
+        assert (engine.num_running, engine.num_waiting) == (1, 1)
+    else:
+        victim = engine.add_request(victim_prompt, greedy)
+        engine.step()
+        if where == "decoding":
+            while not engine._running:
+                engine.step()
+            engine.step()
+        assert (engine._prefilling is not None) == (where == "prefilling")
+        assert engine.num_running == 1
+        other = engine.add_request(other_prompt, SamplingParams(max_tokens=6, temperature=0))
+    assert engine.abort(victim)
+    assert not engine.abort(victim) and not engine.abort(10_000)
+    assert engine.partial(victim) is None
+    finished = []
+    while engine.has_unfinished():
+        finished += engine.step()
+    assert [(c.request_id, c.token_ids) for c in finished] == [(other, alone)]
+    assert not engine.abort(other)  # finished: left as it is
+    assert (engine.num_running, engine.num_waiting) == (0, 0)
+    assert bool((engine.kv.lengths == 1).all())
+
+
+def test_partial_output_and_kv_usage(model, greedy_run):
+    """While a request decodes, partial() gives its tokens so far (a prefix of the final ones) and the text stream()
+    would have shown; kv_usage() counts each head's positions in use (the slot lengths less the sink), which with a
+    profile is less than full attention's prompt + output per head, and both are 0 once nothing runs."""
+    prompt, tokens = greedy_run
+    tokenizer = ByteTokenizer()
+    profile = make_profile(model, 0.5)  # budget 64: the consistent heads drop most of a 180-token prompt
+    long_prompt = prompts([180], seed=13)[0]
+    for prof, request_prompt in ((None, prompt), (profile, long_prompt)):
+        engine = Engine(model, prof, tokenizer=tokenizer, max_batch_size=2, max_model_len=256)
+        rid = engine.add_request(request_prompt, SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+        assert engine.partial(rid).token_ids == [] and engine.kv_usage() == (0, 0)
+        for _ in range(4):
+            engine.step()
+        partial = engine.partial(rid)
+        m = len(partial.token_ids)
+        assert m == 5 and partial.finish_reason is None  # the first step prefills, samples and decodes once
+        heads = engine.head_map.numel()
+        token_bytes = 2 * engine.model.head_dim * 4  # K and V, fp32
+        in_use = sum(g.kv_heads.numel() * (int(engine.kv.lengths[g.row, 0]) - 1) for g in engine.kv.groups)
+        held, full = engine.kv_usage()
+        assert held == in_use * token_bytes
+        assert full == heads * (len(request_prompt) + m) * token_bytes
+        assert (held == full) == (prof is None)
+        final = engine.step() or []
+        while engine.has_unfinished():
+            final += engine.step()
+        assert final[0].token_ids[:m] == partial.token_ids and final[0].text.startswith(partial.text)
+        assert engine.kv_usage() == (0, 0) and engine.partial(rid) is None
+
+
+def test_a_stream_closed_early_aborts_its_request(model, greedy_run):
+    prompt, _ = greedy_run
+    engine = Engine(model, None, tokenizer=ByteTokenizer(), max_batch_size=1, max_model_len=128)
+    pieces = engine.stream(prompt, SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))
+    next(pieces)
+    assert engine.has_unfinished()
+    pieces.close()
+    assert not engine.has_unfinished() and bool((engine.kv.lengths == 1).all())
+
+
+def test_max_new_tokens_is_the_room_add_request_allows(model):
+    """max_new_tokens(n) is accepted as max_tokens and one more is refused, for full attention (max_model_len binds)
+    and with a profile whose consistent heads' room binds first; a prompt too long has no room."""
+    profile = make_profile(model, 0.5)
+    for prof, decode_len, field in ((None, None, "max_model_len"), (profile, 16, "max_decode_len")):
+        engine = Engine(model, prof, max_batch_size=1, max_model_len=256, max_decode_len=decode_len)
+        prompt = prompts([150], seed=2)[0]
+        room = engine.max_new_tokens(len(prompt))
+        assert room == (256 - 150 if prof is None else engine.consistent_capacity
+                        - profile.params.kept_tokens(150, profile.params.budget))
+        engine.add_request(prompt, SamplingParams(max_tokens=room))
+        with pytest.raises(ValueError, match=field):
+            engine.add_request(prompt, SamplingParams(max_tokens=room + 1))
+    assert Engine(model, None, max_batch_size=1, max_model_len=128).max_new_tokens(128) == 0
+    assert engine.tokenize(torch.tensor([[5, 6]])) == [5, 6] and engine.tokenize((7,)) == [7]
+
+
+def test_int64_bounds_of_seed_and_top_k(model):
+    """The engine keeps seeds and top_k in int64 rows: values beyond int64 are refused with the field named (a server
+    passes clients' values on; an overflow inside a step would stop it), the extremes of int64 run."""
+    for name in ("seed", "top_k"):
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**{name: 2**63})
+    engine = Engine(model, None, max_batch_size=2, max_model_len=64)
+    params = [SamplingParams(max_tokens=3, seed=seed, top_k=2**63 - 1) for seed in (2**63 - 1, -(2**63))]
+    outputs = engine.generate([prompts([10])[0]] * 2, params)
+    assert [o.completion_tokens for o in outputs] == [3, 3]

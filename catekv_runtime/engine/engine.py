@@ -36,7 +36,8 @@ class Completion:
 
     ``token_ids`` include a final stop or end-of-sequence token; ``text`` (None without a tokenizer) excludes special
     tokens and a matched stop string. ``finish_reason`` is ``"stop"`` (a stop token, stop string or end of sequence;
-    ``stop_reason`` says which, None for end of sequence) or ``"length"`` (``max_tokens`` reached).
+    ``stop_reason`` says which, None for end of sequence) or ``"length"`` (``max_tokens`` reached); None while the
+    request runs (:meth:`Engine.partial`).
     """
 
     request_id: int
@@ -67,6 +68,7 @@ class _Request:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     prefill: Iterator[int] | None = None
+    kv_kept: int = 0  # token-heads its prompt keeps in the slot (set when its prefill ends)
 
     def completion(self, with_text: bool) -> Completion:
         return Completion(self.id, list(self.prompt), list(self.output), self.text if with_text else None,
@@ -163,6 +165,7 @@ class Engine:
 
             self._kernel_config = LeanGenerator.default_kernel_config(profile)
         self._ids = itertools.count()
+        self._requests: dict[int, _Request] = {}  # every unfinished request, by id
         self._waiting: deque[_Request] = deque()
         self._prefilling: _Request | None = None
         self._running: dict[int, _Request] = {}  # slot -> request
@@ -177,18 +180,31 @@ class Engine:
         a bad request raises ``ValueError`` naming the field and leaves the engine as it was."""
         return self._add(self._checked(prompt, params or SamplingParams()))
 
-    def _checked(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
-        if not isinstance(params, SamplingParams):
-            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    def tokenize(self, prompt: Prompt) -> list[int]:
+        """A prompt's token ids as :meth:`add_request` reads it (a string through the tokenizer). It touches only the
+        tokenizer, no engine state: a server may call it from another thread than the one that runs the loop."""
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("prompt: a string prompt needs a tokenizer (Engine(..., tokenizer=...)), or pass "
                                  "token ids")
-            ids = list(self.tokenizer(prompt).input_ids) if prompt else []
-        elif isinstance(prompt, torch.Tensor):
-            ids = prompt.flatten().tolist()
-        else:
-            ids = list(prompt)
+            return list(self.tokenizer(prompt).input_ids) if prompt else []
+        if isinstance(prompt, torch.Tensor):
+            return prompt.flatten().tolist()
+        return list(prompt)
+
+    def max_new_tokens(self, prompt_tokens: int) -> int:
+        """The most tokens a request with a prompt of ``prompt_tokens`` tokens may generate: what ``max_model_len``
+        leaves, and (CateKV) what the consistent heads' buffers leave after what they keep of the prompt. A server's
+        default ``max_tokens``; below 1 when the prompt is too long."""
+        room = self.max_model_len - prompt_tokens
+        if self._has_consistent_heads():
+            room = min(room, self.consistent_capacity - self.params.kept_tokens(prompt_tokens, self.params.budget))
+        return room
+
+    def _checked(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+        ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt: empty prompt (at least one token is needed)")
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.model.vocab_size for t in ids):
@@ -196,12 +212,10 @@ class Engine:
         if len(ids) + params.max_tokens > self.max_model_len:
             raise ValueError(f"max_tokens: the prompt's {len(ids)} tokens + max_tokens {params.max_tokens} exceed "
                              f"max_model_len {self.max_model_len}")
-        if self._has_consistent_heads():
-            kept = self.params.kept_tokens(len(ids), self.params.budget)
-            if kept + params.max_tokens > self.consistent_capacity:
-                raise ValueError(f"max_tokens {params.max_tokens} does not fit the consistent heads' room "
-                                 f"({self.consistent_capacity - kept} tokens after this prompt); raise "
-                                 f"Engine(max_decode_len=...) (now {self.max_decode_len})")
+        room = self.max_new_tokens(len(ids))
+        if params.max_tokens > room:  # within max_model_len: the consistent heads' buffers are what is short
+            raise ValueError(f"max_tokens {params.max_tokens} does not fit the consistent heads' room ({room} tokens "
+                             f"after this prompt); raise Engine(max_decode_len=...) (now {self.max_decode_len})")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer (Engine(..., tokenizer=...)); use stop_token_ids")
         return ids, params
@@ -211,7 +225,61 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         request = _Request(next(self._ids), ids, params, seed)
         self._waiting.append(request)
+        self._requests[request.id] = request
         return request.id
+
+    def abort(self, request_id: int) -> bool:
+        """Stop an unfinished request now (vLLM's ``abort_request``): it leaves the queue, its prefill stops, or its
+        row stops decoding, and its slot is free for the next request. It is not returned by :meth:`step`. False
+        if no request of that id is unfinished (a finished one is left as it is)."""
+        request = self._requests.pop(request_id, None)
+        if request is None:
+            return False
+        self._owned.discard(request_id)
+        request.finish_reason = "abort"
+        if request is self._prefilling:
+            request.prefill.close()  # the row keeps length 1: what the prefill wrote is never read
+            self._prefilling = None
+        elif self._running.get(request.slot) is request:
+            self._free_row(request)
+        else:
+            self._waiting.remove(request)
+        return True
+
+    def partial(self, request_id: int) -> Completion | None:
+        """The output so far of an unfinished request (None once it has finished, or for an unknown id): its
+        token ids, and the part of its text that is safe to show, as :meth:`stream` shows it (no trailing partial
+        character, nor the start of a stop string). ``finish_reason`` is None. Cheap enough to call for every
+        request after every step: ``prompt_token_ids`` is the request's own list, not a copy (do not modify it)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return None
+        text = None
+        if self.tokenizer is not None:
+            text = request.text[: _stable_length(request.text, request.params.stop_strings)]
+        return Completion(request.id, request.prompt, list(request.output), text, None)
+
+    @property
+    def num_running(self) -> int:
+        """Requests in a slot: decoding, or prefilling."""
+        return len(self._running) + (self._prefilling is not None)
+
+    @property
+    def num_waiting(self) -> int:
+        """Requests queued for a free slot."""
+        return len(self._waiting)
+
+    def kv_usage(self) -> tuple[int, int]:
+        """Bytes of KV the decoding requests hold, and what full attention would hold for the same requests: every
+        head's positions in use (the prompt tokens it kept, plus the tokens generated so far), K and V."""
+        heads = self.head_map.numel()
+        token_bytes = 2 * self.model.head_dim * self.model.embed.element_size()
+        held = full = 0
+        for request in self._running.values():
+            generated = len(request.output)
+            held += request.kv_kept + heads * generated
+            full += heads * (len(request.prompt) + generated)
+        return held * token_bytes, full * token_bytes
 
     def _has_consistent_heads(self) -> bool:
         return not bool(self.head_map.all())
@@ -238,15 +306,17 @@ class Engine:
              params: SamplingParams | Sequence[SamplingParams] | None = None) -> list[Completion]:
         """Like :meth:`generate` for chat conversations (a list of messages, or a list of such lists), rendered by
         the tokenizer's chat template with the generation prompt."""
-        if self.tokenizer is None:
-            raise ValueError("messages: chat needs a tokenizer (Engine(..., tokenizer=...))")
         if not messages:
             raise ValueError("messages: empty conversation")
         conversations = [messages] if isinstance(messages[0], dict) else messages
-        prompts = [self._chat_prompt(c) for c in conversations]
+        prompts = [self.chat_prompt(c) for c in conversations]
         return self.generate(prompts, params)
 
-    def _chat_prompt(self, conversation: list[dict[str, str]]) -> list[int]:
+    def chat_prompt(self, conversation: list[dict[str, Any]]) -> list[int]:
+        """A conversation's prompt token ids: the tokenizer's chat template with the generation prompt. Like
+        :meth:`tokenize` it touches no engine state."""
+        if self.tokenizer is None:
+            raise ValueError("messages: chat needs a tokenizer (Engine(..., tokenizer=...))")
         if not conversation:
             raise ValueError("messages: empty conversation")
         text = self.tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
@@ -255,32 +325,26 @@ class Engine:
     def stream(self, prompt: Prompt, params: SamplingParams | None = None) -> Iterator[str]:
         """Generate one prompt, yielding its text as it grows (needs a tokenizer). Other queued requests advance
         too. A piece is held back while it may be an incomplete character or the start of a stop string; the
-        pieces joined equal the finished completion's text."""
+        pieces joined equal the finished completion's text. Closing the iterator early aborts the request."""
         if self.tokenizer is None:
             raise ValueError("stream needs a tokenizer (Engine(..., tokenizer=...))")
         request_id = self.add_request(prompt, params)
         self._owned.add(request_id)
         sent = 0
-        while True:
-            request = self._finished.get(request_id)
-            if request is not None:
-                self._finished.pop(request_id)
-                if len(request.text) > sent:
-                    yield request.text[sent:]
-                return
-            self._step()
-            request = self._find(request_id)
-            if request is not None:
-                ready = _stable_length(request.text, request.params.stop_strings)
-                if ready > sent:
-                    yield request.text[sent:ready]
-                    sent = ready
-
-    def _find(self, request_id: int) -> _Request | None:
-        for request in itertools.chain(self._running.values(), (self._prefilling,) if self._prefilling else ()):
-            if request.id == request_id:
-                return request
-        return None
+        try:
+            while True:
+                request = self._finished.pop(request_id, None)
+                if request is not None:
+                    if len(request.text) > sent:
+                        yield request.text[sent:]
+                    return
+                self._step()
+                partial = self.partial(request_id)
+                if partial is not None and len(partial.text) > sent:
+                    yield partial.text[sent:]
+                    sent = len(partial.text)
+        finally:
+            self.abort(request_id)
 
     def _add_all(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None) -> list[int]:
@@ -347,6 +411,7 @@ class Engine:
             self._finish(request, running=False)
             return
         self.kv.activate(slot, counts)
+        request.kv_kept = sum(n * g.kv_heads.numel() for n, g in zip(counts, self.kv.groups))
         self._tokens[slot] = token[0]
         self._positions[slot] = len(request.prompt)
         self._counters[slot] = 1
@@ -477,18 +542,25 @@ class Engine:
         return False
 
     def _finish(self, request: _Request, *, running: bool) -> None:
-        slot = request.slot
+        del self._requests[request.id]
         if running:
-            del self._running[slot]
-        self.kv.release(slot)
-        self._active[slot] = 0
-        self._positions[slot] = 0
-        self._counters[slot] = 0
+            self._free_row(request)
+        else:
+            self.kv.release(request.slot)
         if request.id in self._owned:
             self._owned.discard(request.id)
             self._finished[request.id] = request
         else:
             self._outbox.append(request)
+
+    def _free_row(self, request: _Request) -> None:
+        """A decoding request leaves its row: the row stops advancing and holds the sink only."""
+        slot = request.slot
+        del self._running[slot]
+        self.kv.release(slot)
+        self._active[slot] = 0
+        self._positions[slot] = 0
+        self._counters[slot] = 0
 
     def _prefill_bytes(self) -> int:
         """An estimate of the prefill's working memory at ``max_model_len``: one layer's full K/V, the hidden states,

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 _M32 = 0xFFFFFFFF
+_INT64_MAX = 2**63 - 1
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,13 @@ class SamplingParams:
 
 
 def _check_int(name: str, value: Any, minimum: int) -> None:
+    """An int from ``minimum`` up to int64's largest: the engine holds these values in int64 tensors."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"SamplingParams.{name} must be an int, got {type(value).__name__} {value!r}")
     if value < minimum:
         raise ValueError(f"SamplingParams.{name} must be >= {minimum}, got {value}")
+    if value > _INT64_MAX:
+        raise ValueError(f"SamplingParams.{name} must be <= {_INT64_MAX} (int64), got {value}")
 
 
 def _check_number(name: str, value: Any) -> None:

@@ -1,6 +1,10 @@
 """Write docs/accuracy.md (tables, target check, plot) from ``catekv-eval --out`` JSON files.
 
-    python -m catekv_eval.report docs/results/accuracy_*.json -o docs/accuracy.md
+    python -m catekv_eval.report docs/results/accuracy_*.json --compare docs/results/r2/accuracy_*.json \
+        -o docs/accuracy.md
+
+``--compare`` files are runs of one model with different profiles (regions, k/alpha, calibration): a section of
+their own puts each profile's averages side by side, per context length.
 
 Files of one model may split its tasks or lengths between them (runs in parallel); their records are
 merged. Nothing here computes a score: every figure comes from the records.
@@ -108,7 +112,43 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def render(runs: dict[str, dict[str, Any]], image: str | None) -> str:
+def profile_label(path: str) -> str:
+    """``path`` with the parameters that tell profiles of one model apart (k, alpha, reserve, tie rule)."""
+    from catekv_runtime.profile import load_profile
+
+    p = load_profile(path)
+    calibrated = ", calibrated" if p.calibration else ""
+    return (f"`{Path(path).name}` (k {p.params.percentile:g}, alpha {p.params.alpha:g}, reserve "
+            f"{p.params.reserve_tokens}, {p.params.tie_rule} vote{calibrated})")
+
+
+def comparison(paths: Sequence[Path]) -> list[str]:
+    """Per model and length, one row per profile: full attention and each method's average at each r (KV kept)."""
+    rows: dict[tuple[str, int], list[list[str]]] = defaultdict(list)
+    commands: dict[str, list[str]] = defaultdict(list)
+    for path in paths:
+        run = json.loads(Path(path).read_text())
+        commands[run["model_id"]].append(run["command"])
+        avg = averages(run["records"])
+        for length in sorted({k[0] for k in avg}):
+            for method in dict.fromkeys(k[2] for k in avg if k[0] == length):
+                entries = [avg[key] for key in sorted(k for k in avg if k[0] == length and k[2] == method)]
+                cells = [f"{score:.1f} ({kept:.1f}%)" for score, kept, _ in entries]
+                rows[run["model_id"], length].append([profile_label(run["profile"]), method, *cells,
+                                                      str(entries[0][2])])
+    out = ["## Profiles compared: regions and calibration", "",
+           "The same model and tasks with profiles that differ in how they were made. Cells: average score over "
+           "the tasks (KV kept, % of full, measured) at r = 0.2 and r = 0.4; full attention keeps everything.", ""]
+    for model in dict.fromkeys(k[0] for k in rows):
+        out += [f"### {model}", "", "Commands:", "", "```bash", *commands[model], "```", ""]
+        for (m, length), body in rows.items():
+            if m == model:
+                out += [f"{length} tokens:", "", "| profile | method | r = 0.2 | r = 0.4 | tasks |",
+                        "|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in body), ""]
+    return out
+
+
+def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequence[Path] = ()) -> str:
     from .run import markdown
 
     out = ["# Accuracy: CateKV against baselines at equal KV", "",
@@ -137,12 +177,16 @@ def render(runs: dict[str, dict[str, Any]], image: str | None) -> str:
         if losses:
             out += ["Tasks where CateKV is 10 points or more below full attention: " + "; ".join(losses) + ".", ""]
         out += [markdown(run["records"]), ""]
+    if compared:
+        out += comparison(compared)
     return "\n".join(out).rstrip() + "\n"
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("results", type=Path, nargs="+", help="catekv-eval --out JSON files")
+    parser.add_argument("--compare", type=Path, nargs="*", default=[],
+                        help="runs of one model with different profiles, compared side by side")
     parser.add_argument("-o", "--out", type=Path, default=Path("docs/accuracy.md"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -152,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         png = args.out.with_suffix(".png")
         plot(runs, png)
         image = png.name
-    args.out.write_text(render(runs, image))
+    args.out.write_text(render(runs, image, args.compare))
     print(f"wrote {args.out}")
 
 

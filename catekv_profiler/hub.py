@@ -220,6 +220,7 @@ def model_card(
     else:
         lines.append("No image in this repo (matplotlib was not installed when it was pushed); "
                      f"`catekv-profile show {repo_id} --png headmap.png` draws it.")
+    lines += ["", "## Calibration", "", *_calibration(summary["calibration"])]
     lines += ["", "## Accuracy", ""]
     if accuracy is not None:
         lines += accuracy_table(accuracy)
@@ -269,6 +270,26 @@ def model_card(
         "",
     ]
     return "\n".join(lines)
+
+
+def _calibration(calibration: dict[str, Any] | None) -> list[str]:
+    """The calibration section: how k and alpha were chosen (``catekv-profile --calibrate``), or that they were set."""
+    if calibration is None:
+        return ["k and alpha were set by hand (not calibrated with `catekv-profile --calibrate`)."]
+    chosen = calibration["chosen"]
+    return [
+        f"k = {chosen['k']:g} and alpha = {chosen['alpha']:g} were chosen by `catekv-profile --calibrate`: every "
+        "setting below was measured in the same pass over the reference samples, and its head map (at "
+        f"r = {calibration['adaptive_ratio']:g}) scored on {', '.join(calibration['tasks'])}, "
+        f"{calibration['samples_per_task']} samples each of {calibration['context_length']:,} tokens generated with "
+        f"seed {calibration['seed']} (not the evaluation's). Full attention scored "
+        f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting.",
+        "",
+        *_table(["k", "alpha", "adaptive heads", "mean score", "chosen"],
+                [[row["k"], row["alpha"], row["adaptive_heads"], f"{row['score']:.2f}",
+                  "yes" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""]
+                 for row in calibration["rows"]]),
+    ]
 
 
 def _revision(revision: str) -> str:

@@ -13,6 +13,8 @@ and of BASE (CURRENT less the compiled greedy pick of the decode step), the same
     python benchmarks/decode.py --suite real --contexts 524288 --arms lean-catekv --out docs/results/decode_real_512k_layered.json
     python benchmarks/decode.py --suite batch --out docs/results/decode_batch.json
     python benchmarks/chunk_attention.py --context 131072 --chunk 8192      (docs/results/chunk_attention.log)
+and, on one H200, 2026-12-01 (one sort per head for every (k, alpha) setting):
+    python benchmarks/profile_speed.py --contexts 32768 131072 --out docs/results/profile_speed.json
 and, with that code less RoPE in the decode kernel (a working tree between d393b41 and CURRENT):
     python benchmarks/decode_stages.py --contexts 131072 524288 --arms catekv --concurrent-groups off on
     python benchmarks/decode_stages.py --contexts 131072 --arms catekv --programs-per-sm 2 3 4
@@ -24,7 +26,6 @@ Earlier code, on one H200, 2026-11-28 to 30 (each file's "setup" record has the 
         (transformers' forward as the prefill)
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 32 --out docs/results/decode_synthetic_synth_bn32.json
     python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --block-n 64 --out docs/results/decode_synthetic_synth_bn64.json
-    python benchmarks/profile_speed.py --contexts 32768 131072 --out docs/results/profile_speed.json
     python benchmarks/prefill_chunks.py      (code of c3ba616; output: docs/results/prefill_chunks.log)
     python benchmarks/chunk_attention.py --context 65536 (and 131072)    (526e8c5; docs/results/chunk_attention.log)
     python benchmarks/linear_decode.py --sweep --out docs/results/linear_sweep.json   (the script of d393b41,
@@ -178,14 +179,17 @@ def main() -> None:
     speed = load("profile_speed.json")
     out += ["## e. Profiler", "",
             "`benchmarks/profile_speed.py`: one reference sample through `catekv_profiler.profiler.sample_statistics`",
-            "(all parameters at the paper's defaults) against a plain prefill of the same tokens. Statistics are",
-            "computed one KV head at a time, so the peak stays that of the prefill. The time they add is not yet",
-            "broken down; the likely cost is the 4 `kthvalue` calls per head over its 64 x n_mid probabilities.", ""]
+            "(the paper's defaults, and the 12 settings of `--calibrate`'s default grid) against a plain prefill of",
+            "the same tokens, side by side after a warm-up. Statistics are computed one KV head at a time, so the peak",
+            "stays that of the prefill; one softmax and one sort per head serve every setting. Before the sort",
+            "(2026-11-30, four `kthvalue` calls per head) one sample took 57.0 s at 128K against 11.7 s of prefill.", ""]
     body = []
     for context in sorted({r["context"] for r in speed}):
-        pre, prof = (rows(speed, context=context, run=name)[0] for name in ("prefill", "profile"))
-        body.append([kib(context), pre["seconds"], prof["seconds"], pre["peak_gib"], prof["peak_gib"]])
-    out += [table(["context", "prefill s", "profiling s / sample", "prefill peak GiB", "profiling peak GiB"], body), ""]
+        pre, prof, grid = (rows(speed, context=context, run=name)[0] for name in ("prefill", "profile", "profile_grid"))
+        body.append([kib(context), pre["seconds"], f"{prof['seconds']} ({prof['over_prefill']}x)",
+                     f"{grid['seconds']} ({grid['over_prefill']}x)", pre["peak_gib"], grid["peak_gib"]])
+    out += [table(["context", "prefill s", "profiling s / sample (x prefill)", "12-setting grid s / sample",
+                   "prefill peak GiB", "profiling peak GiB"], body), ""]
     plot(real, stages, ROOT / "docs" / "benchmarks.png")
     out += ["![decode ms/step](benchmarks.png)", ""]
     out += stages_section(stages)

@@ -23,6 +23,7 @@ import click
 import torch
 
 import catekv_runtime as ck
+from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.cache import CateKVCache
 from catekv_runtime.integration import resolve_profile
 from catekv_runtime.profile import Profile, ProfileError
@@ -242,9 +243,8 @@ def _is_option(arg: str) -> bool:
               help="Cap on RULER's generation lengths  [default: each task's own]")
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True,
               help="Samples prefilled and decoded together (a batch that runs out of GPU memory runs in halves).")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
-@click.option("--dtype", default="auto", show_default=True,
-              help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
+@DEVICE_OPTION
+@DTYPE_OPTION
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="JSON results; the markdown table is written beside it (.md).")
 @click.pass_context

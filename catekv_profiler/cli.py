@@ -15,6 +15,11 @@ from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, l
 from .checks import check_context_length_option, check_output_option
 
 DEFAULTS = ProfileParams()
+# Where a model runs, as every command that loads one (profile, catekv-eval, catekv-serve) spells it.
+DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
+                             help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
+                            help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
 
 
 class _DefaultToProfile(click.Group):
@@ -85,14 +90,13 @@ def main() -> None:
               help="JSON Lines file of your own reference texts ({'text': ...} per line) instead of the "
                    "built-in variable-tracking samples.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the built-in reference samples.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
+@DEVICE_OPTION
 @click.option("--device-map", default=None,
               help="Split the model over several devices (a model too large for one GPU): auto, balanced, "
                    "balanced_low_0, sequential, or a JSON object from module names to devices, e.g. "
                    "'{\"model.embed_tokens\": 0, \"model.layers.0\": 0, ..., \"lm_head\": 1}'. "
                    "Instead of --device.")
-@click.option("--dtype", default="auto", show_default=True,
-              help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
+@DTYPE_OPTION
 @click.option("--revision", default=None, help="Hub revision of MODEL.")
 @click.option("--trust-remote-code", is_flag=True, help="Allow model code from the Hub (off by default).")
 @click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")

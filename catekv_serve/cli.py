@@ -13,6 +13,8 @@ from typing import Any
 
 import click
 
+from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
+
 
 class BadInput(click.ClickException):
     """A one-line error with exit code 2, like click's usage errors."""
@@ -39,9 +41,8 @@ class BadInput(click.ClickException):
               help="Fraction of the GPU's memory the engine may hold; it bounds the slots  [default: 0.9 on CUDA]")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Tokens per prefill chunk, and the prefill work between two decode steps.")
-@click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
-@click.option("--dtype", default="auto", show_default=True,
-              help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
+@DEVICE_OPTION
+@DTYPE_OPTION
 @click.option("--api-key", envvar="CATEKV_API_KEY", default=None,
               help="Require `Authorization: Bearer KEY` on every path but /health and /metrics  [env: "
                    "CATEKV_API_KEY]")

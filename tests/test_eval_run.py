@@ -171,7 +171,7 @@ def random_bytes_profile(tmp_path) -> str:
         (["qwen2.5-coder-0.5b-instruct-32k"], 1, "with num_layers=24, but the model has num_layers=30"),
         ([random_bytes_profile], 1, "not a safetensors file"),
         (["smollm2-135m-instruct", "--lengths", "0"], 2, "'--lengths': 0 is not in the range x>=1"),
-        (["smollm2-135m-instruct", "--lengths", "1024", "100"], 2, "100 is shorter than the 152 tokens"),
+        (["smollm2-135m-instruct", "--lengths", "1024", "100"], 2, "100 is shorter than the 184 tokens"),
         (["smollm2-135m-instruct", "--lengths", "100000"], 2, "100000 exceeds the model's maximum of 8192 tokens"),
         (["smollm2-135m-instruct", "--samples", "0"], 2, "'--samples': 0 is not in the range x>=1"),
         (["smollm2-135m-instruct", "--ratios", "0.2", "2"], 2, "'--ratios': 2.0 is not in the range 0<=x<=1"),

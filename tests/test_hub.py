@@ -593,6 +593,24 @@ def test_model_card_variants() -> None:
             accuracy_table(bad)
 
 
+def test_model_card_calibration_section() -> None:
+    """A calibrated profile's card shows the table with the chosen row; a hand-set one says so."""
+    from catekv_profiler.hub import model_card
+
+    plain = make_profile(10)
+    assert "k and alpha were set by hand" in model_card(plain, "org/x", image=None)
+    rows = [{"k": 0.9, "alpha": 1.0, "adaptive_heads": 4, "score": 50.0, "tasks": {"vt": 50.0}},
+            {"k": 0.99, "alpha": 1.0, "adaptive_heads": 4, "score": 62.5, "tasks": {"vt": 62.5}}]
+    calibration = {"seed": "4242", "tasks": "vt", "samples_per_task": "8", "context_length": "4096",
+                   "adaptive_ratio": "0.4", "full_attention_score": "70.0", "full_attention_tasks": '{"vt": 70.0}',
+                   "chosen": json.dumps({"k": 0.99, "alpha": 1.0}), "table": json.dumps(rows)}
+    card = model_card(dataclasses.replace(plain, calibration=calibration), "org/x", image=None)
+    section = card[card.index("## Calibration"):card.index("## Accuracy")]
+    assert "seed 4242" in section and "4,096 tokens" in section
+    lines = [line for line in section.splitlines() if line.startswith("| 0.")]
+    assert lines == ["| 0.99 | 1 | 4 | 62.50 | yes |", "| 0.9 | 1 | 4 | 50.00 | - |"]  # best first
+
+
 def test_push_refuses_bad_repo_ids_before_the_network(tmp_path: Path) -> None:
     from catekv_profiler.hub import push_profile
 

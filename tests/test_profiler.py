@@ -167,6 +167,9 @@ def test_setup_reproduces_the_shipped_profile(smollm2):
     """
     model, tokenizer, info = smollm2
     shipped = ck.load_profile("smollm2-135m-instruct")
+    # the parameters README's set-up command gives (-B 512, every other option at its default)
+    assert shipped.params == ProfileParams.for_budget(512)
+    assert (shipped.reference.context_length, shipped.reference.num_samples) == (2048, 8)
     ref = shipped.reference
     sample = variable_tracking_samples(tokenizer, 1, ref.context_length, seed=ref.seed)
     again = profile_model(model, info.spec(), sample, shipped.params, dataclasses.replace(ref, num_samples=1))

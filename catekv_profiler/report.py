@@ -250,14 +250,16 @@ def format_summary(summary: dict[str, Any]) -> str:
     eta = budgets["adaptive_eta"]
     keeps = "their full cache" if eta >= 1 else f"{eta:g} of their middle chunks"
     chunks = "/".join(map(str, budgets["consistent_middle_chunks"])) or "0"
-    # Summaries of version-1 profiles saved as JSON before the reserve existed read as reserve 0.
-    reserve = p.get("reserve", 0)
-    tail = f"{p['L_rec']} recent" + (f" + {reserve} reserve + the prompt's remainder of a chunk" if reserve else "")
+    # Summaries of version-1 profiles saved as JSON before the reserve and the tie rule read as 0 and exact.
+    reserve, tie_rule = p.get("reserve", 0), p.get("tie_rule", "exact")
+    extra = f"a {reserve}-token reserve and " if reserve else ""
+    vote = ("exact: ceil(r x heads) heads, ties by mean CV" if tie_rule == "exact"
+            else "inclusive: also every head tied with the last one (the authors' rule)")
     lines += [
         f"Budgets: {budgets['consistent_heads']} consistent heads keep {tokens} tokens "
-        f"({p['L_init']} initial + {chunks} chunks of {p['chunk']} + {p['L_rec']} recent; the tail is {tail}); "
-        f"{budgets['adaptive_heads']} adaptive heads keep {keeps}",
-        f"Vote: {'exactly ceil(r x heads) adaptive heads, ties by mean CV' if p.get('tie_rule', 'exact') == 'exact' else 'every head tied with the ceil(r x heads)-th most voted one is adaptive (the authors rule)'}",
+        f"({p['L_init']} initial + {chunks} chunks of {p['chunk']} + {p['L_rec']} recent), plus {extra}the prompt's "
+        f"remainder of a chunk; {budgets['adaptive_heads']} adaptive heads keep {keeps}",
+        f"Vote: {vote}",
         "KV cache kept (fraction of full):",
     ]
     for row in summary["kv_kept"]:

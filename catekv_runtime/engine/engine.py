@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from ..profile import Profile, ProfileParams, uniform_budgets
+from .config import default_kernel_config
 from .kv import SlotKV, decode_attention_torch, prefill
 from .model import DecoderModel
 from .sampling import Filters, SamplingParams, sample
@@ -161,9 +162,7 @@ class Engine:
         self._workspaces: dict[int, tuple[Any, list[int]]] = {}
         self._kernel_config = None
         if self.attention == "triton":
-            from ..lean import LeanGenerator
-
-            self._kernel_config = LeanGenerator.default_kernel_config(profile)
+            self._kernel_config = default_kernel_config(profile)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}  # every unfinished request, by id
         self._waiting: deque[_Request] = deque()

@@ -12,7 +12,7 @@ frequencies change with the sequence length (dynamic, longrope) are refused, as 
 parallel models: this code would compute something else for them.
 
 q/k/v and gate/up run as one projection each. Their weights are concatenated once and the transformers model's own
-parameters become views of the result (``lean._fuse_linears``), so building this model costs no weight memory
+parameters become views of the result (:func:`fuse_linears`), so building this model costs no weight memory
 and leaves the transformers model working as before.
 """
 
@@ -213,9 +213,7 @@ def _bias(linear: torch.nn.Module) -> torch.Tensor | None:
 def _fused(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rows of ``linears`` as one weight (and bias): the model's parameters become views of it where they can
     (plain ``nn.Linear`` of one dtype and device), else a copy."""
-    from ..lean import _fuse_linears
-
-    fused = _fuse_linears(linears)
+    fused = fuse_linears(linears)
     if fused is not None:
         return fused
     biases = [_bias(m) for m in linears]
@@ -223,3 +221,37 @@ def _fused(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor |
         biases = [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for b, m in zip(biases, linears)]
     bias = torch.cat(biases) if biases[0] is not None else None
     return torch.cat([m.weight.detach() for m in linears]), bias
+
+
+def fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) holding the rows of ``linears`` in order; their parameters become views of it.
+
+    Weights that already lie back to back in one storage (a previous fusion) are viewed, not copied. Returns
+    None, changing nothing, unless all are plain ``nn.Linear`` with weights of one dtype on one real device
+    and all or none have a bias.
+    """
+    weights = [m.weight for m in linears]
+    biases = [m.bias for m in linears]
+    first = weights[0]
+    if (any(type(m) is not torch.nn.Linear for m in linears) or first.device.type == "meta"
+            or any(w.dtype != first.dtype or w.device != first.device or type(w) is not torch.nn.Parameter
+                   for w in weights)
+            or len({b is None for b in biases}) > 1):
+        return None
+    return _concatenate_rows(linears, "weight"), (_concatenate_rows(linears, "bias") if biases[0] is not None else None)
+
+
+def _concatenate_rows(linears: list[torch.nn.Module], name: str) -> torch.Tensor:
+    parts = [getattr(m, name) for m in linears]
+    rows = sum(p.shape[0] for p in parts)
+    storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
+    in_place = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage.data_ptr() for p in parts) and all(
+        p.storage_offset() == offset + sum(q.numel() for q in parts[:i]) for i, p in enumerate(parts))
+    if in_place:
+        return parts[0].detach().new_empty(0).set_(storage, offset, (rows, *parts[0].shape[1:]))
+    fused = torch.cat([p.detach() for p in parts])
+    start = 0
+    for m, p in zip(linears, parts):
+        setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=p.requires_grad))
+        start += p.shape[0]
+    return fused

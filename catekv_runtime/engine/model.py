@@ -132,10 +132,17 @@ class DecoderModel:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos) + (rotated * sin)
 
-    def qkv(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, layer: LayerWeights, x: torch.Tensor, *, fused: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, the fused projection and (Qwen3) the head norms of hidden states ``x`` ``[..., hidden]``: q
-        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE."""
-        out = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``fused``: one row through one Triton kernel
+        (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`, the norm inside), the same math."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            out = fused_linear(x, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=self.eps)
+        else:
+            out = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
         q_rows, kv_rows = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         q = out[..., :q_rows].unflatten(-1, (self.q_heads, self.head_dim))
         k = out[..., q_rows : q_rows + kv_rows].unflatten(-1, (self.kv_heads, self.head_dim))
@@ -144,15 +151,37 @@ class DecoderModel:
             q, k = self.rms_norm(q, layer.q_norm), self.rms_norm(k, layer.k_norm)
         return q, k, v
 
-    def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``."""
+    def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor, *,
+                      fused: bool = False) -> torch.Tensor:
+        """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``.
+        ``fused``: one row in three Triton kernels (o with the residual add; the norm, gate/up and SiLU x up;
+        down with the residual add), the same math."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            h = fused_linear(attn.reshape(x.shape[:-1] + (-1,)), layer.o, layer.o_bias, residual=x)
+            act = fused_linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=self.eps,
+                               glu=True)
+            return fused_linear(act, layer.down, layer.down_bias, residual=h)
         h = x + F.linear(attn.flatten(-2), layer.o, layer.o_bias)
         gate, up = F.linear(self.rms_norm(h, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: float32 logits ``[..., vocab]``."""
+    def logits(self, x: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+        """Final norm and LM head: float32 logits ``[..., vocab]``. ``fused``: one row in one Triton kernel."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            return fused_linear(x, self.lm_head, norm_weight=self.final_norm, eps=self.eps).float()
         return F.linear(self.rms_norm(x, self.final_norm), self.lm_head).float()
+
+    def fusable(self) -> bool:
+        """Whether ``kernels.triton_linear.fused_linear`` can take every projection: weights in the model dtype
+        with contiguous rows. The math it fuses (Llama's RMSNorm, SiLU-gating) is this model's own."""
+        weights = [self.lm_head, self.final_norm]
+        for layer in self.layers:
+            weights += [layer.qkv, layer.o, layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
+        return all(w.dtype == self.dtype and w.stride(-1) == 1 for w in weights)
 
 
 def _check_supported(model: torch.nn.Module, config) -> None:

@@ -15,7 +15,6 @@ to ``--out``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -28,7 +27,7 @@ if not torch.cuda.is_available():  # before anything imports triton: the smoke r
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import GiB, TINY, build_model, copy_bandwidth, decode_floor_ms, emit, random_profile  # noqa: E402
+from benchmarks import decode as bench  # noqa: E402
 from catekv_runtime.engine import Engine  # noqa: E402
 from catekv_runtime.engine.engine import _Request  # noqa: E402
 from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
@@ -61,16 +60,7 @@ def kv_bytes_read(engine: Engine) -> int:
 def time_step_ms(engine: Engine, steps: int) -> float:
     """Milliseconds per decode step of row 0: graph replays on CUDA, eager steps elsewhere."""
     if engine.cuda_graphs:
-        graph = engine._capture(0, 1, Filters())
-        graph.replay()
-        torch.cuda.synchronize()
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            graph.replay()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end) / steps
+        return bench.time_replays(engine._capture(0, 1, Filters()), steps)
     with torch.inference_mode():
         engine._decode_step(0, 1, Filters())
         start = time.perf_counter()
@@ -102,36 +92,35 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--out", type=Path, default=None, help="write every record to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:
-        model = build_model(2, device="cpu", **TINY)
+        model = bench.build_model(2, device="cpu", **bench.TINY)
         contexts, steps, budget, bandwidth = [200], 2, 64, host_copy_bandwidth()
         engine_args = dict(attention="triton", projections="triton")
     else:
         if not torch.cuda.is_available():
             parser.error("needs a CUDA GPU (or --smoke)")
-        model = build_model(args.layers)
-        contexts, steps, budget, bandwidth = args.contexts, args.steps, args.budget, copy_bandwidth()
+        model = bench.build_model(args.layers)
+        contexts, steps, budget, bandwidth = args.contexts, args.steps, args.budget, bench.copy_bandwidth()
         engine_args = {}
     results: list[dict] = []
-    emit(results, suite="setup", smoke=args.smoke, device=str(model.device), layers=model.config.num_hidden_layers,
-         copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=args.ratio)
+    bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
+               layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=args.ratio)
     for context in contexts:
         for arm in args.arms:
-            profile = random_profile(model, budget, args.ratio) if arm == "catekv" else None
+            profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
             engine = filled_engine(model, profile, context, steps + 2, **engine_args)
             kv_start = kv_bytes_read(engine)
             ms = time_step_ms(engine, steps)
             kv = (kv_start + kv_bytes_read(engine)) // 2  # the step's K/V reads grow by a token a step: the mean
-            floor = decode_floor_ms(model, kv, bandwidth)
-            emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=1, steps=steps,
-                 projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
-                 decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3), ratio_to_floor=round(ms / floor, 3),
-                 kv_gib=round(kv / GiB, 3))
+            floor = bench.decode_floor_ms(model, kv, bandwidth)
+            bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=1, steps=steps,
+                       projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
+                       decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+                       ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
             del engine
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        bench.write_records(args.out, results)
     return results
 
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import GiB, TINY, StepTimer, build_model, emit, random_profile, weight_bytes  # noqa: E402
+from benchmarks.decode import (  # noqa: E402
+    TINY,
+    GiB,
+    StepTimer,
+    build_model,
+    emit,
+    random_profile,
+    weight_bytes,
+    write_records,
+)
 from catekv_runtime.engine import Engine, SamplingParams  # noqa: E402
 
 RECORD_FIELDS = ("arm", "concurrency", "memory_cap_gib", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s",
@@ -181,8 +189,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  requests=len(prompts), output_tokens=run["tokens"], seconds=round(run["seconds"], 3),
                  prompt_lengths=lengths, budget=budget if arm == "catekv" else None, smoke=args.smoke, **extra)
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1) + "\n")
+        write_records(args.out, results)
     return results
 
 

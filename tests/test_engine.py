@@ -181,8 +181,8 @@ def fused_calls(monkeypatch):
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_fused_projections_equal_torch_and_apply_generate(family, fused_calls):
     """A batch-1 decode step through the fused Triton projections (the interpreter): q/k/v, o, gate/up, down and
-    lm_head are four kernels per layer and one (3 layers x 4 + 1 per step), and the tokens are apply + generate's and the
-    torch projections'."""
+    lm_head are four kernels per layer and one (3 layers x 4 + 1 per step), and the tokens are apply + generate's
+    and the torch projections'."""
     model = tiny(family)
     profile = make_profile(model, 0.5)
     prompt = prompts([90], seed=5)[0]

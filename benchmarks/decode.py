@@ -41,6 +41,12 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_k
             vocab_size=512, max_position_embeddings=8192, rope_theta=10000.0)
 
 
+def write_records(path: Path, results: list) -> None:
+    """All the records of a run, as one JSON list."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1))
+
+
 def emit(results: list, **record) -> None:
     results.append(record)
     print(json.dumps(record), flush=True)
@@ -154,7 +160,11 @@ def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileP
 
 
 def time_graph_steps(state: _DecodeState, steps: int) -> float:
-    graph = state.capture()
+    return time_replays(state.capture(), steps)
+
+
+def time_replays(graph: torch.cuda.CUDAGraph, steps: int) -> float:
+    """Milliseconds per replay of ``graph`` (after one untimed replay), over ``steps`` replays."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     graph.replay()
     torch.cuda.synchronize()
@@ -305,8 +315,7 @@ def main() -> None:
     for suite in args.suite:
         {"real": suite_real, "synthetic": suite_synthetic, "batch": suite_batch}[suite](model, args, results, bandwidth)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        write_records(args.out, results)
 
 
 if __name__ == "__main__":

@@ -29,12 +29,10 @@ import torch.nn.functional as F
 
 from .attention import chunk_attention, group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
+from .engine.config import default_kernel_config
+from .engine.model import fuse_linears
 from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile, tensor_parallel_rank
 from .profile import Profile, ProfileParams
-
-
-# Target programs per SM of each CateKV head group's decode launch (see default_kernel_config).
-CATEKV_PROGRAMS_PER_SM = 2.0
 
 
 @dataclass
@@ -147,21 +145,9 @@ class LeanGenerator:
 
     @staticmethod
     def default_kernel_config(profile: Profile | None) -> Any:
-        """The Triton decode kernel's ``DecodeConfig`` for a CateKV ``profile`` (None: full attention).
-
-        CateKV's head groups are narrower than the full cache (fewer KV heads per launch): 64-key tiles beat
-        32 there, and each group's split count aims at 2 programs per SM, not the full cache's 4. On the H200 at
-        Llama-3-8B shapes (``benchmarks/decode_stages.py --block-n 32 64 --programs-per-sm 2 4``,
-        docs/results/decode_stages_split_sweep.json) the step took 6.23 / 10.80 ms at 128K / 512K this way,
-        against 6.42 / 11.37 with 4 programs per SM and 6.37 / 11.39 with 32-key tiles. The two groups of a
-        layer run concurrently (``concurrent_groups``): 6.00 against 6.19 ms at 128K, 10.57 against 10.82 at
-        512K (``benchmarks/decode_stages.py --arms catekv --concurrent-groups off on``).
-        """
-        from .kernels.triton_decode import DEFAULT_CONFIG, DecodeConfig
-
-        if profile is None:
-            return DEFAULT_CONFIG
-        return DecodeConfig(block_n=64, programs_per_sm=CATEKV_PROGRAMS_PER_SM, concurrent_groups=True)
+        """The Triton decode kernel's ``DecodeConfig`` for a CateKV ``profile`` (None: full attention): the
+        engine's (:func:`catekv_runtime.engine.config.default_kernel_config`)."""
+        return default_kernel_config(profile)
 
     def _pre(self, layer: torch.nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """Norm, projections and RoPE of one new token: q ``[B, Hq, 1, D]``, kv ``[2, B, Hkv, 1, D]`` and the RoPE
@@ -382,50 +368,16 @@ def _rope_is_rotate_half(apply_rope, rotary_emb: torch.nn.Module, head_dim: int,
     return torch.equal(apply_rope(x, x, cos, sin)[0], x * cos[:, None] + rotated * sin[:, None])
 
 
-def _fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """One weight (and bias) holding the rows of ``linears`` in order; their parameters become views of it.
-
-    Weights that already lie back to back in one storage (a previous fusion) are viewed, not copied. Returns
-    None, changing nothing, unless all are plain ``nn.Linear`` with weights of one dtype on one real device
-    and all or none have a bias.
-    """
-    weights = [m.weight for m in linears]
-    biases = [m.bias for m in linears]
-    first = weights[0]
-    if (any(type(m) is not torch.nn.Linear for m in linears) or first.device.type == "meta"
-            or any(w.dtype != first.dtype or w.device != first.device or type(w) is not torch.nn.Parameter
-                   for w in weights)
-            or len({b is None for b in biases}) > 1):
-        return None
-    return _concatenate_rows(linears, "weight"), (_concatenate_rows(linears, "bias") if biases[0] is not None else None)
-
-
-def _concatenate_rows(linears: list[torch.nn.Module], name: str) -> torch.Tensor:
-    parts = [getattr(m, name) for m in linears]
-    rows = sum(p.shape[0] for p in parts)
-    storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
-    in_place = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage.data_ptr() for p in parts) and all(
-        p.storage_offset() == offset + sum(q.numel() for q in parts[:i]) for i, p in enumerate(parts))
-    if in_place:
-        return parts[0].detach().new_empty(0).set_(storage, offset, (rows, *parts[0].shape[1:]))
-    fused = torch.cat([p.detach() for p in parts])
-    start = 0
-    for m, p in zip(linears, parts):
-        setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=p.requires_grad))
-        start += p.shape[0]
-    return fused
-
-
 def _fuse_layer(layer: torch.nn.Module) -> _FusedLayer:
     attn, mlp = layer.self_attn, layer.mlp
     fused = _FusedLayer()
-    qkv = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+    qkv = fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
     if qkv is not None:
         fused.qkv_weight, fused.qkv_bias = qkv
         fused.q_rows = attn.q_proj.weight.shape[0]
     # Llama-style gated MLP only: down(act(gate(x)) * up(x)), no bias on gate/up.
     if all(hasattr(mlp, n) for n in ("gate_proj", "up_proj", "down_proj", "act_fn")) and mlp.gate_proj.bias is None:
-        gate_up = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+        gate_up = fuse_linears([mlp.gate_proj, mlp.up_proj])
         if gate_up is not None:
             fused.gate_up_weight = gate_up[0]
     return fused

@@ -95,3 +95,38 @@ def test_stages_are_exactly_one_step(arm):
     with _Ops() as step:
         state.step()
     assert parts.ops == step.ops and sum(step.ops.values()) > 0
+
+
+def test_engine_decode_smoke(tmp_path):
+    """benchmarks/engine_decode.py --smoke: a batch-1 record per arm with the floor computed from the bytes read,
+    the engine's own step (the fused projections and the Triton kernel, interpreted) timed."""
+    from benchmarks import engine_decode
+
+    out = tmp_path / "engine_decode.json"
+    records = engine_decode.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == records
+    assert records[0]["suite"] == "setup" and records[0]["smoke"] is True
+    steps = records[1:]
+    assert [r["arm"] for r in steps] == ["engine-catekv", "engine-full"]
+    for r in steps:
+        assert r["context"] == 200 and r["batch"] == 1 and r["projections"] == "triton"
+        assert r["decode_ms_per_step"] > 0 and r["floor_ms"] > 0
+        assert r["ratio_to_floor"] == pytest.approx(r["decode_ms_per_step"] / r["floor_ms"], rel=1e-2)
+    # CateKV's consistent heads keep less than the full cache of the same context: a lower floor.
+    assert steps[0]["floor_ms"] < steps[1]["floor_ms"]
+
+
+def test_engine_throughput_smoke(tmp_path):
+    """benchmarks/engine_throughput.py --smoke: one record per arm with the issue's fields; every request's 4
+    tokens counted."""
+    from benchmarks import engine_throughput
+
+    out = tmp_path / "engine_throughput.json"
+    records = engine_throughput.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == records
+    assert [r["arm"] for r in records] == ["catekv", "full", "transformers"]
+    for r in records:
+        assert set(engine_throughput.RECORD_FIELDS) <= r.keys()
+        assert r["concurrency"] == 2 and r["requests"] == 4 and r["output_tokens"] == 16
+        assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
+        assert 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]

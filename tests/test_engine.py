@@ -159,3 +159,59 @@ def test_triton_decode_kernel_path_on_cpu():
     params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
     outputs = engine.generate(batch, params)
     assert [o.token_ids for o in outputs] == [reference(model, p, s, profile) for p, s in zip(batch, steps)]
+
+
+@pytest.fixture
+def fused_calls(monkeypatch):
+    """Counts the calls of kernels.triton_linear.fused_linear (the engine looks it up at each call)."""
+    from catekv_runtime.kernels import triton_linear
+
+    calls = []
+    real = triton_linear.fused_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("glu", False))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(triton_linear, "fused_linear", counting)
+    return calls
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels through their interpreter, on CPU")
+@pytest.mark.parametrize("family", ENGINE_FAMILIES)
+def test_fused_projections_equal_torch_and_apply_generate(family, fused_calls):
+    """A batch-1 decode step through the fused Triton projections (the interpreter): q/k/v, o, gate/up, down and
+    lm_head are four kernels per layer and one (3 layers x 4 + 1 per step), and the tokens are apply + generate's
+    and the torch projections'."""
+    model = tiny(family)
+    profile = make_profile(model, 0.5)
+    prompt = prompts([90], seed=5)[0]
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    torch_path = Engine(model, profile, max_batch_size=1, max_model_len=128, projections="torch")
+    assert torch_path.projections == "torch"
+    expected = torch_path.generate(prompt, params)[0].token_ids
+    assert not fused_calls
+    assert expected == reference(model, prompt, 4, profile)
+    fused = Engine(model, profile, max_batch_size=1, max_model_len=128, projections="triton")
+    assert fused.projections == "triton" and fused.attention == "torch"
+    assert fused.generate(prompt, params)[0].token_ids == expected
+    layers = model.config.num_hidden_layers
+    assert len(fused_calls) == 3 * (4 * layers + 1) and fused_calls.count(True) == 3 * layers  # 3 decode steps
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels through their interpreter, on CPU")
+def test_fused_projections_only_for_a_lone_row(fused_calls):
+    """Two requests decode together through the torch projections; once the one in row 0 has finished, the one in
+    row 1 decodes alone (a batch-1 step at row 1, with the Triton attention kernel) through the fused ones. Both
+    get apply + generate's tokens."""
+    model = tiny("llama")
+    profile = make_profile(model, 0.5)
+    batch = prompts([70, 50], seed=8)
+    steps = [2, 5]
+    engine = Engine(model, profile, max_batch_size=2, max_model_len=128, attention="triton")
+    assert engine.projections == "triton"
+    params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
+    outputs = engine.generate(batch, params)
+    assert [o.token_ids for o in outputs] == [reference(model, p, s, profile) for p, s in zip(batch, steps)]
+    # Steps of both rows: 1 (the first request's last); then row 1 alone: 3 steps of 4 kernels per layer + 1.
+    assert len(fused_calls) == 3 * (4 * model.config.num_hidden_layers + 1)

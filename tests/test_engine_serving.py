@@ -329,3 +329,47 @@ def test_int64_bounds_of_seed_and_top_k(model):
     params = [SamplingParams(max_tokens=3, seed=seed, top_k=2**63 - 1) for seed in (2**63 - 1, -(2**63))]
     outputs = engine.generate([prompts([10])[0]] * 2, params)
     assert [o.completion_tokens for o in outputs] == [3, 3]
+
+
+@pytest.mark.parametrize("lagged", [False, True], ids=["read-at-once", "read-one-step-late"])
+def test_tokens_read_a_step_late_give_the_same_outputs_and_nothing_past_a_stop(model, monkeypatch, lagged):
+    """With every step's tokens read only after the next step is launched (what a GPU does: the CPU event is made
+    to report "not done"), the rows that stopped decode once more; that token never reaches an output. Each request
+    (a stop token, end of sequence, max_tokens, a stop string; two slots, so rows are reused) ends exactly where
+    greedy generate's tokens alone say it should, and partial() after every step is a prefix of the final output."""
+    from catekv_runtime.engine import engine as engine_module
+
+    if lagged:
+        monkeypatch.setattr(engine_module._HostEvent, "query", lambda self: False)
+    batch = prompts([50, 64, 33, 80, 41], seed=31)
+    refs = [reference(model, p, 16) for p in batch]
+    j0, j1 = first_new(refs[0], 3), first_new(refs[1], 4)
+    j3 = next(i for i in range(3, 16) if 32 <= refs[3][i] < 127 and refs[3][i] not in refs[3][:i])
+    stop_string = chr(refs[3][j3])
+    engine = Engine(model, None, tokenizer=ByteTokenizer(), max_batch_size=2, max_model_len=128)
+    engine.model.eos_token_ids = (refs[1][j1],)
+    greedy = dict(temperature=0, ignore_eos=True)
+    params = [SamplingParams(max_tokens=16, stop_token_ids=[refs[0][j0]], **greedy),
+              SamplingParams(max_tokens=16, temperature=0),
+              SamplingParams(max_tokens=5, **greedy),
+              SamplingParams(max_tokens=16, stop=stop_string, **greedy),
+              SamplingParams(max_tokens=1, **greedy)]
+    expected = [refs[0][: j0 + 1], refs[1][: j1 + 1], refs[2][:5], refs[3][: j3 + 1], refs[4][:1]]
+    ids = [engine.add_request(p, s) for p, s in zip(batch, params)]
+    seen: dict[int, list[int]] = {}
+    finished = {}
+    while engine.has_unfinished():
+        for completion in engine.step():
+            finished[completion.request_id] = completion
+        if lagged and engine._running:
+            assert engine._pending is not None  # the step's tokens are still "on the device"
+        for i in ids:
+            partial = engine.partial(i)
+            if partial is not None:
+                seen.setdefault(i, []).append(len(partial.token_ids))
+                assert partial.token_ids == expected[ids.index(i)][: len(partial.token_ids)]
+    assert [finished[i].token_ids for i in ids] == expected
+    assert [(finished[i].finish_reason, finished[i].stop_reason) for i in ids] == [
+        ("stop", refs[0][j0]), ("stop", None), ("length", None), ("stop", stop_string), ("length", None)]
+    assert stop_string not in finished[ids[3]].text
+    assert bool((engine.kv.lengths == 1).all()) and engine.kv_usage() == (0, 0)

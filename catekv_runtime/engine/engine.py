@@ -4,8 +4,12 @@ A fixed number of slots (sized from ``max_batch_size`` and, if given, a KV memor
 KV in static buffers (:mod:`.kv`). A request waits until a slot is free, then prefills into it layer by layer, a
 budget of ``prefill_chunk`` tokens of work per engine step, while the running requests keep decoding: every
 :meth:`Engine.step` advances the prefill by that budget and then runs one decode step over the rows in use. A
-request that finishes (end-of-sequence or a stop token, a stop string, ``max_tokens``) frees its slot at once; the
-other rows never see it, because each row's lengths, position and sampling parameters are its own.
+request that finishes (end-of-sequence or a stop token, a stop string, ``max_tokens``) frees its slot; the other
+rows never see it, because each row's lengths, position and sampling parameters are its own. The host reads a
+step's tokens after launching the next step (a pinned buffer and an event, no synchronisation of the device), so
+on a GPU a finished request decodes once more before its row is freed, and that token is dropped.
+
+A step of a single row (one request decoding) runs its projections as fused Triton kernels (``projections``).
 
 With ``profile=None`` every head keeps every token: full attention on the same engine.
 """
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 
 from ..profile import Profile, ProfileParams, uniform_budgets
+from .config import default_kernel_config
 from .kv import SlotKV, decode_attention_torch, prefill
 from .model import DecoderModel
 from .sampling import Filters, SamplingParams, sample
@@ -75,6 +80,30 @@ class _Request:
                           self.finish_reason, self.stop_reason)
 
 
+@dataclass
+class _Readback:
+    """A launched decode step's tokens on their way to the host: ``host[i]`` is row ``lo + i``'s once ``event`` is
+    done; ``running`` the row -> request map the step ran with."""
+
+    event: Any
+    host: torch.Tensor
+    lo: int
+    running: dict[int, _Request]
+
+
+class _HostEvent:
+    """The CPU's stand-in for a CUDA event: CPU work is done when it returns."""
+
+    def record(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+    def synchronize(self) -> None:
+        pass
+
+
 class Engine:
     """Continuous-batching generation over a transformers Llama-family model, with or without a CateKV profile.
 
@@ -99,13 +128,17 @@ class Engine:
             ``"torch"`` (plain PyTorch, any device) or ``"auto"`` (triton on CUDA).
         cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
             two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
+        projections: how a decode step of a single row runs its projections: ``"triton"`` (one kernel each,
+            ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and the residual adds fused in;
+            CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or ``"auto"`` (triton with triton attention).
+            Steps of several rows use the torch projections (cuBLAS reuses each weight tile across rows).
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, tokenizer: Any = None,
                  max_batch_size: int = 8, max_model_len: int | None = None, max_decode_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
                  prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
-                 **overrides: Any):
+                 projections: str = "auto", **overrides: Any):
         from ..integration import model_spec, resolve_profile
 
         self.model = DecoderModel.from_transformers(model)
@@ -134,11 +167,14 @@ class Engine:
         self.consistent_capacity = _max_consistent_tokens(self.params, self.max_model_len) + self.max_decode_len
         self.prefill_chunk = prefill_chunk
         device = self.model.device
-        self.attention = _attention_kind(attention, device)
+        self.attention = _kernel_kind("attention", attention, device, "triton" if device.type == "cuda" else "torch")
+        self.projections = _kernel_kind("projections", projections, device, self.attention)
+        if self.projections == "triton" and not self.model.fusable():
+            self.projections = "torch"
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and device.type != "cuda":
             raise ValueError("cuda_graphs needs the model on a CUDA device")
-        self._graphs: dict[tuple[int, Filters], Any] = {}
+        self._graphs: dict[tuple[int, int, Filters], Any] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
         per_slot = SlotKV.bytes_per_slot(self.model, self.head_map, self.max_model_len, self.consistent_capacity)
         budget = _kv_budget(kv_cache_memory, gpu_memory_utilization, device, self._prefill_bytes())
@@ -159,11 +195,15 @@ class Engine:
         self._min_p = torch.zeros(slots, dtype=torch.float32, device=device)
         self._seeds = torch.zeros(slots, dtype=torch.long, device=device)
         self._workspaces: dict[int, tuple[Any, list[int]]] = {}
+        # Sampled tokens go to the host through two buffers in turn (pinned on CUDA, so the copy is asynchronous):
+        # a step's tokens are read after the next step is launched (see _step).
+        pinned = device.type == "cuda"
+        self._host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._readbacks = 0
+        self._pending: _Readback | None = None
         self._kernel_config = None
         if self.attention == "triton":
-            from ..lean import LeanGenerator
-
-            self._kernel_config = LeanGenerator.default_kernel_config(profile)
+            self._kernel_config = default_kernel_config(profile)
         self._ids = itertools.count()
         self._requests: dict[int, _Request] = {}  # every unfinished request, by id
         self._waiting: deque[_Request] = deque()
@@ -373,9 +413,18 @@ class Engine:
 
     @torch.inference_mode()
     def _step(self) -> None:
+        """Prefill work, then launch a decode step and only then read the previous step's tokens (waiting for them:
+        they were ready when this step started on the device), so the device never waits for the host. A request
+        that finished in the previous step therefore decodes once more; that token is dropped and its row freed
+        now. This step's own tokens are read at once if they are ready (always on CPU)."""
         self._prefill_some()
-        if self._running:
-            self._decode()
+        launched = self._decode() if self._running else None
+        previous, self._pending = self._pending, launched
+        if previous is not None:
+            self._read(previous)
+        if launched is not None and launched.event.query():
+            self._pending = None
+            self._read(launched)
 
     def _prefill_some(self) -> None:
         work = 0
@@ -432,72 +481,97 @@ class Engine:
         return (self._temperature[rows], self._top_k[rows], self._top_p[rows], self._min_p[rows], self._seeds[rows],
                 self._counters[rows])
 
-    def _decode(self) -> None:
-        rows = max(self._running) + 1
+    def _decode(self) -> _Readback:
+        """Launch one decode step over the rows in use and the asynchronous copy of its tokens to the host."""
+        lo, rows = self._window()
         filters = Filters.of([r.params for r in self._running.values()])
         if self.cuda_graphs:
-            rows = min(self.slots, 1 << (rows - 1).bit_length())  # the extra rows are free: they write their sinks
-            graph = self._graphs.get((rows, filters))
+            graph = self._graphs.get((lo, rows, filters))
             if graph is None:
-                graph = self._graphs[rows, filters] = self._capture(rows, filters)
+                graph = self._graphs[lo, rows, filters] = self._capture(lo, rows, filters)
             graph.replay()
         else:
-            self._decode_step(rows, filters)
-        tokens = self._tokens[:rows].tolist()
-        for slot, request in list(self._running.items()):
-            if self._accept(request, tokens[slot]):
+            self._decode_step(lo, rows, filters)
+        host = self._host_tokens[self._readbacks % 2]
+        self._readbacks += 1
+        host[:rows].copy_(self._tokens[lo : lo + rows], non_blocking=True)
+        event = torch.cuda.Event() if self.model.device.type == "cuda" else _HostEvent()
+        event.record()
+        return _Readback(event, host, lo, dict(self._running))
+
+    def _window(self) -> tuple[int, int]:
+        """The rows a decode step runs, ``(first, count)``: the one running row alone (batch 1, the fused
+        projections), else rows ``[0, last running + 1)``, with CUDA graphs rounded up to a power of two (the extra
+        rows are free: they write their sinks)."""
+        if len(self._running) == 1:
+            return next(iter(self._running)), 1
+        rows = max(self._running) + 1
+        if self.cuda_graphs:
+            rows = min(self.slots, 1 << (rows - 1).bit_length())
+        return 0, rows
+
+    def _read(self, readback: _Readback) -> None:
+        """Wait for a step's tokens on the host and give each to its request, if it still runs in that row (one
+        that finished in the step before, or was aborted, is skipped: its token is past its end)."""
+        readback.event.synchronize()
+        tokens = readback.host.tolist()
+        for slot, request in readback.running.items():
+            if self._running.get(slot) is request and self._accept(request, tokens[slot - readback.lo]):
                 self._finish(request, running=True)
 
-    def _decode_step(self, rows: int, filters: Filters) -> None:
-        """One decode step of rows ``[0, rows)`` entirely on the device: every row consumes its token, appends its
-        K/V and samples the next; rows of running requests advance their position, counter and lengths."""
-        model, n = self.model, rows
-        x = model.embed[self._tokens[:n]]
-        cos, sin = model.rope_tables(self._positions[:n])
+    def _decode_step(self, lo: int, n: int, filters: Filters) -> None:
+        """One decode step of rows ``[lo, lo + n)`` entirely on the device: every row consumes its token, appends
+        its K/V and samples the next; rows of running requests advance their position, counter and lengths."""
+        model, rows = self.model, slice(lo, lo + n)
+        fused = n == 1 and self.projections == "triton"
+        x = model.embed[self._tokens[rows]]
+        cos, sin = model.rope_tables(self._positions[rows])
+        lengths, starts = self.kv.lengths[:, rows], self.kv.starts[rows]
         for weights, groups in zip(model.layers, self.kv.layers):
-            q, k, v = model.qkv(weights, x)
+            q, k, v = model.qkv(weights, x, fused=fused)
             if self.attention == "triton":
-                attn = self._kernel_attention(q, k, v, groups, cos, sin, n)
+                attn = self._kernel_attention(q, k, v, groups, cos, sin, rows)
             else:
                 q, k = model.rope(q, cos, sin), model.rope(k, cos, sin)
-                attn = decode_attention_torch(q, k, v, groups, self.kv.lengths, self.kv.starts, model.scale)
-            x = model.attention_out(weights, x, attn)
-        logits = model.logits(x)
-        token = sample(logits, self._temperature[:n], self._top_k[:n], self._top_p[:n], self._min_p[:n],
-                       self._seeds[:n], self._counters[:n], filters)
-        active = self._active[:n]
-        self._tokens[:n] = token
-        self._positions[:n] += active
-        self._counters[:n] += active
-        self.kv.lengths[:, :n] += active.to(torch.int32)
+                attn = decode_attention_torch(q, k, v, [dataclasses.replace(g, kv=g.kv[:, rows]) for g in groups],
+                                              lengths, starts, model.scale)
+            x = model.attention_out(weights, x, attn, fused=fused)
+        logits = model.logits(x, fused=fused)
+        token = sample(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows], self._min_p[rows],
+                       self._seeds[rows], self._counters[rows], filters)
+        active = self._active[rows]
+        self._tokens[rows] = token
+        self._positions[rows] += active
+        self._counters[rows] += active
+        lengths += active.to(torch.int32)
 
-    def _capture(self, rows: int, filters: Filters) -> Any:
-        """Capture :meth:`_decode_step` of ``rows`` rows as a CUDA graph. One eager step first compiles the kernels
-        and makes the workspace; the state it advanced is then restored (the K/V it wrote is what the replay writes
-        again: sampling is a pure function of the state)."""
+    def _capture(self, lo: int, rows: int, filters: Filters) -> Any:
+        """Capture :meth:`_decode_step` of rows ``[lo, lo + rows)`` as a CUDA graph. One eager step first compiles
+        the kernels and makes the workspace; the state it advanced is then restored (the K/V it wrote is what the
+        replay writes again: sampling is a pure function of the state)."""
         state = (self._tokens, self._positions, self._counters, self.kv.lengths)
         saved = [t.clone() for t in state]
         stream = torch.cuda.Stream(self.model.device)
         stream.wait_stream(torch.cuda.current_stream(self.model.device))
         with torch.cuda.stream(stream):
-            self._decode_step(rows, filters)
+            self._decode_step(lo, rows, filters)
         torch.cuda.current_stream(self.model.device).wait_stream(stream)
         for tensor, value in zip(state, saved):
             tensor.copy_(value)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):  # records without running: the state stays restored
-            self._decode_step(rows, filters)
+            self._decode_step(lo, rows, filters)
         return graph
 
     def _kernel_attention(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: list, cos: torch.Tensor,
-                          sin: torch.Tensor, n: int) -> torch.Tensor:
-        """The Triton split-K kernel over the layer's groups: it rotates q and the new key, appends the new K/V at
-        each row's ``length - 1`` and attends to ``[1, length)``."""
+                          sin: torch.Tensor, rows: slice) -> torch.Tensor:
+        """The Triton split-K kernel over the layer's groups for the step's ``rows``: it rotates q and the new key,
+        appends the new K/V at each row's ``length - 1`` and attends to ``[start, length)``."""
         from ..kernels.triton_decode import KVGroup, decode_attention_two_groups
 
-        workspace, splits = self._workspace(n)
-        kernel_groups = [KVGroup(g.kv[0, :n], g.kv[1, :n], self.kv.lengths[g.row, :n], self.kv.starts[:n], g.q_heads,
-                                 g.kv_heads) for g in groups]
+        workspace, splits = self._workspace(q.shape[0])
+        kernel_groups = [KVGroup(g.kv[0, rows], g.kv[1, rows], self.kv.lengths[g.row, rows], self.kv.starts[rows],
+                                 g.q_heads, g.kv_heads) for g in groups]
         return decode_attention_two_groups(
             q, kernel_groups, scale=self.model.scale, num_splits=[splits[g.row] for g in groups], workspace=workspace,
             config=self._kernel_config, new_k=k, new_v=v, rope=(cos, sin))
@@ -581,15 +655,14 @@ def _check_positive(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
 
 
-def _attention_kind(attention: str, device: torch.device) -> str:
-    """The decode attention to run: ``"auto"`` is the Triton kernel on CUDA, plain PyTorch elsewhere; the kernel
-    off CUDA only under Triton's interpreter (tests)."""
-    kinds = {"auto": "triton" if device.type == "cuda" else "torch", "triton": "triton", "torch": "torch"}
-    if attention not in kinds:
-        raise ValueError(f"attention must be 'triton', 'torch' or 'auto', got {attention!r}")
-    kind = kinds[attention]
+def _kernel_kind(name: str, value: str, device: torch.device, auto: str) -> str:
+    """``"triton"`` or ``"torch"`` for option ``name`` (``"auto"``: ``auto``); Triton off CUDA only under Triton's
+    interpreter (tests)."""
+    if value not in ("auto", "triton", "torch"):
+        raise ValueError(f"{name} must be 'triton', 'torch' or 'auto', got {value!r}")
+    kind = auto if value == "auto" else value
     if kind == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
-        raise ValueError("attention='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
+        raise ValueError(f"{name}='triton' needs the model on a CUDA device (or TRITON_INTERPRET=1)")
     return kind
 
 

@@ -12,7 +12,7 @@ frequencies change with the sequence length (dynamic, longrope) are refused, as 
 parallel models: this code would compute something else for them.
 
 q/k/v and gate/up run as one projection each. Their weights are concatenated once and the transformers model's own
-parameters become views of the result (``lean._fuse_linears``), so building this model costs no weight memory
+parameters become views of the result (:func:`fuse_linears`), so building this model costs no weight memory
 and leaves the transformers model working as before.
 """
 
@@ -132,10 +132,17 @@ class DecoderModel:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos) + (rotated * sin)
 
-    def qkv(self, layer: LayerWeights, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def qkv(self, layer: LayerWeights, x: torch.Tensor, *, fused: bool = False
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, the fused projection and (Qwen3) the head norms of hidden states ``x`` ``[..., hidden]``: q
-        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE."""
-        out = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
+        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``fused``: one row through one Triton kernel
+        (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`, the norm inside), the same math."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            out = fused_linear(x, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=self.eps)
+        else:
+            out = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
         q_rows, kv_rows = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
         q = out[..., :q_rows].unflatten(-1, (self.q_heads, self.head_dim))
         k = out[..., q_rows : q_rows + kv_rows].unflatten(-1, (self.kv_heads, self.head_dim))
@@ -144,15 +151,37 @@ class DecoderModel:
             q, k = self.rms_norm(q, layer.q_norm), self.rms_norm(k, layer.k_norm)
         return q, k, v
 
-    def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
-        """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``."""
+    def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor, *,
+                      fused: bool = False) -> torch.Tensor:
+        """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``.
+        ``fused``: one row in three Triton kernels (o with the residual add; the norm, gate/up and SiLU x up;
+        down with the residual add), the same math."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            h = fused_linear(attn.reshape(x.shape[:-1] + (-1,)), layer.o, layer.o_bias, residual=x)
+            act = fused_linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=self.eps,
+                               glu=True)
+            return fused_linear(act, layer.down, layer.down_bias, residual=h)
         h = x + F.linear(attn.flatten(-2), layer.o, layer.o_bias)
         gate, up = F.linear(self.rms_norm(h, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
         return h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
 
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Final norm and LM head: float32 logits ``[..., vocab]``."""
+    def logits(self, x: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
+        """Final norm and LM head: float32 logits ``[..., vocab]``. ``fused``: one row in one Triton kernel."""
+        if fused:
+            from ..kernels.triton_linear import fused_linear
+
+            return fused_linear(x, self.lm_head, norm_weight=self.final_norm, eps=self.eps).float()
         return F.linear(self.rms_norm(x, self.final_norm), self.lm_head).float()
+
+    def fusable(self) -> bool:
+        """Whether ``kernels.triton_linear.fused_linear`` can take every projection: weights in the model dtype
+        with contiguous rows. The math it fuses (Llama's RMSNorm, SiLU-gating) is this model's own."""
+        weights = [self.lm_head, self.final_norm]
+        for layer in self.layers:
+            weights += [layer.qkv, layer.o, layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
+        return all(w.dtype == self.dtype and w.stride(-1) == 1 for w in weights)
 
 
 def _check_supported(model: torch.nn.Module, config) -> None:
@@ -213,9 +242,7 @@ def _bias(linear: torch.nn.Module) -> torch.Tensor | None:
 def _fused(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The rows of ``linears`` as one weight (and bias): the model's parameters become views of it where they can
     (plain ``nn.Linear`` of one dtype and device), else a copy."""
-    from ..lean import _fuse_linears
-
-    fused = _fuse_linears(linears)
+    fused = fuse_linears(linears)
     if fused is not None:
         return fused
     biases = [_bias(m) for m in linears]
@@ -223,3 +250,37 @@ def _fused(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor |
         biases = [b if b is not None else m.weight.new_zeros(m.weight.shape[0]) for b, m in zip(biases, linears)]
     bias = torch.cat(biases) if biases[0] is not None else None
     return torch.cat([m.weight.detach() for m in linears]), bias
+
+
+def fuse_linears(linears: list[torch.nn.Module]) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """One weight (and bias) holding the rows of ``linears`` in order; their parameters become views of it.
+
+    Weights that already lie back to back in one storage (a previous fusion) are viewed, not copied. Returns
+    None, changing nothing, unless all are plain ``nn.Linear`` with weights of one dtype on one real device
+    and all or none have a bias.
+    """
+    weights = [m.weight for m in linears]
+    biases = [m.bias for m in linears]
+    first = weights[0]
+    if (any(type(m) is not torch.nn.Linear for m in linears) or first.device.type == "meta"
+            or any(w.dtype != first.dtype or w.device != first.device or type(w) is not torch.nn.Parameter
+                   for w in weights)
+            or len({b is None for b in biases}) > 1):
+        return None
+    return _concatenate_rows(linears, "weight"), (_concatenate_rows(linears, "bias") if biases[0] is not None else None)
+
+
+def _concatenate_rows(linears: list[torch.nn.Module], name: str) -> torch.Tensor:
+    parts = [getattr(m, name) for m in linears]
+    rows = sum(p.shape[0] for p in parts)
+    storage, offset = parts[0].untyped_storage(), parts[0].storage_offset()
+    in_place = all(p.is_contiguous() and p.untyped_storage().data_ptr() == storage.data_ptr() for p in parts) and all(
+        p.storage_offset() == offset + sum(q.numel() for q in parts[:i]) for i, p in enumerate(parts))
+    if in_place:
+        return parts[0].detach().new_empty(0).set_(storage, offset, (rows, *parts[0].shape[1:]))
+    fused = torch.cat([p.detach() for p in parts])
+    start = 0
+    for m, p in zip(linears, parts):
+        setattr(m, name, torch.nn.Parameter(fused[start : start + p.shape[0]], requires_grad=p.requires_grad))
+        start += p.shape[0]
+    return fused

@@ -1,0 +1,128 @@
+"""Batch-1 decode step of the engine (``catekv_runtime.engine.Engine``) against the bandwidth floor.
+
+Llama-3-8B shapes with random bf16 weights (``benchmarks/decode.py``'s model builder), one request's slot filled as a
+prefill of ``context`` tokens would leave it (the K/V values do not change the step's time), then the engine's own
+decode step (the fused projections, the Triton split-K kernel, sampling) captured as a CUDA graph and replayed.
+Arms: ``catekv`` (a random profile at r = 0.4, budget ``--budget``) and ``full`` (profile None, the same engine).
+The floor is the bytes a step must read (weights less the embedding table, plus every kept K/V) over the measured
+device-to-device copy bandwidth, as ``benchmarks/decode.py`` computes it. One JSON object per line; all of them
+to ``--out``.
+
+    python benchmarks/engine_decode.py --contexts 131072 524288 --out docs/results/engine_decode.json
+    python benchmarks/engine_decode.py --smoke      # CPU, Triton's interpreter, a tiny model: checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton: the smoke run interprets the kernels
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import decode as bench  # noqa: E402
+from catekv_runtime.engine import Engine  # noqa: E402
+from catekv_runtime.engine.engine import _Request  # noqa: E402
+from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
+from catekv_runtime.profile import UNLIMITED_BUDGET  # noqa: E402
+
+
+def filled_engine(model, profile, context: int, steps: int, **engine_args) -> Engine:
+    """An engine whose slot 0 decodes a request of ``context`` prompt tokens (K/V left as zeros)."""
+    engine = Engine(model, profile, max_batch_size=1, max_model_len=context + steps + 16,
+                    max_decode_len=steps + 16, **engine_args)
+    counts = [engine.params.kept_tokens(context, UNLIMITED_BUDGET if g.adaptive else engine.params.budget)
+              for g in engine.kv.groups]
+    request = _Request(-1, [0] * context, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True), 0)
+    request.slot = 0
+    engine.kv.activate(0, counts)
+    engine._positions[0] = context
+    engine._active[0] = 1
+    engine._running[0] = request
+    return engine
+
+
+def kv_bytes_read(engine: Engine) -> int:
+    """K/V bytes the next step reads: every group's ``length - 1`` tokens (less the sink) of row 0, K and V."""
+    lengths = engine.kv.lengths[:, 0].tolist()
+    element = engine.model.embed.element_size()
+    return sum(2 * g.kv_heads.numel() * (lengths[g.row] - 1) * engine.model.head_dim * element
+               for g in engine.kv.groups)
+
+
+def time_step_ms(engine: Engine, steps: int) -> float:
+    """Milliseconds per decode step of row 0: graph replays on CUDA, eager steps elsewhere."""
+    if engine.cuda_graphs:
+        return bench.time_replays(engine._capture(0, 1, Filters()), steps)
+    with torch.inference_mode():
+        engine._decode_step(0, 1, Filters())
+        start = time.perf_counter()
+        for _ in range(steps):
+            engine._decode_step(0, 1, Filters())
+        return 1e3 * (time.perf_counter() - start) / steps
+
+
+def host_copy_bandwidth() -> float:
+    """Bytes read + written per second of a host copy (the smoke run's stand-in for the device's)."""
+    src = torch.randn(1 << 22)
+    dst = torch.empty_like(src)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    return 10 * 2 * src.numel() * 4 / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
+    parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
+    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
+    parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, Triton's interpreter, a tiny model, context 200, 2 steps (figures mean nothing)")
+    parser.add_argument("--out", type=Path, default=None, help="write every record to this JSON file")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        model = bench.build_model(2, device="cpu", **bench.TINY)
+        contexts, steps, budget, bandwidth = [200], 2, 64, host_copy_bandwidth()
+        engine_args = dict(attention="triton", projections="triton")
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (or --smoke)")
+        model = bench.build_model(args.layers)
+        contexts, steps, budget, bandwidth = args.contexts, args.steps, args.budget, bench.copy_bandwidth()
+        engine_args = {}
+    results: list[dict] = []
+    bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
+               layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=args.ratio)
+    for context in contexts:
+        for arm in args.arms:
+            profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
+            engine = filled_engine(model, profile, context, steps + 2, **engine_args)
+            kv_start = kv_bytes_read(engine)
+            ms = time_step_ms(engine, steps)
+            kv = (kv_start + kv_bytes_read(engine)) // 2  # the step's K/V reads grow by a token a step: the mean
+            floor = bench.decode_floor_ms(model, kv, bandwidth)
+            bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=1, steps=steps,
+                       projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
+                       decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+                       ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
+            del engine
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+    if args.out is not None:
+        bench.write_records(args.out, results)
+    return results
+
+
+if __name__ == "__main__":
+    main()

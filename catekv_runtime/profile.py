@@ -72,9 +72,7 @@ class ProfileParams:
     @classmethod
     def for_budget(cls, budget: int, **kwargs: Any) -> ProfileParams:
         """Parameters with the paper's defaults L_init = B/32 and L_rec = B/8 for a given budget B."""
-        kwargs.setdefault("init_tokens", max(1, budget // 32))
-        kwargs.setdefault("recent_tokens", max(1, budget // 8))
-        return cls(budget=budget, **kwargs)
+        return cls(budget=budget, **{**budget_windows(budget), **kwargs})
 
     def validate(self) -> None:
         """Raise :class:`ProfileError` naming the first parameter that is out of range."""
@@ -306,6 +304,36 @@ class Profile:
             for key, value in extra.items():
                 metadata[prefix + key] = str(value)
         return atomic_save(tensors, metadata, path)
+
+
+def budget_windows(budget: int) -> dict[str, int]:
+    """The paper's windows for a budget of B tokens: ``init_tokens`` B/32 and ``recent_tokens`` B/8 (at least 1)."""
+    return {"init_tokens": max(1, budget // 32), "recent_tokens": max(1, budget // 8)}
+
+
+# Every parameter can be changed at run time except those that only shape the profiler's statistics.
+RUNTIME_OVERRIDES = frozenset(f.name for f in dataclasses.fields(ProfileParams)) - {"percentile", "alpha"}
+
+
+def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """The profile with runtime overrides applied (budget, eta, adaptive_ratio, tie rule, windows, chunk size).
+
+    Any override re-votes the head map and gives every consistent head ``budget`` tokens (overrides win
+    over the profile's per-head budgets).
+
+    Overriding ``budget`` alone rescales ``init_tokens`` and ``recent_tokens`` to B/32 and B/8
+    (:func:`budget_windows`), as in the paper, unless they are given too.
+    """
+    unknown = set(overrides) - RUNTIME_OVERRIDES
+    if unknown:
+        raise TypeError(f"unknown CateKV overrides {sorted(unknown)}; known: {sorted(RUNTIME_OVERRIDES)}")
+    if not overrides:
+        return profile
+    values = dataclasses.asdict(profile.params)
+    if "budget" in overrides:
+        values.update(budget_windows(overrides["budget"]))
+    values.update(overrides)
+    return profile.replace_params(ProfileParams(**values))
 
 
 def adaptive_keep_chunks(num_chunks: int, eta: float) -> int:
@@ -625,6 +653,7 @@ def _parse(raw: str, type_name: Any) -> Any:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "RUNTIME_OVERRIDES",
     "UNLIMITED_BUDGET",
     "ModelSpec",
     "Profile",
@@ -633,11 +662,13 @@ __all__ = [
     "ReferenceSpec",
     "adaptive_keep_chunks",
     "atomic_save",
+    "budget_windows",
     "check_budgets",
     "is_hub_id",
     "uniform_budgets",
     "list_profiles",
     "load_profile",
     "profile_from_tensors",
+    "resolve_profile",
     "vote_adaptive_heads",
 ]

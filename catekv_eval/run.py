@@ -24,7 +24,9 @@ import torch
 
 import catekv_runtime as ck
 from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
+from catekv_profiler.report import markdown_table
 from catekv_runtime.cache import CateKVCache
+from catekv_runtime.files import write_atomically
 from catekv_runtime.integration import resolve_profile
 from catekv_runtime.policies import Full, Policy, get_policy
 from catekv_runtime.profile import Profile, ProfileError
@@ -179,15 +181,12 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
             methods = list(dict.fromkeys(r["method"] for r in rows))
             tasks = list(dict.fromkeys(r["task"] for r in rows))
             cell = {(r["task"], r["method"]): r for r in rows}
-            out += [f"### {length} tokens, r = {ratio}", "", "| task | " + " | ".join(methods) + " |",
-                    "|---|" + "---|" * len(methods)]
-            for task in tasks:
-                out.append(f"| {task} | " + " | ".join(f"{cell[task, m]['score']:.1f}" for m in methods) + " |")
+            body = [[task, *(f"{cell[task, m]['score']:.1f}" for m in methods)] for task in tasks]
             avg = [sum(cell[t, m]["score"] for t in tasks) / len(tasks) for m in methods]
             kv = [sum(cell[t, m]["kv_kept_pct"] for t in tasks) / len(tasks) for m in methods]
-            out.append(f"| **average** ({len(tasks)} tasks) | " + " | ".join(f"**{a:.1f}**" for a in avg) + " |")
-            out.append("| KV kept (% of full, measured) | " + " | ".join(f"{k:.1f}%" for k in kv) + " |")
-            out.append("")
+            body.append([f"**average** ({len(tasks)} tasks)", *(f"**{a:.1f}**" for a in avg)])
+            body.append(["KV kept (% of full, measured)", *(f"{k:.1f}%" for k in kv)])
+            out += [f"### {length} tokens, r = {ratio}", "", *markdown_table(["task", *methods], body), ""]
     return "\n".join(out)
 
 
@@ -319,19 +318,8 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "dtype": str(next(model_obj.parameters()).dtype).replace("torch.", ""), "records": records,
         }
-        _write_atomically(out, json.dumps(run, indent=1))
-        _write_atomically(out.with_suffix(".md"), table + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``, never a part (a temporary file renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+        write_atomically(out, json.dumps(run, indent=1))
+        write_atomically(out.with_suffix(".md"), table + "\n")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,18 @@ CPU_SHAPE = dict(hidden_size=1024, intermediate_size=2048, num_attention_heads=8
                  head_dim=128, vocab_size=1000)
 
 
-def decode_ms(model, ids: torch.Tensor, new_tokens: int, on_mark=None) -> float:
-    """Mean ms between generated tokens, the prefill and the first decode step (warm-up) left out."""
+def decode_ms(model, ids: torch.Tensor, new_tokens: int, on_mark=None, tokens: list | None = None) -> float:
+    """Mean ms between generated tokens, the prefill and the first decode step (warm-up) left out. The greedy
+    tokens generated are appended to ``tokens`` when given."""
     from transformers import StoppingCriteriaList
 
     timer = StepTimer(on_mark)
     timer.start()
     with torch.inference_mode():
-        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                       do_sample=False, stopping_criteria=StoppingCriteriaList([timer]))
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, stopping_criteria=StoppingCriteriaList([timer]))
+    if tokens is not None:
+        tokens += out[0, ids.shape[1] :].tolist()
     steps = timer.intervals_ms()[2:]
     return sum(steps) / len(steps)
 
@@ -58,10 +61,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     model = build_model(2 if args.tiny else 32, device=args.device, **(CPU_SHAPE if args.tiny else {}))
     ids = torch.randint(0, model.config.vocab_size, (1, args.context), device=args.device,
                         generator=torch.Generator(args.device).manual_seed(0))
-    records = [{"arm": "full-sdpa", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)}]
-    profile = random_profile(model, args.budget)
-    ck.apply(model, profile)
-    records.append({"arm": "catekv", "context": args.context, "ms_per_step": decode_ms(model, ids, args.new_tokens)})
+    records = []
+    for arm in ("full-sdpa", "catekv"):
+        if arm == "catekv":
+            ck.apply(model, random_profile(model, args.budget))
+        tokens: list[int] = []
+        records.append({"arm": arm, "context": args.context,
+                        "ms_per_step": decode_ms(model, ids, args.new_tokens, tokens=tokens), "tokens": tokens})
     device = torch.cuda.get_device_name(model.device) if model.device.type == "cuda" else "cpu"
     for record in records:
         record.update(device=device, layers=model.config.num_hidden_layers, torch=torch.__version__,

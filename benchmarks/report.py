@@ -43,9 +43,10 @@ and, on two H200s, where docs/results/tp1.json and tp2.json exist (section g, ea
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
+
+from catekv_profiler.report import markdown_table
+from catekv_runtime.files import write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"
@@ -60,9 +61,7 @@ def rows(records: list[dict], **match) -> list[dict]:
 
 
 def table(header: list[str], body: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
-    return "\n".join(lines)
+    return "\n".join(markdown_table(header, body))
 
 
 def kib(n: int) -> str:
@@ -202,11 +201,7 @@ def main() -> None:
         out += plain_section(load("plain_decode.json"))
     text = "\n".join(out)
     target = ROOT / "docs" / "benchmarks.md"
-    fd, tmp = tempfile.mkstemp(dir=target.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text + targets(kernel_copy, kernel, real, stages, batch))
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
+    write_atomically(target, text + targets(kernel_copy, kernel, real, stages, batch))
     print(f"wrote {target}")
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 import catekv_runtime as ck
+from catekv_runtime.policies import Full
 from catekv_runtime.profile import Profile
 
 from .run import run_batches
@@ -52,8 +53,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     distinct: dict[bytes, Profile] = {}
     for candidate in candidates:
         distinct.setdefault(_head_map_key(candidate), candidate)
-    # Full attention: the same runtime with every head adaptive and eta = 1 (nothing evicted).
-    full = candidates[0].replace_params(dataclasses.replace(candidates[0].params, adaptive_ratio=1.0, eta=1.0))
+    # Full attention: the same runtime with nothing evicted (the context length does not matter to Full).
+    full = Full().resolve(candidates[0], context_length)
     configs = {("full", None): full, **{("map", key): profile for key, profile in distinct.items()}}
     per_task: dict[tuple[str, Any], dict[str, float]] = {config: {} for config in configs}
     ck.apply(model, candidates[0])  # the attention function; every cache is made explicitly

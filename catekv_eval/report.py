@@ -19,6 +19,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from catekv_profiler.report import markdown_table
+from catekv_runtime.files import write_atomically
+
 # Issue #5's targets: CateKV at <= 45% KV within 1 point of full, >= 5 points above SnapKV and StreamingLLM.
 MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
 
@@ -143,8 +146,8 @@ def comparison(paths: Sequence[Path]) -> list[str]:
         out += [f"### {model}", "", "Commands:", "", "```bash", *commands[model], "```", ""]
         for (m, length), body in rows.items():
             if m == model:
-                out += [f"{length} tokens:", "", "| profile | method | r = 0.2 | r = 0.4 | tasks |",
-                        "|---|---|---|---|---|", *("| " + " | ".join(row) + " |" for row in body), ""]
+                out += [f"{length} tokens:", "",
+                        *markdown_table(["profile", "method", "r = 0.2", "r = 0.4", "tasks"], body), ""]
     return out
 
 
@@ -196,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         png = args.out.with_suffix(".png")
         plot(runs, png)
         image = png.name
-    args.out.write_text(render(runs, image, args.compare))
+    write_atomically(args.out, render(runs, image, args.compare))
     print(f"wrote {args.out}")
 
 

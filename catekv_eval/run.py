@@ -24,34 +24,40 @@ import torch
 
 import catekv_runtime as ck
 from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
+from catekv_profiler.report import markdown_table
 from catekv_runtime.cache import CateKVCache
+from catekv_runtime.files import write_atomically
 from catekv_runtime.integration import resolve_profile
+from catekv_runtime.policies import Full, Policy, get_policy
 from catekv_runtime.profile import Profile, ProfileError
 
-from .methods import METHODS, method_overrides
+from .methods import METHODS
 from .tasks import TASKS, EvalTaskError, make_samples
 from .scoring import score
 
 
 def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks: Sequence[str],
-             context_length: int, num_samples: int, methods: Sequence[str] = METHODS,
+             context_length: int, num_samples: int, methods: Sequence[str | Policy] = tuple(METHODS),
              ratios: Sequence[float] | None = None, seed: int = 1000, max_new_tokens: int | None = None,
              batch_size: int = 8) -> list[dict[str, Any]]:
     """One record per (task, method, adaptive ratio): score, KV kept (% of full attention's bytes), seconds.
 
-    Every method prefills with full attention and differs only in what it keeps afterwards, so each batch
-    of samples is prefilled once and the methods fork its cache (:meth:`CateKVCache.fork`), then decode
-    greedily with ``generate``. ``full`` does not depend on r: it runs once and is reported under every r.
-    ``ratios``: adaptive ratios to evaluate (default: the profile's). ``max_new_tokens`` caps RULER's
+    ``methods``: selection policies (:mod:`catekv_runtime.policies`), or their names in ``METHODS``; a record
+    names its policy. Every method prefills with full attention and differs only in what it keeps afterwards,
+    so each batch of samples is prefilled once and the methods fork its cache (:meth:`CateKVCache.fork`),
+    then decode greedily with ``generate``. ``full`` does not depend on r: it runs once and is reported under
+    every r. ``ratios``: adaptive ratios to evaluate (default: the profile's). ``max_new_tokens`` caps RULER's
     per-task generation length (for quick runs; answers are short). ``batch_size`` samples are prefilled
     and decoded together, left-padded.
     """
     ratios = list(ratios or [profile.params.adaptive_ratio])
-    configs = [(m, None) for m in methods if m == "full"] + [(m, r) for r in ratios for m in methods if m != "full"]
+    policies = {p.name: p for p in (m if isinstance(m, Policy) else get_policy(m) for m in methods)}
+    configs = ([(m, None) for m in policies if m == Full.name]
+               + [(m, r) for r in ratios for m in policies if m != Full.name])
 
     def resolve(method: str, ratio: float | None) -> Profile:
         base = profile.with_adaptive_ratio(ratio) if ratio is not None else profile
-        return resolve_profile(base, method_overrides(method, base, context_length))
+        return policies[method].resolve(base, context_length)
 
     resolved = {config: resolve(*config) for config in configs}
     records = []
@@ -175,15 +181,12 @@ def markdown(records: Sequence[dict[str, Any]]) -> str:
             methods = list(dict.fromkeys(r["method"] for r in rows))
             tasks = list(dict.fromkeys(r["task"] for r in rows))
             cell = {(r["task"], r["method"]): r for r in rows}
-            out += [f"### {length} tokens, r = {ratio}", "", "| task | " + " | ".join(methods) + " |",
-                    "|---|" + "---|" * len(methods)]
-            for task in tasks:
-                out.append(f"| {task} | " + " | ".join(f"{cell[task, m]['score']:.1f}" for m in methods) + " |")
+            body = [[task, *(f"{cell[task, m]['score']:.1f}" for m in methods)] for task in tasks]
             avg = [sum(cell[t, m]["score"] for t in tasks) / len(tasks) for m in methods]
             kv = [sum(cell[t, m]["kv_kept_pct"] for t in tasks) / len(tasks) for m in methods]
-            out.append(f"| **average** ({len(tasks)} tasks) | " + " | ".join(f"**{a:.1f}**" for a in avg) + " |")
-            out.append("| KV kept (% of full, measured) | " + " | ".join(f"{k:.1f}%" for k in kv) + " |")
-            out.append("")
+            body.append([f"**average** ({len(tasks)} tasks)", *(f"**{a:.1f}**" for a in avg)])
+            body.append(["KV kept (% of full, measured)", *(f"{k:.1f}%" for k in kv)])
+            out += [f"### {length} tokens, r = {ratio}", "", *markdown_table(["task", *methods], body), ""]
     return "\n".join(out)
 
 
@@ -315,19 +318,8 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
             "device": torch.cuda.get_device_name(device) if device.startswith("cuda") else "cpu",
             "dtype": str(next(model_obj.parameters()).dtype).replace("torch.", ""), "records": records,
         }
-        _write_atomically(out, json.dumps(run, indent=1))
-        _write_atomically(out.with_suffix(".md"), table + "\n")
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    """``path`` holds either its old content or all of ``text``, never a part (a temporary file renamed)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    try:
-        partial.write_text(text)
-        partial.replace(path)
-    finally:
-        partial.unlink(missing_ok=True)
+        write_atomically(out, json.dumps(run, indent=1))
+        write_atomically(out.with_suffix(".md"), table + "\n")
 
 
 if __name__ == "__main__":

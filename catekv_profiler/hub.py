@@ -21,18 +21,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from catekv_runtime.profile import Profile, is_hub_id, load_profile
+from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, is_hub_repo_id, load_profile
 
 from . import __version__
-from .report import plot_profile, summarize
+from .report import markdown_table, plot_profile, summarize
 
-PROFILE_FILENAME = "profile.safetensors"  # the name catekv_runtime.load_profile looks up in a repo
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"
 PAPER_URL = "https://proceedings.mlr.press/v267/jiang25e.html"
-
-# A Hub repo id with its namespace, as load_profile("org/name") needs (huggingface_hub's naming rules).
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 
 CITATION = """\
 @inproceedings{pmlr-v267-jiang25e,
@@ -76,9 +72,7 @@ def _cell(value: Any) -> str:
 
 
 def _table(header: Sequence[Any], rows: Sequence[Sequence[Any]]) -> list[str]:
-    lines = ["| " + " | ".join(_cell(h) if h != "" else " " for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(v) for v in row) + " |" for row in rows]
-    return lines
+    return markdown_table([h if h != "" else " " for h in header], rows, _cell)  # an empty header stays empty
 
 
 def accuracy_table(accuracy: Any) -> list[str]:
@@ -351,7 +345,7 @@ def push_profile(
     Raises :class:`~catekv_runtime.profile.ProfileError` for an invalid profile, ``ValueError`` for a bad
     ``repo_id`` or ``accuracy``, and :class:`HubError` when a Hub call fails (its message never holds the token).
     """
-    if not _REPO_ID.match(repo_id) or "--" in repo_id or ".." in repo_id or len(repo_id.split("/")[1]) > 96:
+    if not is_hub_repo_id(repo_id) or len(repo_id.split("/")[1]) > 96:
         raise ValueError(f"{repo_id!r} is not a Hub repo id of the form 'org/name' (letters, digits, '-', '_', '.')")
     if revision is not None and (not revision.strip() or re.fullmatch(r"[0-9a-f]{40}", revision)):
         raise ValueError(f"revision must be a branch name (or omitted for main), not {revision!r}")

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from catekv_runtime.files import replacing
 from catekv_runtime.profile import ModelSpec
 
 __all__ = [
@@ -97,11 +98,9 @@ def models_cache_dir() -> Path:
 
 def _join_parts(parts: list[Path], target: Path, expected_sha256: str) -> None:
     """Concatenate ``parts`` into ``target`` atomically, refusing a result with the wrong sha256."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
     digest = hashlib.sha256()
-    try:
-        with open(partial, "wb") as out:
+    with replacing(target) as partial:
+        with open(partial, "xb") as out:
             for part in parts:
                 with open(part, "rb") as file:
                     for block in iter(lambda: file.read(1 << 22), b""):
@@ -110,11 +109,8 @@ def _join_parts(parts: list[Path], target: Path, expected_sha256: str) -> None:
         if digest.hexdigest() != expected_sha256:
             raise ModelError(f"the parts {', '.join(map(str, parts))} join to sha256 {digest.hexdigest()}, expected "
                              f"{expected_sha256}: a part is corrupt or of another version; reinstall the packages")
-        os.replace(partial, target)
-        stat = target.stat()  # hashed while joined: spare load_model's check a second pass over the file
-        _HASHED[(str(target), stat.st_size, stat.st_mtime_ns)] = expected_sha256
-    finally:
-        partial.unlink(missing_ok=True)
+    stat = target.stat()  # hashed while joined: spare load_model's check a second pass over the file
+    _HASHED[(str(target), stat.st_size, stat.st_mtime_ns)] = expected_sha256
 
 
 def _embedded(package: str, filename: str, model_id: str, sha256: str) -> EmbeddedModel:

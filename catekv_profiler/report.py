@@ -7,22 +7,29 @@
 from __future__ import annotations
 
 import json
-import math
 import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from catekv_runtime.profile import UNLIMITED_BUDGET, Profile
+from catekv_runtime.files import replacing
+from catekv_runtime.profile import UNLIMITED_BUDGET, Profile, adaptive_head_count
 
 DEFAULT_CONTEXT_LENGTHS = (4096, 32768, 131072)
 PROVENANCE_KEYS = ("tool", "created", "torch", "transformers", "device", "dtype")
 
 
 # ---------------------------------------------------------------------------------------------- agreement
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], cell: Any = str) -> list[str]:
+    """The lines of a Markdown table: the header, the ``---`` rule, one line per row; ``cell`` writes each value
+    (the model card escapes them, the result pages pass formatted strings)."""
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines
 
 
 def per_sample_adaptive_sets(profile: Profile) -> torch.Tensor:
@@ -34,7 +41,7 @@ def per_sample_adaptive_sets(profile: Profile) -> torch.Tensor:
     """
     samples = profile.cv.shape[0]
     flat = profile.cv.reshape(samples, -1).double()
-    count = math.ceil(profile.params.adaptive_ratio * flat.shape[1] - 1e-9)  # same rounding as the vote
+    count = adaptive_head_count(profile.params.adaptive_ratio, flat.shape[1])  # the vote's count
     order = torch.sort(flat, dim=1, stable=True).indices
     sets = torch.zeros_like(flat, dtype=torch.bool)
     sets.scatter_(1, order[:, :count], True)
@@ -96,7 +103,7 @@ def sample_agreement(profile: Profile) -> dict[str, Any]:
     total = profile.num_layers * profile.num_kv_heads
     result: dict[str, Any] = {
         "num_samples": samples,
-        "heads_per_sample": math.ceil(profile.params.adaptive_ratio * total - 1e-9),
+        "heads_per_sample": adaptive_head_count(profile.params.adaptive_ratio, total),
         "applicable": samples >= 2,
         "jaccard_mean": None,
         "jaccard_min": None,
@@ -357,24 +364,16 @@ def plot_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     bottom.set_xlabel("layer")
     bottom.xaxis.set_major_locator(MaxNLocator(integer=True))
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # A unique hidden name beside the target (same file system, so os.replace is atomic). Not mkstemp: its
-    # 0600 mode would survive the rename, and a plot should get the usual umask-based permissions.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
-    try:
+    with replacing(path) as tmp:
         with open(tmp, "xb") as f:
             fig.savefig(f, format="png", dpi=120)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 __all__ = [
     "DEFAULT_CONTEXT_LENGTHS",
     "format_summary",
+    "markdown_table",
     "per_sample_adaptive_sets",
     "plot_profile",
     "sample_agreement",

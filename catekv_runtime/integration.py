@@ -20,11 +20,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import decode_attention
 from .cache import DEFAULT_RESERVE, CateKVCache, take_pending_layer
-from .profile import ModelSpec, Profile, ProfileError, ProfileParams, is_hub_id
+from .profile import ModelSpec, Profile, ProfileError, is_hub_id, resolve_profile  # resolve_profile: re-exported
 
 IMPLEMENTATION = "catekv"
-# Every parameter can be changed at run time except those that only shape the profiler's statistics.
-_OVERRIDES = frozenset(f.name for f in dataclasses.fields(ProfileParams)) - {"percentile", "alpha"}
 
 
 def _catekv_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
@@ -53,28 +51,6 @@ def model_spec(model: torch.nn.Module) -> ModelSpec:
 class _Applied:
     profile: Profile
     previous_implementation: str
-
-
-def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
-    """The profile with runtime overrides applied (budget, eta, adaptive_ratio, tie rule, windows, chunk size).
-
-    Any override re-votes the head map and gives every consistent head ``budget`` tokens (overrides win
-    over the profile's per-head budgets).
-
-    Overriding ``budget`` alone rescales ``init_tokens`` and ``recent_tokens`` to B/32 and B/8, as in the
-    paper, unless they are given too.
-    """
-    unknown = set(overrides) - set(_OVERRIDES)
-    if unknown:
-        raise TypeError(f"unknown CateKV overrides {sorted(unknown)}; known: {sorted(_OVERRIDES)}")
-    if not overrides:
-        return profile
-    values = dataclasses.asdict(profile.params)
-    if "budget" in overrides:
-        values["init_tokens"] = max(1, overrides["budget"] // 32)
-        values["recent_tokens"] = max(1, overrides["budget"] // 8)
-    values.update(overrides)
-    return profile.replace_params(ProfileParams(**values))
 
 
 # Names of the projections whose output holds the keys (separate, or fused with queries and values), and the

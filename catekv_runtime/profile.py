@@ -10,13 +10,13 @@ import dataclasses
 import math
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import replacing
 from .selection import Regions
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
@@ -30,15 +30,20 @@ UNLIMITED_BUDGET = -1  # budget of an adaptive head: all of its middle chunks sc
 TIE_RULES = ("exact", "inclusive")
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+PROFILE_FILENAME = "profile.safetensors"  # docs/profile-format.md: the name looked up in a Hub repo
+# A Hub repo id with its namespace, "org/name" (huggingface_hub's naming rules, less "--" and "..").
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def is_hub_repo_id(text: str) -> bool:
+    """True if ``text`` has the form of a Hugging Face Hub repo id with its namespace ("org/name")."""
+    return bool(_HUB_REPO_ID.match(text)) and "--" not in text and ".." not in text
 
 
 def is_hub_id(text: str) -> bool:
     """True if ``text`` reads as a Hugging Face Hub repo id ("org/name"), not as a local path or file."""
     return (
-        bool(_HUB_ID.match(text))
-        and "--" not in text
-        and ".." not in text
+        is_hub_repo_id(text)
         and not text.lower().endswith((".gguf", ".safetensors"))
         and not os.path.exists(text)
     )
@@ -72,9 +77,7 @@ class ProfileParams:
     @classmethod
     def for_budget(cls, budget: int, **kwargs: Any) -> ProfileParams:
         """Parameters with the paper's defaults L_init = B/32 and L_rec = B/8 for a given budget B."""
-        kwargs.setdefault("init_tokens", max(1, budget // 32))
-        kwargs.setdefault("recent_tokens", max(1, budget // 8))
-        return cls(budget=budget, **kwargs)
+        return cls(budget=budget, **{**budget_windows(budget), **kwargs})
 
     def validate(self) -> None:
         """Raise :class:`ProfileError` naming the first parameter that is out of range."""
@@ -308,10 +311,46 @@ class Profile:
         return atomic_save(tensors, metadata, path)
 
 
+def budget_windows(budget: int) -> dict[str, int]:
+    """The paper's windows for a budget of B tokens: ``init_tokens`` B/32 and ``recent_tokens`` B/8 (at least 1)."""
+    return {"init_tokens": max(1, budget // 32), "recent_tokens": max(1, budget // 8)}
+
+
+# Every parameter can be changed at run time except those that only shape the profiler's statistics.
+RUNTIME_OVERRIDES = frozenset(f.name for f in dataclasses.fields(ProfileParams)) - {"percentile", "alpha"}
+
+
+def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
+    """The profile with runtime overrides applied (budget, eta, adaptive_ratio, tie rule, windows, chunk size).
+
+    Any override re-votes the head map and gives every consistent head ``budget`` tokens (overrides win
+    over the profile's per-head budgets).
+
+    Overriding ``budget`` alone rescales ``init_tokens`` and ``recent_tokens`` to B/32 and B/8
+    (:func:`budget_windows`), as in the paper, unless they are given too.
+    """
+    unknown = set(overrides) - RUNTIME_OVERRIDES
+    if unknown:
+        raise TypeError(f"unknown CateKV overrides {sorted(unknown)}; known: {sorted(RUNTIME_OVERRIDES)}")
+    if not overrides:
+        return profile
+    values = dataclasses.asdict(profile.params)
+    if "budget" in overrides:
+        values.update(budget_windows(overrides["budget"]))
+    values.update(overrides)
+    return profile.replace_params(ProfileParams(**values))
+
+
 def adaptive_keep_chunks(num_chunks: int, eta: float) -> int:
     """Middle chunks kept by an adaptive head: floor(eta * n) as the authors' ``int(middle_chunks * eta)``,
     all of them at eta = 1 (the epsilon keeps 0.3 * 10 at 3 despite binary rounding)."""
     return min(num_chunks, math.floor(eta * num_chunks + 1e-9))
+
+
+def adaptive_head_count(ratio: float, heads: int) -> int:
+    """Adaptive heads of ``heads`` at ratio r: ceil(r * heads) (the epsilon keeps 0.2 * 10 at 2 despite binary
+    rounding)."""
+    return math.ceil(ratio * heads - 1e-9)
 
 
 def vote_adaptive_heads(cv: torch.Tensor, ratio: float, tie_rule: str = "exact") -> tuple[torch.Tensor, torch.Tensor]:
@@ -328,7 +367,7 @@ def vote_adaptive_heads(cv: torch.Tensor, ratio: float, tie_rule: str = "exact")
     flat = cv.reshape(samples, layers * heads).double()
     cutoff = torch.quantile(flat, ratio, dim=1, keepdim=True)
     votes = (flat <= cutoff).sum(dim=0)
-    count = math.ceil(ratio * layers * heads - 1e-9)
+    count = adaptive_head_count(ratio, layers * heads)
     # Lexicographic sort: most votes first, then lowest mean CV; a stable sort keeps index order on full ties.
     by_cv = torch.sort(flat.mean(dim=0), stable=True).indices
     by_votes = torch.sort(votes[by_cv], descending=True, stable=True).indices
@@ -367,21 +406,9 @@ def _norm_id(model_id: str) -> str:
 
 def atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike[str]) -> Path:
     """Save a safetensors file so that ``path`` holds either the old file or the complete new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    os.close(fd)
-    try:
+    with replacing(path) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        # After save_file, which leaves the file 0600 (mkstemp's mode, or its own); a profile is meant to be shared.
-        os.chmod(tmp, 0o644)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -466,7 +493,6 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     if at_revision and revision and at_revision != revision:
         raise ProfileError(f"{text!r} names revision {at_revision!r} but revision={revision!r} was also passed")
     rev = revision or at_revision or None
-    filename = "profile.safetensors"  # docs/profile-format.md: the name looked up in a Hub repo
     try:
         from huggingface_hub import constants as hub_constants
         from huggingface_hub import errors as hub_errors
@@ -475,16 +501,16 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
         raise ProfileError("loading a profile from the Hub needs huggingface_hub: pip install huggingface_hub") from None
     where = f"Hub repo {repo_id!r}" + (f" at revision {rev!r}" if rev else "")
     try:
-        return Path(hf_hub_download(repo_id, filename, revision=rev))
+        return Path(hf_hub_download(repo_id, PROFILE_FILENAME, revision=rev))
     except hub_errors.LocalEntryNotFoundError:  # no answer from the Hub, and not in the cache
         if hub_constants.HF_HUB_OFFLINE:
             message = (
-                f"offline (HF_HUB_OFFLINE is set) and {filename} of {where} is not in the huggingface_hub cache "
+                f"offline (HF_HUB_OFFLINE is set) and {PROFILE_FILENAME} of {where} is not in the huggingface_hub cache "
                 f"({hub_constants.HF_HUB_CACHE}); load it once while online, or unset HF_HUB_OFFLINE"
             )
         else:
             message = (
-                f"could not reach the Hub ({hub_constants.ENDPOINT}) and {filename} of {where} is not in the "
+                f"could not reach the Hub ({hub_constants.ENDPOINT}) and {PROFILE_FILENAME} of {where} is not in the "
                 "huggingface_hub cache; check the connection (or HF_ENDPOINT)"
             )
         raise ProfileError(message) from None
@@ -497,11 +523,11 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
         ) from None
     except hub_errors.EntryNotFoundError:
         raise ProfileError(
-            f"{where} has no {filename}; a CateKV profile repo holds it at the top level "
+            f"{where} has no {PROFILE_FILENAME}; a CateKV profile repo holds it at the top level "
             "(`catekv-profile push PROFILE REPO_ID` puts it there)"
         ) from None
     except Exception as e:  # huggingface_hub raises many types; all mean "could not get the file"
-        raise ProfileError(f"could not get {filename} from the {where}: {e}") from None
+        raise ProfileError(f"could not get {PROFILE_FILENAME} from the {where}: {e}") from None
 
 
 def profile_from_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], source: str = "") -> Profile:
@@ -625,19 +651,25 @@ def _parse(raw: str, type_name: Any) -> Any:
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "PROFILE_FILENAME",
+    "RUNTIME_OVERRIDES",
     "UNLIMITED_BUDGET",
     "ModelSpec",
     "Profile",
     "ProfileError",
     "ProfileParams",
     "ReferenceSpec",
+    "adaptive_head_count",
     "adaptive_keep_chunks",
     "atomic_save",
+    "budget_windows",
     "check_budgets",
     "is_hub_id",
+    "is_hub_repo_id",
     "uniform_budgets",
     "list_profiles",
     "load_profile",
     "profile_from_tensors",
+    "resolve_profile",
     "vote_adaptive_heads",
 ]

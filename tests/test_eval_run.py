@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,7 @@ from catekv_eval.tasks import make_samples
 from catekv_profiler.models import ModelInfo
 from catekv_profiler.models import load_model as load_model_real
 from catekv_runtime.integration import resolve_profile
+from catekv_runtime.policies import CateKV, DuoAttention, Full, SnapKV, StreamingLLM, get_policy
 
 REPO = Path(__file__).resolve().parents[1]
 PROFILE = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
@@ -45,6 +47,66 @@ def test_unknown_method():
     model = make_tiny_model("llama")
     with pytest.raises(ValueError, match="unknown method"):
         method_overrides("h2o", make_profile(model, 0.5), 1000)
+
+
+def _overrides_before_policies(method, profile, length):
+    """``catekv_eval.methods.method_overrides`` as it was before the policies (issue #19), kept as the reference."""
+    p = profile.params
+    if method == "full":
+        return {"adaptive_ratio": 1.0, "eta": 1.0}
+    if method == "catekv":
+        return {}
+    if method == "duo":
+        return {"budget": p.budget, "init_tokens": p.init_tokens, "recent_tokens": p.budget - p.init_tokens}
+    reserve = p.reserve_tokens // p.chunk_size * p.chunk_size
+    per_head = max(p.init_tokens + p.recent_tokens,
+                   math.floor(profile.kv_kept_fraction(length) * length) - reserve)
+    if method == "snapkv":
+        return {"adaptive_ratio": 0.0, "budget": per_head, "init_tokens": p.init_tokens,
+                "recent_tokens": p.recent_tokens}
+    return {"adaptive_ratio": 0.0, "budget": per_head, "init_tokens": p.init_tokens,
+            "recent_tokens": per_head - p.init_tokens}
+
+
+@pytest.mark.parametrize("name, policy", [("full", Full()), ("catekv", CateKV()), ("duo", DuoAttention()),
+                                          ("snapkv", SnapKV()), ("streaming", StreamingLLM())])
+def test_each_policy_keeps_what_its_overrides_kept(name, policy):
+    """Each policy resolves to the head map, budgets and parameters of the former overrides, and a cache forked
+    from one tiny-model prefill keeps the same tokens under both."""
+    assert METHODS[name] == policy and policy.name == name
+    model = make_tiny_model("llama")
+    profile = make_profile(model, 0.5, budget=48, init_tokens=4, recent_tokens=8, reserve_tokens=8)
+    ids = torch.randint(0, model.config.vocab_size, (1, 200), generator=torch.Generator().manual_seed(3))
+    for length in (200, 1000, 5000):
+        before = resolve_profile(profile, _overrides_before_policies(name, profile, length))
+        now = policy.resolve(profile, length)
+        assert now.params == before.params
+        assert torch.equal(now.head_map, before.head_map) and torch.equal(now.budgets, before.budgets)
+    ck.apply(model, profile)
+    try:
+        source = ck.make_cache(model, profile, eager=False)
+        with torch.inference_mode():
+            model(input_ids=ids, **{ck.cache_argument(model): source})
+        kept = []
+        for chosen in (resolve_profile(profile, _overrides_before_policies(name, profile, 200)),
+                       policy.resolve(profile, 200)):
+            cache = source.fork(chosen.head_map, chosen.params, budgets=chosen.budgets)
+            kept.append([(g.kv_heads.tolist(), g.kv[:, :, :, : g.length]) for layer in cache.layers
+                         for g in layer.groups])
+    finally:
+        ck.remove(model)
+    assert len(kept[0]) == len(kept[1])
+    for (heads_a, kv_a), (heads_b, kv_b) in zip(*kept):
+        assert heads_a == heads_b and torch.equal(kv_a, kv_b)
+    if name != "full":
+        assert sum(kv.shape[3] * len(h) for h, kv in kept[1]) < len(model.model.layers) * 2 * 200  # it evicts
+
+
+def test_evaluate_takes_policy_objects():
+    """``evaluate`` lists policies; names resolve through ``METHODS`` and unknown ones are refused."""
+    with pytest.raises(ValueError, match="unknown method 'h2o'"):
+        get_policy("h2o")
+    assert list(METHODS) == ["full", "catekv", "duo", "snapkv", "streaming"]
 
 
 def test_smoke_on_smollm2(smollm2):

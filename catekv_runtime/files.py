@@ -1,0 +1,47 @@
+"""Writing a file atomically: ``path`` holds either its old content or all of the new one, never a part.
+
+The one way the project writes its outputs (profiles, checkpoints, plots, evaluation results, joined models,
+the benchmark page): the new content goes to a hidden temporary file beside the target (same file system,
+so the rename is atomic), which is flushed to disk and renamed into place; on any error it is removed and
+the target is left as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Outputs are meant to be shared (a profile, a page): readable by all, whatever the temporary file's mode was.
+FILE_MODE = 0o644
+
+
+@contextlib.contextmanager
+def replacing(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for the caller to write the new content to; when the block ends
+    without an error it is flushed, given :data:`FILE_MODE` and renamed onto ``path``, else removed.
+
+    The temporary name is hidden, unique per call (``.NAME.PID.RANDOM.partial``) and does not exist yet; the
+    parent folder is created if needed.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    try:
+        yield tmp
+        os.chmod(tmp, FILE_MODE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_atomically(path: str | os.PathLike[str], data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8, or bytes) to ``path`` atomically (:func:`replacing`); returns the path."""
+    with replacing(path) as tmp:
+        with open(tmp, "xb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)

@@ -503,6 +503,6 @@ def test_shipped_profiles_load_by_short_name():
     names = list_profiles()
     assert "smollm2-135m-instruct" in names and "smollm2-135m-instruct-8k" in names
     profile = load_profile("smollm2-135m-instruct-8k")
-    assert profile.params.budget == 2048 and profile.head_map.shape == (30, 3)
+    assert profile.params.budget == 512 and profile.head_map.shape == (30, 3)
     with pytest.raises(ProfileError, match="shipped profiles by short name: .*smollm2-135m-instruct"):
         load_profile("no-such-profile")

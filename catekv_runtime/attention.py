@@ -17,9 +17,8 @@ from torch.nn.attention.bias import causal_lower_right
 
 from .cache import HeadGroup
 
-# Not cuDNN: on an H200 SDPA picks it for these shapes, and it builds a new plan for every new cache
-# length (~40 ms per call at 128K) and runs 10x slower than flash even with the plan cached
-# (0.11 vs 1.5 ms at 128K: benchmarks/sdpa_decode_backends.py).
+# Not cuDNN: on Hopper SDPA picks it for these shapes, builds a new plan for every new cache length and decodes
+# far slower than flash even with the plan cached (benchmarks/sdpa_decode_backends.py; docs/benchmarks.md).
 _DECODE_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 

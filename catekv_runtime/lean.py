@@ -1,15 +1,16 @@
-"""A lean greedy-generation path: static caches, one decode step captured in a CUDA graph.
+"""The lean greedy path (`LeanGenerator`): static caches, one decode step captured in a CUDA graph.
 
-transformers' ``generate`` spends most of a long-context decode step on overhead (masks over the whole
-cache, host synchronisation, per-step Python). Here the prompt is prefilled by the model as usual
-(through :class:`CateKVCache`, so selection is the same code), then every decode step is a fixed
-sequence of kernels over preallocated buffers: the transformer's own modules for projections, norms
-and MLPs, an in-place K/V append at a position held in device memory, and the Triton split-K decode
-kernel over each layer's head groups, which reads the current lengths from device memory. No shape
-depends on the step, nothing syncs with the host, so the step is captured once and replayed.
+Superseded by :mod:`catekv_runtime.engine` (sampling, stops, streaming, continuous batching); kept while the
+engine's batch-1 step is measured against it on a GPU. An unpadded prompt is prefilled layer by layer in chunks
+(``prefill_chunk``), each layer selecting what its heads keep before the next starts (:meth:`CateKVLayer.select_from`);
+a left-padded batch prefills through the model's forward and the same cache. Every decode step is then a fixed
+sequence of kernels over preallocated buffers: at batch 1 the fused Triton projections
+(:mod:`.kernels.triton_linear`), else the model's modules; the Triton split-K decode kernel appends the new K/V and
+attends over each layer's head groups, reading the current lengths from device memory. No shape depends on the
+step and nothing syncs with the host, so the step is captured once and replayed.
 
-With ``profile=None`` the same engine keeps the full cache (one group of all heads per layer): the
-full-attention baseline of the benchmarks runs on exactly the same path.
+With ``profile=None`` the same path keeps the full cache (one group of all heads per layer): the full-attention
+baseline of the benchmarks runs on exactly the same code.
 
 Supported: decoders whose layers have ``self_attn.{q,k,v,o}_proj``, ``input_layernorm``,
 ``post_attention_layernorm`` and ``mlp`` (Llama, Qwen2, Mistral without sliding window, ...).

@@ -57,8 +57,8 @@ class DecodeConfig:
     default split count of a cache (:func:`default_num_splits`).
     """
 
-    # Best at 128K batch 1 on the H200 in benchmarks/kernel_decode.py --sweep (93% of copy bandwidth);
-    # 4% under the best (block_n 64, 2 stages) at batch 8.
+    # The best batch-1 setting of benchmarks/kernel_decode.py --sweep at 128K (docs/results/kernel_sweep_128k.json),
+    # close to the best at batch 8.
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3

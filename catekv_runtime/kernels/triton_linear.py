@@ -40,12 +40,11 @@ class LinearConfig:
 
 
 def default_linear_config(n_out: int, k_dim: int, sms: int, glu: bool = False) -> LinearConfig:
-    """Tiles from ``benchmarks/linear_decode.py --sweep`` on the H200 at Llama-3-8B's shapes
-    (docs/results/linear_sweep.json), in % of copy bandwidth: 16 rows x 1024 columns, 8 warps, the best for
-    o_proj (75%) and down (94%); 16 x 512 for outputs of more than two 16-row programs per SM (q/k/v: 75%,
-    against 67% with 16 x 1024); for SiLU-gating, which reads two tiles per step, 4 x 256 with 2 warps
-    (gate_up 92%); for very wide outputs (lm_head) 16 x 256 (103%). Narrow outputs get fewer rows per
-    program, so that every SM still gets one."""
+    """Tiles chosen by ``benchmarks/linear_decode.py --sweep`` at Llama-3-8B's shapes (results in
+    docs/results/linear_sweep.json and docs/benchmarks.md): 16 rows x 1024 columns with 8 warps in general
+    (o_proj, down); 16 x 512 for outputs of more than two 16-row programs per SM (q/k/v); 4 x 256 with 2 warps
+    for SiLU-gating, which reads two tiles per step; 16 x 256 for very wide outputs (lm_head). Narrow outputs
+    get fewer rows per program, so that every SM still gets one."""
     if glu:
         block_n, block_k, warps = 4, 256, 2
     elif n_out >= 16 * sms * 32:

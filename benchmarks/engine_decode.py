@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             floor = bench.decode_floor_ms(model, kv, bandwidth)
             bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=1, steps=steps,
                        projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
-                       decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3),
+                       decode_ms_per_step=round(ms, 3), floor_ms=float(f"{floor:.4g}"),
                        ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
             del engine
             if torch.cuda.is_available():

@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
 from catekv_runtime.cache import HeadGroup  # noqa: E402
+from catekv_runtime.files import write_atomically  # noqa: E402
 from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
 from catekv_runtime.profile import UNLIMITED_BUDGET, Profile, ProfileParams, ReferenceSpec  # noqa: E402
 
@@ -42,9 +43,8 @@ TINY = dict(hidden_size=128, intermediate_size=256, num_attention_heads=8, num_k
 
 
 def write_records(path: Path, results: list) -> None:
-    """All the records of a run, as one JSON list."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
+    """All the records of a run, as one JSON list, written atomically."""
+    write_atomically(path, json.dumps(results, indent=1))
 
 
 def emit(results: list, **record) -> None:

@@ -43,7 +43,6 @@ import argparse
 import collections
 import gc
 import itertools
-import json
 import os
 import statistics
 import sys
@@ -73,6 +72,7 @@ from benchmarks.decode import (  # noqa: E402
     synthetic_state,
     time_graph_steps,
     weight_bytes,
+    write_records,
 )
 from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
 
@@ -399,14 +399,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if cuda:
                 torch.cuda.empty_cache()
             run_arm(model, gen, arm, context, args, bandwidth, cuda, results)
-            write(args.out, results)  # after every arm: a later failure keeps what was measured
-    write(args.out, results)
+            write_records(args.out, results)  # after every arm: a later failure keeps what was measured
+    write_records(args.out, results)
     return results
 
-
-def write(path: Path, results: list) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 import triton.testing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from catekv_runtime.files import write_atomically  # noqa: E402
 from catekv_runtime.kernels import triton_decode as td  # noqa: E402
 
 Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
@@ -247,8 +248,7 @@ def main() -> None:
         config = td.DecodeConfig(block_n=args.block_n, num_warps=args.num_warps, num_stages=args.num_stages)
         run_sizes(args, config, copy_gbps, records)
     emit({"impl": "done", "seconds": round(time.time() - t0, 1)}, records)
-    with open(args.out, "w") as f:
-        json.dump(records, f, indent=1)
+    write_atomically(args.out, json.dumps(records, indent=1))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import copy_bandwidth, emit  # noqa: E402
+from benchmarks.decode import copy_bandwidth, emit, write_records  # noqa: E402
 from benchmarks.kernel_decode import time_graph  # noqa: E402
 from catekv_runtime.kernels.triton_linear import LinearConfig, default_linear_config, fused_linear  # noqa: E402
 
@@ -112,7 +112,7 @@ def main() -> None:
          copy_bandwidth_gbs=round(bandwidth / 1e9, 1), date=time.strftime("%Y-%m-%d"))
     for name in args.shapes:
         run_shape(name, args.sweep, bandwidth, results)
-        args.out.write_text(json.dumps(results, indent=1))
+        write_records(args.out, results)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import transformers
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
-from benchmarks.decode import StepTimer, build_model, random_profile  # noqa: E402
+from benchmarks.decode import StepTimer, build_model, random_profile, write_records  # noqa: E402
 
 # --tiny: 2 layers small enough for a CPU, but with head_dim 128 and GQA like the real models, so that
 # attention over a long context, not per-call overhead, dominates a step (as at 128K on the GPU).
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                       transformers=transformers.__version__, date=time.strftime("%Y-%m-%d"))
         print(json.dumps(record), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(records, indent=1))
+        write_records(args.out, records)
     if args.profile_step:  # one decode step of the CateKV arm: skip the prefill and a warm-up step
         from torch.profiler import ProfilerActivity, profile as torch_profile, schedule
 

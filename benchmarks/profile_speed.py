@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import build_model  # noqa: E402
+from benchmarks.decode import build_model, write_records  # noqa: E402
 from catekv_profiler.profiler import sample_statistics  # noqa: E402
 from catekv_runtime.profile import ProfileParams  # noqa: E402
 
@@ -68,7 +68,7 @@ def main() -> None:
             results.append(record)
             print(json.dumps(record), flush=True)
     if args.out:
-        args.out.write_text(json.dumps(results, indent=1))
+        write_records(args.out, results)
 
 
 if __name__ == "__main__":

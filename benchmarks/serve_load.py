@@ -32,6 +32,8 @@ from typing import Any
 
 import httpx
 
+from catekv_runtime.files import write_atomically
+
 HOST = "127.0.0.1"
 FILLER = ("The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
           "A quiet river runs past the old mill, and the wheel turns slowly in the afternoon light. ")
@@ -223,8 +225,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     records = [{**r, "command": command} for r in asyncio.run(run(args))]
     if args.out is not None:
         previous = json.loads(args.out.read_text()) if args.out.exists() else []
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(previous + records, indent=1) + "\n")
+        write_atomically(args.out, json.dumps(previous + records, indent=1) + "\n")
     return records
 
 

@@ -43,7 +43,7 @@ import torch  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
-from benchmarks.decode import LLAMA3_8B, TINY, StepTimer, random_profile, weight_bytes  # noqa: E402
+from benchmarks.decode import LLAMA3_8B, TINY, StepTimer, random_profile, weight_bytes, write_records  # noqa: E402
 from catekv_runtime.profile import Profile  # noqa: E402
 
 GiB = 1024**3
@@ -243,8 +243,7 @@ def main() -> None:
         results.append(record)
         print(json.dumps(record), flush=True)
         if args.out:  # after every record: a run cut short keeps what it measured
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(json.dumps(results, indent=1))
+            write_records(args.out, results)
 
     reference = json.loads(args.reference.read_text()) if args.reference else []
     their_tp = next((r["tp"] for r in reference if r.get("kind") == "setup"), None)

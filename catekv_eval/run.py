@@ -27,9 +27,8 @@ from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
 from catekv_profiler.report import markdown_table
 from catekv_runtime.cache import CateKVCache
 from catekv_runtime.files import write_atomically
-from catekv_runtime.integration import resolve_profile
 from catekv_runtime.policies import Full, Policy, get_policy
-from catekv_runtime.profile import Profile, ProfileError
+from catekv_runtime.profile import Profile, ProfileError, resolve_profile
 
 from .methods import METHODS
 from .tasks import TASKS, EvalTaskError, make_samples

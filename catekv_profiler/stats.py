@@ -41,18 +41,9 @@ def sorted_quantile(ordered: torch.Tensor, q: float) -> torch.Tensor:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo)
 
 
-def quantile(values: torch.Tensor, q: float) -> torch.Tensor:
-    """``torch.quantile(values, q)`` for any number of elements."""
-    return sorted_quantile(values.reshape(-1).sort().values, q)
-
-
-def head_threshold(probs: torch.Tensor, percentile: float, alpha: float) -> torch.Tensor:
-    """tau = P_{1-k} + alpha * (P_k - P_{1-k}), at least 1e-9 (step 4)."""
-    return head_thresholds(probs.reshape(-1).sort().values, [(percentile, alpha)])[0]
-
-
 def head_thresholds(ordered: torch.Tensor, settings: Sequence[ThresholdSetting]) -> torch.Tensor:
-    """tau of each (k, alpha) setting from one head's sorted probabilities: float32 ``[settings]``."""
+    """tau = P_{1-k} + alpha * (P_k - P_{1-k}), at least 1e-9 (step 4), of each (k, alpha) setting from one head's
+    sorted probabilities: float32 ``[settings]``."""
     taus = []
     for percentile, alpha in settings:
         low = sorted_quantile(ordered, 1.0 - percentile)

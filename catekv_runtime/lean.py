@@ -32,8 +32,8 @@ from .attention import chunk_attention, group_attention
 from .cache import CateKVCache, CateKVLayer, HeadGroup
 from .engine.config import default_kernel_config
 from .engine.model import fuse_linears
-from .integration import IMPLEMENTATION, cache_argument, model_spec, resolve_profile, tensor_parallel_rank
-from .profile import Profile, ProfileParams
+from .integration import IMPLEMENTATION, cache_argument, model_spec, tensor_parallel_rank
+from .profile import Profile, ProfileParams, resolve_profile
 
 
 @dataclass

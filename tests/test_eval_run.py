@@ -20,7 +20,7 @@ from catekv_eval.run import evaluate, main, markdown
 from catekv_eval.tasks import make_samples
 from catekv_profiler.models import ModelInfo
 from catekv_profiler.models import load_model as load_model_real
-from catekv_runtime.integration import resolve_profile
+from catekv_runtime.profile import resolve_profile
 from catekv_runtime.policies import CateKV, DuoAttention, Full, SnapKV, StreamingLLM, get_policy
 
 REPO = Path(__file__).resolve().parents[1]

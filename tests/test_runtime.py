@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import catekv_runtime as ck
 from catekv_runtime.cache import CateKVLayer
-from catekv_runtime.integration import resolve_profile
+from catekv_runtime.profile import resolve_profile
 from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec
 
 FAMILIES = ["llama", "qwen2"]

@@ -18,9 +18,9 @@ from catekv_profiler.stats import (
     LayerStats,
     chunk_hits,
     coefficient_of_variation,
-    head_threshold,
+    head_thresholds,
     layer_statistics,
-    quantile,
+    sorted_quantile,
 )
 from catekv_runtime.profile import ProfileParams, adaptive_keep_chunks, vote_adaptive_heads
 from catekv_runtime.selection import Regions, chunk_scores, observation_probs, retained_indices, top_chunks
@@ -93,8 +93,7 @@ def ref_regions(n, init, recent, c, reserve):
     ``chunks - init // c - recent // c`` chunks. Their code needs init and recent in whole chunks.
     Returns (mid_start, mid_end, num_chunks)."""
     assert init % c == 0 and recent % c == 0
-    chunks = n // c - reserve // c
-    chunk_end = chunks * c
+    chunks = n // c - reserve // c  # chunk_end = chunks * c; the middle ends at chunk_end - recent
     num_chunks = max(0, chunks - init // c - recent // c)
     return init, init + num_chunks * c, num_chunks
 
@@ -166,6 +165,16 @@ def ref_kept_tokens(n, init, c, num_chunks, scores, keep):
         kept.update(range(init + j * c, init + (j + 1) * c))
     kept.update(range(init + num_chunks * c, n))
     return kept
+
+
+def quantile(values, q):
+    """catekv's quantile of any tensor: one sort, then the order statistics (what the profiler reads)."""
+    return sorted_quantile(values.reshape(-1).sort().values, q)
+
+
+def head_threshold(probs, k, alpha):
+    """catekv's threshold of one setting, from one head's probabilities."""
+    return head_thresholds(probs.reshape(-1).sort().values, [(k, alpha)])[0]
 
 
 # ============================================================================ inputs

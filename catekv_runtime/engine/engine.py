@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..profile import Profile, ProfileParams, uniform_budgets
+from ..profile import Profile, ProfileParams, resolve_profile, uniform_budgets
 from .config import default_kernel_config
 from .kv import SlotKV, decode_attention_torch, prefill
 from .model import DecoderModel
@@ -139,7 +139,7 @@ class Engine:
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
                  prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
                  projections: str = "auto", **overrides: Any):
-        from ..integration import model_spec, resolve_profile
+        from ..integration import model_spec
 
         self.model = DecoderModel.from_transformers(model)
         self.tokenizer = tokenizer

@@ -1,20 +1,23 @@
-"""Batch-1 decode step of the engine (``catekv_runtime.engine.Engine``) against the bandwidth floor.
+"""The engine's decode step (``catekv_runtime.engine.Engine``) against the bandwidth floor, at batch 1 and more.
 
-Llama-3-8B shapes with random bf16 weights (``benchmarks/decode.py``'s model builder), one request's slot filled as a
-prefill of ``context`` tokens would leave it (the K/V values do not change the step's time), then the engine's own
-decode step (the fused projections, the Triton split-K kernel, sampling) captured as a CUDA graph and replayed.
+Llama-3-8B shapes with random bf16 weights (``benchmarks/decode.py``'s model builder), ``batch`` requests' slots
+filled as a prefill of ``context`` tokens would leave them (the K/V values do not change the step's time), then the
+engine's own decode step (at batch 1 the fused projections; the Triton split-K kernel, sampling) captured as a CUDA
+graph and replayed.
 Arms: ``catekv`` (a random profile at r = 0.4, budget ``--budget``) and ``full`` (profile None, the same engine).
 The floor is the bytes a step must read (weights less the embedding table, plus every kept K/V) over the measured
 device-to-device copy bandwidth, as ``benchmarks/decode.py`` computes it. One JSON object per line; all of them
 to ``--out``.
 
     python benchmarks/engine_decode.py --contexts 131072 524288 --out docs/results/engine_decode.json
+    python benchmarks/engine_decode.py --contexts 24576 --batches 1 8 16 32 --out docs/results/engine_decode_batch.json
     python benchmarks/engine_decode.py --smoke      # CPU, Triton's interpreter, a tiny model: checks the script
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -34,38 +37,46 @@ from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
 from catekv_runtime.profile import UNLIMITED_BUDGET  # noqa: E402
 
 
-def filled_engine(model, profile, context: int, steps: int, **engine_args) -> Engine:
-    """An engine whose slot 0 decodes a request of ``context`` prompt tokens (K/V left as zeros)."""
-    engine = Engine(model, profile, max_batch_size=1, max_model_len=context + steps + 16,
+def filled_engine(model, profile, context: int, steps: int, batch: int = 1, **engine_args) -> Engine:
+    """An engine whose slots ``0 .. batch - 1`` each decode a request of ``context`` prompt tokens (K/V left as
+    zeros)."""
+    engine = Engine(model, profile, max_batch_size=batch, max_model_len=context + steps + 16,
                     max_decode_len=steps + 16, **engine_args)
+    if engine.slots < batch:
+        raise SystemExit(f"{batch} requests of {context} tokens do not fit in the device's memory "
+                         f"({engine.slots} slots); lower --batches or --contexts")
     counts = [engine.params.kept_tokens(context, UNLIMITED_BUDGET if g.adaptive else engine.params.budget)
               for g in engine.kv.groups]
-    request = _Request(-1, [0] * context, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True), 0)
-    request.slot = 0
-    engine.kv.activate(0, counts)
-    engine._positions[0] = context
-    engine._active[0] = 1
-    engine._running[0] = request
+    for slot in range(batch):
+        request = _Request(-1 - slot, [0] * context, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True),
+                           0)
+        request.slot = slot
+        engine.kv.activate(slot, counts)
+        engine._positions[slot] = context
+        engine._active[slot] = 1
+        engine._running[slot] = request
     return engine
 
 
 def kv_bytes_read(engine: Engine) -> int:
-    """K/V bytes the next step reads: every group's ``length - 1`` tokens (less the sink) of row 0, K and V."""
-    lengths = engine.kv.lengths[:, 0].tolist()
+    """K/V bytes the next step reads: every group's ``length - 1`` tokens (less the sink) of every running row, K
+    and V."""
     element = engine.model.embed.element_size()
-    return sum(2 * g.kv_heads.numel() * (lengths[g.row] - 1) * engine.model.head_dim * element
-               for g in engine.kv.groups)
+    return sum(2 * g.kv_heads.numel() * (int(engine.kv.lengths[g.row, slot]) - 1) * engine.model.head_dim * element
+               for g in engine.kv.groups for slot in engine._running)
 
 
 def time_step_ms(engine: Engine, steps: int) -> float:
-    """Milliseconds per decode step of row 0: graph replays on CUDA, eager steps elsewhere."""
+    """Milliseconds per decode step of the running rows (the engine's own window): graph replays on CUDA, eager
+    steps elsewhere."""
+    lo, rows = engine._window()
     if engine.cuda_graphs:
-        return bench.time_replays(engine._capture(0, 1, Filters()), steps)
+        return bench.time_replays(engine._capture(lo, rows, Filters()), steps)
     with torch.inference_mode():
-        engine._decode_step(0, 1, Filters())
+        engine._decode_step(lo, rows, Filters())
         start = time.perf_counter()
         for _ in range(steps):
-            engine._decode_step(0, 1, Filters())
+            engine._decode_step(lo, rows, Filters())
         return 1e3 * (time.perf_counter() - start) / steps
 
 
@@ -83,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
     parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1],
+                        help="requests decoding together, each of the whole context")
     parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
     parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
@@ -104,21 +117,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     results: list[dict] = []
     bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
                layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=args.ratio)
-    for context in contexts:
-        for arm in args.arms:
-            profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
-            engine = filled_engine(model, profile, context, steps + 2, **engine_args)
-            kv_start = kv_bytes_read(engine)
-            ms = time_step_ms(engine, steps)
-            kv = (kv_start + kv_bytes_read(engine)) // 2  # the step's K/V reads grow by a token a step: the mean
-            floor = bench.decode_floor_ms(model, kv, bandwidth)
-            bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=1, steps=steps,
-                       projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
-                       decode_ms_per_step=round(ms, 3), floor_ms=float(f"{floor:.4g}"),
-                       ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
-            del engine
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+    for context, batch, arm in itertools.product(contexts, args.batches, args.arms):
+        profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
+        engine = filled_engine(model, profile, context, steps + 2, batch, **engine_args)
+        kv_start = kv_bytes_read(engine)
+        ms = time_step_ms(engine, steps)
+        kv = (kv_start + kv_bytes_read(engine)) // 2  # the step's K/V reads grow by a token a step: the mean
+        floor = bench.decode_floor_ms(model, kv, bandwidth)
+        bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=batch, steps=steps,
+                   projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
+                   decode_ms_per_step=round(ms, 3), floor_ms=float(f"{floor:.4g}"),
+                   ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
+        del engine
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     if args.out is not None:
         bench.write_records(args.out, results)
     return results

@@ -114,6 +114,7 @@ class CateKVLayer(DynamicLayer):
         self.valid_start: torch.Tensor | None = None  # [batch] first non-padding position
         self.obs_queries: torch.Tensor | None = None  # last L_obs queries of the prompt
         self.scale = 1.0
+        self._device_heads: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def compressed(self) -> bool:
@@ -153,8 +154,10 @@ class CateKVLayer(DynamicLayer):
     def select_from(self, keys: torch.Tensor, values: torch.Tensor, last_queries: torch.Tensor, scale: float) -> None:
         """Select from a whole prompt's K/V ``[batch, kv_heads, n, d]`` computed outside the model's forward
         (``LeanGenerator``'s layer-by-layer prefill); ``last_queries`` are the prompt's last query states.
-        Unpadded sequences only. The full K/V is released when this returns (if the caller holds no reference)."""
+        Unpadded sequences only. The full K/V is released when this returns (if the caller holds no reference).
+        A layer can select again for another prompt: the previous selection is dropped."""
         b, h, n, d = keys.shape
+        self.groups = []
         self._check_head_count(h)
         self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
         self.keys, self.values = keys, values
@@ -171,7 +174,7 @@ class CateKVLayer(DynamicLayer):
         starts = self.valid_start.tolist() if self.valid_start is not None else [0] * batch
         # Adaptive heads (budget -1) first, then one group per consistent budget, smallest first.
         for budget in torch.unique(self.budgets).tolist():
-            heads = (self.budgets == budget).nonzero().flatten()
+            heads, q_heads = self._heads_on(budget, group_size, keys.device)
             per_seq = [
                 self._select(
                     keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :], heads,
@@ -179,8 +182,18 @@ class CateKVLayer(DynamicLayer):
                 )
                 for b, start in enumerate(starts)
             ]
-            self.groups.append(self._build_group(per_seq, keys, values, starts, heads, group_size))
+            self.groups.append(self._build_group(per_seq, keys, values, starts, heads, q_heads))
         self.keys = self.values = self.obs_queries = None
+
+    def _heads_on(self, budget: int, group_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The KV heads with ``budget`` and their query heads, on ``device``; copied there once per layer, since a
+        copy from host memory waits for the device (the engine reuses its layers for every prompt)."""
+        key = (budget, group_size, device)
+        if key not in self._device_heads:
+            heads = (self.budgets == budget).nonzero().flatten()
+            q_heads = (heads[:, None] * group_size + torch.arange(group_size)).flatten()
+            self._device_heads[key] = heads.to(device), q_heads.to(device)
+        return self._device_heads[key]
 
     def _select(self, keys, queries, heads, budget, group_size) -> torch.Tensor:
         """Token indices (relative to the sequence start) kept by ``heads`` for one sequence: [heads, n]."""
@@ -193,7 +206,6 @@ class CateKVLayer(DynamicLayer):
             return all_tokens
         obs, n_mid = queries.shape[1], regions.num_chunks * p.chunk_size
         mid = keys[:, regions.mid_start : regions.tail_start]
-        heads = heads.to(keys.device)
         # Score as many heads at once as fit in SCORE_BYTES of float32 attention probabilities.
         per_block = max(1, SCORE_BYTES // (4 * group_size * obs * n_mid))
         scores = []
@@ -204,27 +216,19 @@ class CateKVLayer(DynamicLayer):
         scores = torch.cat(scores)
         return retained_indices(regions, top_chunks(scores, keep))
 
-    def _build_group(self, per_seq, keys, values, starts, heads, group_size) -> HeadGroup:
+    def _build_group(self, per_seq, keys, values, starts, heads, q_heads) -> HeadGroup:
         batch, _, _, dim = keys.shape
         kept = max(idx.shape[1] for idx in per_seq)
-        capacity = kept + self.reserve
-        device = keys.device
-        kv = keys.new_empty(2, batch, heads.numel(), capacity, dim)
-        pad = torch.zeros(batch, dtype=torch.int64, device=device)
-        heads_dev = heads.to(device)
-        for b, (idx, start) in enumerate(zip(per_seq, starts)):
-            offset = kept - idx.shape[1]
+        kv = keys.new_empty(2, batch, heads.numel(), kept + self.reserve, dim)
+        offsets = [kept - idx.shape[1] for idx in per_seq]  # known on the host: no wait for the device
+        for b, (idx, start, offset) in enumerate(zip(per_seq, starts, offsets)):
             gather = (idx + start)[..., None].expand(-1, -1, dim)
-            kv[0, b, :, offset:kept] = keys[b, heads_dev].gather(1, gather)
-            kv[1, b, :, offset:kept] = values[b, heads_dev].gather(1, gather)
+            kv[0, b, :, offset:kept] = keys[b, heads].gather(1, gather)
+            kv[1, b, :, offset:kept] = values[b, heads].gather(1, gather)
             # Padding slots are masked, but must hold finite values: a masked weight of 0 times NaN is NaN.
             kv[:, b, :, :offset] = 0
-            pad[b] = offset
-        q_heads = (heads[:, None] * group_size + torch.arange(group_size)).flatten().to(device)
-        return HeadGroup(
-            kv_heads=heads_dev, q_heads=q_heads, kv=kv, length=kept,
-            pad=pad if bool(pad.any()) else None,
-        )
+        pad = torch.tensor(offsets, dtype=torch.int64).to(keys.device) if any(offsets) else None
+        return HeadGroup(kv_heads=heads, q_heads=q_heads, kv=kv, length=kept, pad=pad)
 
     def get_seq_length(self) -> int:
         return self.seen
@@ -333,6 +337,7 @@ class CateKVCache(DynamicCache):
                     raise ValueError(f"the prefill kept the last {layer.params.obs_window} queries; "
                                      f"cannot select with obs_window={params.obs_window}")
                 new.budgets, new.params, new.reserve, new.groups = budgets[i].cpu(), params, reserve, []
+                new._device_heads = {}  # they follow the budgets
                 new.obs_queries = layer.obs_queries[:, :, -params.obs_window :]
                 new.compress()
             forked.layers.append(new)

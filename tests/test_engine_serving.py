@@ -373,3 +373,19 @@ def test_tokens_read_a_step_late_give_the_same_outputs_and_nothing_past_a_stop(m
         ("stop", refs[0][j0]), ("stop", None), ("length", None), ("stop", stop_string), ("length", None)]
     assert stop_string not in finished[ids[3]].text
     assert bool((engine.kv.lengths == 1).all()) and engine.kv_usage() == (0, 0)
+
+
+def test_a_step_prefills_prefill_chunk_tokens_through_every_layer(model):
+    """The prefill budget of a step is ``prefill_chunk`` tokens through the whole model (vLLM's token budget), not
+    through one layer: a prompt of one chunk has its first token after one step, a prompt of two chunks after two."""
+    short, long = prompts([64, 128], seed=5)
+    engine = Engine(model, None, max_batch_size=2, max_model_len=256, prefill_chunk=64)
+    greedy = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    first = engine.add_request(short, greedy)
+    engine.step()
+    assert engine._prefilling is None and len(engine.partial(first).token_ids) >= 1
+    second = engine.add_request(long, greedy)
+    engine.step()
+    assert engine._prefilling is not None and not engine.partial(second).token_ids
+    engine.step()
+    assert engine._prefilling is None and len(engine.partial(second).token_ids) >= 1

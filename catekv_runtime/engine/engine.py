@@ -2,7 +2,7 @@
 
 A fixed number of slots (sized from ``max_batch_size`` and, if given, a KV memory budget) each hold one sequence's
 KV in static buffers (:mod:`.kv`). A request waits until a slot is free, then prefills into it layer by layer, a
-budget of ``prefill_chunk`` tokens of work per engine step, while the running requests keep decoding: every
+budget of ``prefill_chunk`` tokens through every layer per engine step, while the running requests keep decoding: every
 :meth:`Engine.step` advances the prefill by that budget and then runs one decode step over the rows in use. A
 request that finishes (end-of-sequence or a stop token, a stop string, ``max_tokens``) frees its slot; the other
 rows never see it, because each row's lengths, position and sampling parameters are its own. The host reads a
@@ -28,7 +28,7 @@ import torch
 
 from ..profile import Profile, ProfileParams, resolve_profile, uniform_budgets
 from .config import default_kernel_config
-from .kv import SlotKV, decode_attention_torch, prefill
+from .kv import SlotKV, decode_attention_torch, layer_selectors, prefill
 from .model import DecoderModel
 from .sampling import Filters, SamplingParams, sample
 
@@ -123,7 +123,9 @@ class Engine:
         gpu_memory_utilization: on CUDA, the fraction of the GPU's memory the engine may hold in all (default 0.9
             unless ``kv_cache_memory`` is given): what the model and an estimate of the prefill's working memory
             leave of it bounds the KV buffers.
-        prefill_chunk: tokens per prefill chunk, and the prefill work done between two decode steps.
+        prefill_chunk: tokens per prefill chunk, and the prefill work done between two decode steps: that many tokens
+            through every layer (vLLM's token budget per step; lower it for a smaller worst-case inter-token
+            latency, raise it for a shorter time to first token).
         attention: decode attention: ``"triton"`` (the split-K kernel, CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (plain PyTorch, any device) or ``"auto"`` (triton on CUDA).
         cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
@@ -183,6 +185,7 @@ class Engine:
             raise ValueError(f"kv_cache_memory: one slot needs {per_slot} bytes of KV, the budget is {budget}; "
                              "lower max_model_len (or max_decode_len) or give more memory")
         self.kv = SlotKV(self.model, self.head_map, slots, self.max_model_len, self.consistent_capacity)
+        self._selectors = layer_selectors(self.head_map, self.params)
         self.slots = slots
         # Per-row decode state, in device memory; rows of free slots hold harmless values (token 0, length 1).
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
@@ -404,7 +407,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------- the loop
 
     def step(self) -> list[Completion]:
-        """One iteration: up to ``prefill_chunk`` tokens of prefill work (starting waiting requests in free slots),
+        """One iteration: up to ``prefill_chunk`` tokens of prefill work through every layer (starting waiting requests in free slots),
         then one decode step over the running requests. Returns the requests added with :meth:`add_request` that
         have finished since the last call (requests of :meth:`generate` and :meth:`stream` go to their caller)."""
         self._step()
@@ -427,8 +430,10 @@ class Engine:
             self._read(launched)
 
     def _prefill_some(self) -> None:
-        work = 0
-        while work < self.prefill_chunk:
+        # The budget is prefill_chunk tokens through the whole model (vLLM's token budget per step); the prefill
+        # yields after each chunk of each layer, so a step does that many layer-chunks.
+        work, budget = 0, self.prefill_chunk * self.model.num_layers
+        while work < budget:
             if self._prefilling is None and not self._start_prefill():
                 return
             request = self._prefilling
@@ -446,7 +451,7 @@ class Engine:
         request = self._waiting.popleft()
         request.slot = free[0]  # the lowest free row: the decode batch stays as short as it can
         ids = torch.tensor(request.prompt, dtype=torch.long, device=self.model.device)
-        request.prefill = prefill(self.model, self.kv, request.slot, ids, self.head_map, self.params,
+        request.prefill = prefill(self.model, self.kv, request.slot, ids, self._selectors, self.params,
                                   self.prefill_chunk)
         self._prefilling = request
         return True

@@ -90,7 +90,9 @@ class SlotKV:
         for group, chosen in zip(mine, selected):
             start = int(chosen.pad[0]) if chosen.pad is not None else 0
             kept = chosen.length - start
-            if not torch.equal(group.kv_heads, chosen.kv_heads) or 1 + kept > group.kv.shape[3]:
+            # Both groupings come from the same head map (adaptive heads first, then the consistent ones); the
+            # heads' count is compared on the host, since comparing device tensors would wait for the device.
+            if group.kv_heads.numel() != chosen.kv_heads.numel() or 1 + kept > group.kv.shape[3]:
                 raise RuntimeError(f"layer {layer}: selected {kept} tokens of heads {chosen.kv_heads.tolist()}, "
                                    f"which do not fit the slot group of heads {group.kv_heads.tolist()}")
             group.kv[:, slot, :, 1 : 1 + kept] = chosen.kv[:, 0, :, start : chosen.length]
@@ -106,12 +108,18 @@ class SlotKV:
         self.lengths[:, slot] = 1
 
 
-def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, head_map: torch.Tensor,
+def layer_selectors(head_map: torch.Tensor, params: ProfileParams) -> list[CateKVLayer]:
+    """One selector per layer for :func:`prefill` (made once per engine, so that what they copy to the device
+    is copied once)."""
+    return [CateKVLayer(uniform_budgets(layer, params.budget), params, 0, True) for layer in head_map]
+
+
+def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, selectors: list[CateKVLayer],
             params: ProfileParams, chunk: int) -> Iterator[int]:
     """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time.
 
-    A generator: it yields the number of tokens it just processed after every chunk of every layer, so that the
-    engine can run decode steps in between, and returns the last position's logits ``[vocab]`` and the per-group
+    A generator: it yields the number of tokens it just processed after every chunk of every layer but the last
+    (whose work ends with the return), so that the engine can run decode steps in between, and returns the last position's logits ``[vocab]`` and the per-group
     token counts to pass to :meth:`SlotKV.activate`. Per layer, each chunk's q/k/v come from the layer's input (the
     chunks before it already hold the layer's output, but their K/V were written first), its queries attend to every
     key up to their own, and then the layer selects what each head keeps (``CateKVLayer.select_from``, the same code
@@ -139,11 +147,12 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
             last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
             out = chunk_attention(q, keys, values, start, model.scale)
             hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
-            yield end - start
-        selector = CateKVLayer(uniform_budgets(head_map[index], params.budget), params, 0, True)
-        selector.select_from(keys, values, last_queries, model.scale)
+            if index < model.num_layers - 1 or end < n:  # the last chunk's work goes with the return
+                yield end - start
+        selectors[index].select_from(keys, values, last_queries, model.scale)
         del keys, values
-        counts += kv.load_layer(slot, index, selector.groups)
+        counts += kv.load_layer(slot, index, selectors[index].groups)
+        selectors[index].groups = []  # the row holds the selection now
     return model.logits(hidden[-1]), counts
 
 

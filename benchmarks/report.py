@@ -35,6 +35,7 @@ Earlier code, on one H200, 2026-11-28 to 30 (each file's "setup" record has the 
         (d393b41; the last two joined in docs/results/decode_stages_split_sweep.json)
 and, where docs/results/plain_decode.json exists (section h, 6315041):
     python benchmarks/plain_decode.py --context 131072 --out docs/results/plain_decode.json
+and the engine and server (sections i and j: their commands are in the sections), 2026-12-01;
 and, on two H200s, where docs/results/tp1.json and tp2.json exist (section g, earlier code):
     torchrun --standalone --nproc-per-node 1 benchmarks/tp_decode.py --out docs/results/tp1.json
     torchrun --standalone --nproc-per-node 2 benchmarks/tp_decode.py --out docs/results/tp2.json --reference docs/results/tp1.json
@@ -199,6 +200,8 @@ def main() -> None:
         out += tp_section(load("tp1.json"), load("tp2.json"))
     if (RESULTS / "plain_decode.json").exists():
         out += plain_section(load("plain_decode.json"))
+    out += engine_section(load("engine_decode.json"), load("engine_decode_batch.json"), load("engine_throughput.json"))
+    out += serve_section(load("serve_load.json"), load("serve_load_pre506fef5.json"), ROOT / "docs" / "serve_load.png")
     text = "\n".join(out)
     target = ROOT / "docs" / "benchmarks.md"
     write_atomically(target, text + targets(kernel_copy, kernel, real, stages, batch))
@@ -452,6 +455,132 @@ def stages_section(records: list[dict]) -> list[str]:
             body.append([kib(context), arm, label, f"{ms:.3f}", f"{100 * ms / step_ms:.0f}%"]
                         + [""] * (len(header) - 5))
     return out + [table(header, body), ""]
+
+
+def engine_section(steps: list[dict], batched: list[dict], load_runs: list[dict]) -> list[str]:
+    """Section i: the engine's decode step against its floor (batch 1 and batched) and its throughput under load."""
+    def step_rows(records: list[dict]) -> list[list]:
+        return [[kib(r["context"]), r["batch"], r["arm"].removeprefix("engine-"), r["decode_ms_per_step"], r["floor_ms"],
+                 r["ratio_to_floor"], r["kv_gib"]] for r in rows(records, suite="engine-step")]
+
+    header = ["context", "batch", "arm", "ms/step", "floor ms", "x floor", "KV read GiB"]
+    body = []
+    for r in load_runs:
+        lengths = "/".join(kib(n) for n in r["prompt_lengths"])
+        body.append([r["arm"], lengths, r["concurrency"], r.get("slots", "-"), r["output_tokens_per_s"],
+                     r["ttft_p50_s"], r["ttft_p99_s"], r["itl_p50_ms"], r["itl_p99_ms"]])
+    return [
+        "## i. The engine (`catekv_runtime.engine.Engine`)",
+        "",
+        "The production engine: continuous batching over fixed slots, sampling inside the CUDA graph, the",
+        "fused batch-1 projections and the split-K kernel. Its decode step, captured and replayed, with every slot",
+        "filled as a prefill of `context` tokens would leave it (random Llama-3-8B shapes, random profile r = 0.4,",
+        "budget 2048; `arm` full is `profile=None` on the same engine). Code of 5a09d98 (the step is unchanged since).",
+        "",
+        "    python benchmarks/engine_decode.py --contexts 131072 524288 --out docs/results/engine_decode.json",
+        "    python benchmarks/engine_decode.py --contexts 24576 --batches 1 8 16 32 --steps 100 \\",
+        "        --out docs/results/engine_decode_batch.json",
+        "",
+        table(header, step_rows(steps) + step_rows(batched)),
+        "",
+        "Batched steps use cuBLAS for the projections (the fused kernels are batch-1) and are further from the floor",
+        "(1.2-1.35x); at batch 32 and 24K the CateKV step is 2.0x faster than full attention's, whose 96 GiB of KV",
+        "would not fit an 80 GiB cap anyway.",
+        "",
+        "Throughput under load, in process (`benchmarks/engine_throughput.py`): a closed loop of `concurrency`",
+        "clients at an 80 GiB cap, prompt lengths cycling through the list, 256 greedy output tokens each,",
+        "2 x concurrency requests (8 for transformers). Code of 5a09d98, whose prefill advanced one layer's chunk",
+        "per engine step (fixed in 506fef5: a step now takes `prefill_chunk` tokens through every layer); these",
+        "runs are to be repeated on the current code. The 16K-64K full-attention run at concurrency 16 did not",
+        "finish within the call's time limit.",
+        "",
+        "    python benchmarks/engine_throughput.py --arms catekv full --concurrency 16 --prompt-lengths 16384 32768",
+        "    python benchmarks/engine_throughput.py --arms catekv full --concurrency 8 16 \\",
+        "        --prompt-lengths 16384 32768 65536",
+        "    python benchmarks/engine_throughput.py --arms transformers --concurrency 8 --requests 8 \\",
+        "        --prompt-lengths 16384 32768 65536",
+        "    (records joined in docs/results/engine_throughput.json)",
+        "",
+        table(["arm", "prompts", "concurrency", "slots", "output tok/s", "TTFT p50 s", "TTFT p99 s", "ITL p50 ms",
+               "ITL p99 ms"], body),
+        "",
+        "At 256 output tokens per 16K-64K prompt the loop is bound by prefill (about 1-5 s per prompt on these",
+        "shapes, the same for both arms), so CateKV's cheaper decode step and its extra slots do not raise output",
+        "tokens/s here (1.0x full's; the issue's target of 2.5x is not met by this workload). The engine is 3.6x",
+        "transformers' `generate` (batch 1) at concurrency 8.",
+        "",
+    ]
+
+
+def serve_section(records: list[dict], before: list[dict], path: Path) -> list[str]:
+    """Section j: catekv-serve under a closed-loop HTTP load (benchmarks/serve_load.py), with a plot."""
+    def body(runs: list[dict]) -> list[list]:
+        return [[r["label"], r["concurrency"], int(r["slots"]), int(r["peak_running"]), r["requests"],
+                 round(r["output_tokens_per_s"]), round(r["ttft_p50_ms"]), round(r["ttft_p99_ms"]),
+                 round(r["itl_p50_ms"], 1), round(r["itl_p99_ms"]), f"{r['peak_kv_bytes'] / 2**30:.2f}",
+                 f"{r['peak_kv_full_attention_bytes'] / 2**30:.2f}"] for r in runs]
+
+    header = ["server", "clients", "slots", "peak running", "requests", "output tok/s", "TTFT p50 ms", "TTFT p99 ms",
+              "ITL p50 ms", "ITL p99 ms", "peak KV GiB", "full attention's GiB"]
+    plot_serve(records, path)
+    return [
+        "## j. `catekv-serve` under load",
+        "",
+        "The real server over HTTP on the H200, the real SmolLM2-135M-Instruct (its GGUF carried to the GPU), the",
+        "shipped 8K profile (36 of 90 heads adaptive, budget 512) against `--profile none`, the same memory: each",
+        "server gets `--gpu-memory-utilization 0.03` (about 3.5 GiB of KV buffers), so full attention has 20 slots",
+        "of 8192 tokens and CateKV 41. Clients: `benchmarks/serve_load.py`, closed loop, prompts of 6144 tokens,",
+        "256 streamed greedy tokens, 20-25 s per level. Per server:",
+        "",
+        "    catekv-serve smollm2-135m --profile smollm2-135m-instruct-8k --max-model-len 8192 --max-decode-len 512 \\",
+        "        --max-batch-size 64 --gpu-memory-utilization 0.03 --port 8011 --no-access-log   # and --profile none",
+        "    python benchmarks/serve_load.py --port 8011 --label catekv --concurrency 16,48 --prompt-tokens 6144 \\",
+        "        --output-tokens 256 --duration 20 --max-requests 200 --out docs/results/serve_load.json",
+        "",
+        "Code of 506fef5:",
+        "",
+        table(header, body(records)),
+        "",
+        f"![catekv-serve under load]({path.name})",
+        "",
+        "CateKV holds 2.05x the concurrent requests in the same memory (41 running against 20 at 48 clients), each",
+        "with 0.47x the KV full attention would hold, and at 48 clients its median time to first token is 3.8x",
+        "shorter (waiting for a slot is most of full attention's); its p99 TTFT is 2.5x longer. This tiny model is",
+        "bound by prefill and the host, not by KV bandwidth: CateKV's output tokens/s is 0.85x full attention's and",
+        "its p99 inter-token latency 1.5x (the steps that carry a prefill chunk, where CateKV also selects tokens).",
+        "The issue's target (2x the concurrent requests with p99 ITL no worse) is met on its first half only.",
+        "",
+        "The same load on the code before 506fef5, `docs/results/serve_load_pre506fef5.json`: a step prefilled one",
+        "layer's chunk, so a 6K prompt took about 15 steps and the server admitted about 6 requests/s. Since",
+        "506fef5 a step takes `--prefill-chunk` (8192) tokens through every layer: 1.6x the output tokens/s at 48",
+        "clients and shorter waits, for a p99 inter-token latency 4-5x longer (a lower `--prefill-chunk` trades",
+        "back, as vLLM's token budget does):",
+        "",
+        table(header, body(before)),
+        "",
+    ]
+
+
+def plot_serve(records: list[dict], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.4))
+    FigureCanvasAgg(fig)
+    panels = (("output_tokens_per_s", "output tokens / s"), ("peak_running", "requests running (peak)"),
+              ("ttft_p50_ms", "time to first token p50 (ms)"), ("itl_p99_ms", "inter-token latency p99 (ms)"))
+    for i, (key, label) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        for server, style in (("catekv", "o-"), ("full", "s-")):
+            pts = sorted((r["concurrency"], r[key]) for r in rows(records, label=server))
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=server)
+        ax.set_xlabel("concurrent clients")
+        ax.set_title(label, fontsize=9)
+        ax.grid(True, alpha=0.3)
+    fig.axes[0].legend()
+    fig.suptitle("catekv-serve, SmolLM2-135M, 6144-token prompts, same KV memory (H200)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def plot(real: list[dict], stages: list[dict], path: Path) -> None:

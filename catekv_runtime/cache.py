@@ -176,14 +176,27 @@ class CateKVLayer(DynamicLayer):
         for budget in torch.unique(self.budgets).tolist():
             heads, q_heads = self._heads_on(budget, group_size, keys.device)
             per_seq = [
-                self._select(
-                    keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :], heads,
-                    budget, group_size,
-                )
+                self._select(keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :],
+                             heads, q_heads, budget)
                 for b, start in enumerate(starts)
             ]
             self.groups.append(self._build_group(per_seq, keys, values, starts, heads, q_heads))
         self.keys = self.values = self.obs_queries = None
+
+    def select_heads(self, keys: torch.Tensor, last_queries: torch.Tensor,
+                     scale: float) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """What each head group keeps of one unpadded prompt, without copying anything (the engine's prefill
+        copies it straight into its slots): ``keys`` ``[kv_heads, n, d]``, ``last_queries`` ``[q_heads, >= 1, d]``.
+        Returns per group, in :meth:`compress`'s order, its KV heads (on the device) and the token indices each
+        keeps, ``[heads, kept]`` sorted, or None when it keeps every token."""
+        self.scale = scale
+        group_size = last_queries.shape[0] // keys.shape[0]
+        queries = last_queries[:, -self.params.obs_window :]
+        selections = []
+        for budget in torch.unique(self.budgets).tolist():
+            heads, q_heads = self._heads_on(budget, group_size, keys.device)
+            selections.append((heads, self._select(keys, queries, heads, q_heads, budget)))
+        return selections
 
     def _heads_on(self, budget: int, group_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """The KV heads with ``budget`` and their query heads, on ``device``; copied there once per layer, since a
@@ -195,36 +208,42 @@ class CateKVLayer(DynamicLayer):
             self._device_heads[key] = heads.to(device), q_heads.to(device)
         return self._device_heads[key]
 
-    def _select(self, keys, queries, heads, budget, group_size) -> torch.Tensor:
-        """Token indices (relative to the sequence start) kept by ``heads`` for one sequence: [heads, n]."""
+    def _select(self, keys, queries, heads, q_heads, budget) -> torch.Tensor | None:
+        """Token indices (relative to the sequence start) kept by ``heads`` for one sequence, ``[heads, kept]``, or
+        None when they keep every token."""
         p = self.params
         n = keys.shape[1]
         regions = p.regions(n)
         keep = p.kept_chunks(regions.num_chunks, budget)
-        all_tokens = torch.arange(n, device=keys.device).expand(heads.numel(), -1)
         if keep >= regions.num_chunks:  # prompt too short to compress (or eta = 1): keep it all, exactly
-            return all_tokens
+            return None
+        group_size = q_heads.numel() // heads.numel()
         obs, n_mid = queries.shape[1], regions.num_chunks * p.chunk_size
         mid = keys[:, regions.mid_start : regions.tail_start]
         # Score as many heads at once as fit in SCORE_BYTES of float32 attention probabilities.
         per_block = max(1, SCORE_BYTES // (4 * group_size * obs * n_mid))
         scores = []
-        for block in heads.split(per_block):
-            q_heads = (block[:, None] * group_size + torch.arange(group_size, device=keys.device)).flatten()
-            probs = observation_probs(queries[q_heads], mid[block], self.scale, n - obs, regions.mid_start)
+        for first in range(0, heads.numel(), per_block):
+            block = heads[first : first + per_block]
+            block_q = q_heads[first * group_size : (first + per_block) * group_size]
+            probs = observation_probs(queries[block_q], mid[block], self.scale, n - obs, regions.mid_start)
             scores.append(chunk_scores(probs, p.chunk_size))
-        scores = torch.cat(scores)
-        return retained_indices(regions, top_chunks(scores, keep))
+        return retained_indices(regions, top_chunks(torch.cat(scores) if len(scores) > 1 else scores[0], keep))
 
     def _build_group(self, per_seq, keys, values, starts, heads, q_heads) -> HeadGroup:
-        batch, _, _, dim = keys.shape
-        kept = max(idx.shape[1] for idx in per_seq)
+        batch, total, dim = keys.shape[0], keys.shape[2], keys.shape[3]
+        lengths = [total - start if idx is None else idx.shape[1] for idx, start in zip(per_seq, starts)]
+        kept = max(lengths)
         kv = keys.new_empty(2, batch, heads.numel(), kept + self.reserve, dim)
-        offsets = [kept - idx.shape[1] for idx in per_seq]  # known on the host: no wait for the device
+        offsets = [kept - n for n in lengths]  # known on the host: no wait for the device
         for b, (idx, start, offset) in enumerate(zip(per_seq, starts, offsets)):
-            gather = (idx + start)[..., None].expand(-1, -1, dim)
-            kv[0, b, :, offset:kept] = keys[b, heads].gather(1, gather)
-            kv[1, b, :, offset:kept] = values[b, heads].gather(1, gather)
+            if idx is None:
+                kv[0, b, :, offset:kept] = keys[b, heads, start:]
+                kv[1, b, :, offset:kept] = values[b, heads, start:]
+            else:
+                gather = (idx + start)[..., None].expand(-1, -1, dim)
+                kv[0, b, :, offset:kept] = keys[b, heads].gather(1, gather)
+                kv[1, b, :, offset:kept] = values[b, heads].gather(1, gather)
             # Padding slots are masked, but must hold finite values: a masked weight of 0 times NaN is NaN.
             kv[:, b, :, :offset] = 0
         pad = torch.tensor(offsets, dtype=torch.int64).to(keys.device) if any(offsets) else None

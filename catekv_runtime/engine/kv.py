@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import chunk_attention
-from ..cache import CateKVLayer, HeadGroup
+from ..cache import CateKVLayer
 from ..profile import ProfileParams, uniform_budgets
 from .model import DecoderModel
 
@@ -80,22 +80,28 @@ class SlotKV:
     def groups(self) -> list[GroupKV]:
         return [g for layer in self.layers for g in layer]
 
-    def load_layer(self, slot: int, layer: int, selected: list[HeadGroup]) -> list[int]:
-        """Copy one layer's selected tokens of one sequence (``CateKVLayer.groups`` of a batch of 1) into row
-        ``slot``; returns each group's token count (the row's lengths stay as they are until :meth:`activate`)."""
+    def load_layer(self, slot: int, layer: int, keys: torch.Tensor, values: torch.Tensor,
+                   selections: list[tuple[torch.Tensor, torch.Tensor | None]]) -> list[int]:
+        """Copy what one layer's head groups keep of one prompt (``keys``/``values`` ``[kv_heads, n, d]``;
+        ``selections`` from ``CateKVLayer.select_heads``) into row ``slot``; returns each group's token count (the
+        row's lengths stay as they are until :meth:`activate`)."""
         mine = self.layers[layer]
-        if len(mine) != len(selected):
-            raise RuntimeError(f"layer {layer}: selection made {len(selected)} head groups, the slots hold {len(mine)}")
+        if len(mine) != len(selections):
+            raise RuntimeError(f"layer {layer}: selection made {len(selections)} head groups, the slots hold {len(mine)}")
         counts = []
-        for group, chosen in zip(mine, selected):
-            start = int(chosen.pad[0]) if chosen.pad is not None else 0
-            kept = chosen.length - start
+        for group, (heads, kept_tokens) in zip(mine, selections):
+            kept = keys.shape[1] if kept_tokens is None else kept_tokens.shape[1]
             # Both groupings come from the same head map (adaptive heads first, then the consistent ones); the
             # heads' count is compared on the host, since comparing device tensors would wait for the device.
-            if group.kv_heads.numel() != chosen.kv_heads.numel() or 1 + kept > group.kv.shape[3]:
-                raise RuntimeError(f"layer {layer}: selected {kept} tokens of heads {chosen.kv_heads.tolist()}, "
-                                   f"which do not fit the slot group of heads {group.kv_heads.tolist()}")
-            group.kv[:, slot, :, 1 : 1 + kept] = chosen.kv[:, 0, :, start : chosen.length]
+            if group.kv_heads.numel() != heads.numel() or 1 + kept > group.kv.shape[3]:
+                raise RuntimeError(f"layer {layer}: selected {kept} tokens of {heads.numel()} heads, which do not fit "
+                                   f"the slot group of {group.kv_heads.numel()} heads and {group.kv.shape[3]} tokens")
+            for source, target in ((keys, group.kv[0, slot]), (values, group.kv[1, slot])):
+                if kept_tokens is not None:  # one gather of the group's heads and tokens
+                    source = source[heads[:, None], kept_tokens]
+                elif heads.numel() != source.shape[0]:
+                    source = source[heads]
+                target[:, 1 : 1 + kept] = source
             counts.append(kept)
         return counts
 
@@ -122,8 +128,8 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
     (whose work ends with the return), so that the engine can run decode steps in between, and returns the last position's logits ``[vocab]`` and the per-group
     token counts to pass to :meth:`SlotKV.activate`. Per layer, each chunk's q/k/v come from the layer's input (the
     chunks before it already hold the layer's output, but their K/V were written first), its queries attend to every
-    key up to their own, and then the layer selects what each head keeps (``CateKVLayer.select_from``, the same code
-    as ``apply``'s cache) and the selection is copied into the row: only one layer's full K/V exists at a time.
+    key up to their own, and then the layer selects what each head keeps (``CateKVLayer.select_heads``, the same
+    rule as ``apply``'s cache) and the selection is copied into the row: only one layer's full K/V exists at a time.
     """
     n = token_ids.shape[0]
     hidden = model.embed[token_ids]  # [n, hidden]
@@ -149,10 +155,9 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
             hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
             if index < model.num_layers - 1 or end < n:  # the last chunk's work goes with the return
                 yield end - start
-        selectors[index].select_from(keys, values, last_queries, model.scale)
+        selections = selectors[index].select_heads(keys[0], last_queries[0], model.scale)
+        counts += kv.load_layer(slot, index, keys[0], values[0], selections)
         del keys, values
-        counts += kv.load_layer(slot, index, selectors[index].groups)
-        selectors[index].groups = []  # the row holds the selection now
     return model.logits(hidden[-1]), counts
 
 

@@ -122,7 +122,7 @@ class DecoderModel:
         columns of rank r are the r-th of ``size`` equal contiguous blocks (KV heads ``[r * H / size, (r + 1) * H /
         size)`` and their query heads, as transformers' ``colwise`` plan and ``catekv_runtime.local_head_map``);
         o and down keep the matching input columns, and their biases live on rank 0 only (the all-reduce adds them
-        once). The sharded weights are copies: the model this one came from can be freed."""
+        once). The projections' shares are copies; the embedding, LM head and norms are shared, whole."""
         inter = self.layers[0].gate_up.shape[0] // 2
         if not 0 <= rank < size:
             raise ValueError(f"rank {rank} is not in [0, {size})")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -470,7 +471,8 @@ class Engine:
         while (commands := self._exchange(None)) is not None:
             for name, *args in commands:
                 if name == "add":
-                    self._add(*args)
+                    ids, params, seed = args
+                    self._add(ids, SamplingParams(**params), seed)
                 else:
                     self._abort(*args)
             self._advance()
@@ -492,10 +494,18 @@ class Engine:
             raise RuntimeError(f"{what}: the engine was shut down")
 
     def _exchange(self, commands: list[tuple] | None) -> list[tuple] | None:
-        """Rank 0's ``commands`` on every rank (None: shut down), over the gloo group: host memory only."""
-        message = [commands]
-        dist.broadcast_object_list(message, src=0, group=self._control)
-        return message[0]
+        """Rank 0's ``commands`` on every rank (None: shut down), over the gloo group (host memory only) as JSON:
+        plain data, never pickled."""
+        if self.rank == 0:
+            data = torch.frombuffer(bytearray(json.dumps(commands, cls=_CommandEncoder).encode()), dtype=torch.uint8)
+            size = torch.tensor([data.numel()])
+        else:
+            size = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(size, src=0, group=self._control)
+        if self.rank != 0:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=self._control)
+        return json.loads(bytes(data.numpy()))
 
     def _step(self) -> None:
         """One step of rank 0's loop; under TP the other ranks replay its new requests and aborts, then step."""
@@ -754,6 +764,15 @@ class Engine:
         chunk = min(self.prefill_chunk, n)
         activations = chunk * (m.layers[0].qkv.shape[0] + 2 * m.layers[0].gate_up.shape[0] + 4 * hidden) * element
         return 2 * full_kv + 2 * n * hidden * element + activations + SCORE_BYTES
+
+
+class _CommandEncoder(json.JSONEncoder):
+    """Rank 0's commands as JSON: a request's :class:`SamplingParams` as its constructor's arguments."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, SamplingParams):
+            return {f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.init}
+        return super().default(o)
 
 
 def _tensor_parallel_group() -> tuple[int, int, Any]:

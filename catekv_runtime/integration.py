@@ -101,6 +101,13 @@ def local_head_map(model: torch.nn.Module, head_map: torch.Tensor) -> torch.Tens
             f"the model's tensor-parallel plan splits the key projection with {sorted(styles)}; CateKV knows "
             f"only {sorted(_HEAD_SHARDING_STYLES)} (heads split in contiguous blocks) and replicated keys"
         )
+    return rank_heads(head_map, rank, size)
+
+
+def rank_heads(head_map: torch.Tensor, rank: int, size: int) -> torch.Tensor:
+    """The columns of ``head_map`` ``[layers, kv_heads]`` for KV heads ``[rank * H / size, (rank + 1) * H / size)``:
+    what rank ``rank`` of ``size`` computes when the heads are split in equal contiguous blocks (transformers'
+    ``colwise`` plan, ``Engine(tensor_parallel=True)``). Raises :class:`ProfileError` when they do not divide."""
     heads = head_map.shape[1]
     if heads % size:
         raise ProfileError(

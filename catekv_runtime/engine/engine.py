@@ -12,12 +12,22 @@ on a GPU a finished request decodes once more before its row is freed, and that 
 A step of a single row (one request decoding) runs its projections as fused Triton kernels (``projections``).
 
 With ``profile=None`` every head keeps every token: full attention on the same engine.
+
+Under tensor parallelism (``tensor_parallel=True``, a ``torchrun`` job of t processes) every rank runs this same engine
+on its share of the model (:meth:`.DecoderModel.shard`) and holds only its KV heads' slots; the ranks must run the
+same steps in the same order, since every step all-reduces. The contract: every rank builds the engine with the
+same arguments; rank 0 alone takes requests (its API is the one above) and, at each of its steps, sends the other
+ranks the requests it added and aborted since the step before (over a gloo group, so the device never waits for
+it); ranks 1.. call :meth:`Engine.follow`, which replays them and steps, until rank 0 calls :meth:`Engine.shutdown`.
+Everything a rank decides from then on (slots, prefill order, stops) follows from those calls and the tokens, and
+the tokens are rank 0's on every rank.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import os
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -25,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from ..profile import Profile, ProfileParams, resolve_profile, uniform_budgets
 from .config import default_kernel_config
@@ -133,17 +144,27 @@ class Engine:
         projections: how a decode step of a single row runs its projections: ``"triton"`` (one kernel each,
             ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and the residual adds fused in;
             CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or ``"auto"`` (triton with triton attention).
-            Steps of several rows use the torch projections (cuBLAS reuses each weight tile across rows).
+            Steps of several rows use the torch projections (cuBLAS reuses each weight tile across rows). Never under
+            tensor parallelism (their residual add would come before the all-reduce).
+        tensor_parallel: shard the model over every process of the initialized default process group (``torchrun``;
+            NCCL on GPUs, each rank's model on its own device): rank r of t computes KV heads ``[r * H / t, (r + 1)
+            * H / t)`` with their query heads and its share of the MLP, holds only those heads' slots and selects
+            their tokens (selection is per head, so the result is the single-process engine's). ``model`` is loaded
+            normally, the full weights on every rank; the engine keeps copies of its share. The KV heads and the
+            MLP width must divide by t. See the module docstring for who calls what.
     """
 
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, tokenizer: Any = None,
                  max_batch_size: int = 8, max_model_len: int | None = None, max_decode_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
                  prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
-                 projections: str = "auto", **overrides: Any):
-        from ..integration import model_spec
+                 projections: str = "auto", tensor_parallel: bool = False, **overrides: Any):
+        from ..integration import model_spec, rank_heads
 
         self.model = DecoderModel.from_transformers(model)
+        self.rank, self.tp_size, self._control = _tensor_parallel_group() if tensor_parallel else (0, 1, None)
+        if self.tp_size > 1:
+            self.model = self.model.shard(self.rank, self.tp_size)
         self.tokenizer = tokenizer
         config = model.config.get_text_config(decoder=True)
         if profile is not None:
@@ -162,7 +183,7 @@ class Engine:
         if profile is not None:
             self.head_map, self.params = profile.head_map.bool(), profile.params
         else:
-            self.head_map = torch.ones(self.model.num_layers, self.model.kv_heads, dtype=torch.bool)
+            self.head_map = torch.ones(self.model.num_layers, self.model.kv_heads * self.tp_size, dtype=torch.bool)
             self.params = ProfileParams(adaptive_ratio=1.0, eta=1.0)
         self.max_decode_len = min(self.max_model_len, 4096) if max_decode_len is None else max_decode_len
         _check_positive("max_decode_len", self.max_decode_len)
@@ -178,14 +199,19 @@ class Engine:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self._graphs: dict[tuple[int, int, Filters], Any] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        per_slot = SlotKV.bytes_per_slot(self.model, self.head_map, self.max_model_len, self.consistent_capacity)
+        local_heads = rank_heads(self.head_map, self.rank, self.tp_size)  # the whole map without TP
+        per_slot = SlotKV.bytes_per_slot(self.model, local_heads, self.max_model_len, self.consistent_capacity)
         budget = _kv_budget(kv_cache_memory, gpu_memory_utilization, device, self._prefill_bytes())
         slots = max_batch_size if budget is None else min(max_batch_size, budget // per_slot)
+        if self._control is not None:  # ranks hold different heads (and memory): every rank takes the fewest slots
+            fewest = torch.tensor(slots)
+            dist.all_reduce(fewest, op=dist.ReduceOp.MIN, group=self._control)
+            slots = int(fewest)
         if slots < 1:
             raise ValueError(f"kv_cache_memory: one slot needs {per_slot} bytes of KV, the budget is {budget}; "
                              "lower max_model_len (or max_decode_len) or give more memory")
-        self.kv = SlotKV(self.model, self.head_map, slots, self.max_model_len, self.consistent_capacity)
-        self._selectors = layer_selectors(self.head_map, self.params)
+        self.kv = SlotKV(self.model, local_heads, slots, self.max_model_len, self.consistent_capacity)
+        self._selectors = layer_selectors(local_heads, self.params)
         self.slots = slots
         # Per-row decode state, in device memory; rows of free slots hold harmless values (token 0, length 1).
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
@@ -204,6 +230,9 @@ class Engine:
         self._host_tokens = [torch.zeros(slots, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._readbacks = 0
         self._pending: _Readback | None = None
+        # A step's own tokens are read at once when ready; under TP on a GPU never: readiness is a matter of timing,
+        # which differs between ranks, and every rank must free a finished request's row at the same step.
+        self._read_when_ready = self.tp_size == 1 or device.type != "cuda"
         self._kernel_config = None
         if self.attention == "triton":
             self._kernel_config = default_kernel_config(profile)
@@ -215,13 +244,17 @@ class Engine:
         self._owned: set[int] = set()  # ids that generate() or stream() will collect
         self._finished: dict[int, _Request] = {}  # finished owned requests, by id, until collected
         self._outbox: list[_Request] = []  # finished add_request() requests, until step() returns them
+        # Under TP, on rank 0: what the other ranks replay at the next step (see follow()); None elsewhere.
+        self._commands: list[tuple] | None = [] if self._control is not None and self.rank == 0 else None
+        self._shut_down = False
 
     # ------------------------------------------------------------------------------------------ requests
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Queue one request (a string, with a tokenizer, or token ids); returns its id. Checks everything first:
         a bad request raises ``ValueError`` naming the field and leaves the engine as it was."""
-        return self._add(self._checked(prompt, params or SamplingParams()))
+        self._check_leader("add_request")
+        return self._add(*self._checked(prompt, params or SamplingParams()))
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """A prompt's token ids as :meth:`add_request` reads it (a string through the tokenizer). It touches only the
@@ -263,18 +296,28 @@ class Engine:
             raise ValueError("stop: stop strings need a tokenizer (Engine(..., tokenizer=...)); use stop_token_ids")
         return ids, params
 
-    def _add(self, checked: tuple[list[int], SamplingParams]) -> int:
-        ids, params = checked
-        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    def _add(self, ids: list[int], params: SamplingParams, seed: int | None = None) -> int:
+        if seed is None:
+            seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
         request = _Request(next(self._ids), ids, params, seed)
         self._waiting.append(request)
         self._requests[request.id] = request
+        if self._commands is not None:
+            self._commands.append(("add", ids, params, seed))
         return request.id
 
     def abort(self, request_id: int) -> bool:
         """Stop an unfinished request now (vLLM's ``abort_request``): it leaves the queue, its prefill stops, or its
         row stops decoding, and its slot is free for the next request. It is not returned by :meth:`step`. False
         if no request of that id is unfinished (a finished one is left as it is)."""
+        self._check_leader("abort")
+        if not self._abort(request_id):
+            return False
+        if self._commands is not None:
+            self._commands.append(("abort", request_id))
+        return True
+
+    def _abort(self, request_id: int) -> bool:
         request = self._requests.pop(request_id, None)
         if request is None:
             return False
@@ -314,8 +357,9 @@ class Engine:
 
     def kv_usage(self) -> tuple[int, int]:
         """Bytes of KV the decoding requests hold, and what full attention would hold for the same requests: every
-        head's positions in use (the prompt tokens it kept, plus the tokens generated so far), K and V."""
-        heads = self.head_map.numel()
+        head's positions in use (the prompt tokens it kept, plus the tokens generated so far), K and V; under tensor
+        parallelism this rank's heads."""
+        heads = sum(g.kv_heads.numel() for g in self.kv.groups)
         token_bytes = 2 * self.model.head_dim * self.model.embed.element_size()
         held = full = 0
         for request in self._running.values():
@@ -391,6 +435,7 @@ class Engine:
 
     def _add_all(self, prompts: Prompt | Sequence[Prompt],
                  params: SamplingParams | Sequence[SamplingParams] | None) -> list[int]:
+        self._check_leader("generate")
         single = isinstance(prompts, str) or (isinstance(prompts, Sequence) and len(prompts) > 0 and all(
             isinstance(t, int) for t in prompts))
         prompts = [prompts] if single or isinstance(prompts, torch.Tensor) else list(prompts)
@@ -402,7 +447,7 @@ class Engine:
         if len(params) != len(prompts):
             raise ValueError(f"params: {len(params)} sampling params for {len(prompts)} prompts")
         checked = [self._checked(p, s) for p, s in zip(prompts, params)]
-        return [self._add(c) for c in checked]
+        return [self._add(*c) for c in checked]
 
     # ------------------------------------------------------------------------------------------- the loop
 
@@ -410,12 +455,67 @@ class Engine:
         """One iteration: up to ``prefill_chunk`` tokens of prefill work through every layer (starting waiting requests in free slots),
         then one decode step over the running requests. Returns the requests added with :meth:`add_request` that
         have finished since the last call (requests of :meth:`generate` and :meth:`stream` go to their caller)."""
+        self._check_leader("step")
         self._step()
         done, self._outbox = self._outbox, []
         return [r.completion(self.tokenizer is not None) for r in done]
 
-    @torch.inference_mode()
+    def follow(self) -> None:
+        """Under tensor parallelism, on ranks 1..: run rank 0's steps until it calls :meth:`shutdown`. Before each
+        step the requests rank 0 added and aborted since its step before are added and aborted here too, in the same
+        order and with the same seeds (so request ids and slots match); what finishes here is dropped (rank 0
+        returns it)."""
+        if self._control is None or self.rank == 0:
+            raise RuntimeError("follow() is for ranks 1.. of a tensor-parallel engine (Engine(..., tensor_parallel="
+                               "True) under torchrun); rank 0 takes the requests")
+        while (commands := self._exchange(None)) is not None:
+            for name, *args in commands:
+                if name == "add":
+                    ids, params, seed = args
+                    self._add(ids, SamplingParams(**params), seed)
+                else:
+                    self._abort(*args)
+            self._advance()
+            self._outbox.clear()
+
+    def shutdown(self) -> None:
+        """Under tensor parallelism, on rank 0: end the other ranks' :meth:`follow` (once, when done with the
+        engine; it takes no requests after). Without tensor parallelism nothing to do."""
+        self._check_leader("shutdown")
+        if self._commands is not None:
+            self._exchange(None)
+        self._shut_down = True
+
+    def _check_leader(self, what: str) -> None:
+        if self.rank != 0:
+            raise RuntimeError(f"{what}: under tensor parallelism rank 0 takes the requests; rank {self.rank} calls "
+                               "engine.follow()")
+        if self._shut_down:
+            raise RuntimeError(f"{what}: the engine was shut down")
+
+    def _exchange(self, commands: list[tuple] | None) -> list[tuple] | None:
+        """Rank 0's ``commands`` on every rank (None: shut down), over the gloo group (host memory only) as JSON:
+        plain data, never pickled."""
+        if self.rank == 0:
+            data = torch.frombuffer(bytearray(json.dumps(commands, cls=_CommandEncoder).encode()), dtype=torch.uint8)
+            size = torch.tensor([data.numel()])
+        else:
+            size = torch.zeros(1, dtype=torch.long)
+        dist.broadcast(size, src=0, group=self._control)
+        if self.rank != 0:
+            data = torch.empty(int(size), dtype=torch.uint8)
+        dist.broadcast(data, src=0, group=self._control)
+        return json.loads(bytes(data.numpy()))
+
     def _step(self) -> None:
+        """One step of rank 0's loop; under TP the other ranks replay its new requests and aborts, then step."""
+        if self._commands is not None:
+            self._exchange(self._commands)
+            self._commands = []
+        self._advance()
+
+    @torch.inference_mode()
+    def _advance(self) -> None:
         """Prefill work, then launch a decode step and only then read the previous step's tokens (waiting for them:
         they were ready when this step started on the device), so the device never waits for the host. A request
         that finished in the previous step therefore decodes once more; that token is dropped and its row freed
@@ -425,7 +525,7 @@ class Engine:
         previous, self._pending = self._pending, launched
         if previous is not None:
             self._read(previous)
-        if launched is not None and launched.event.query():
+        if launched is not None and self._read_when_ready and launched.event.query():
             self._pending = None
             self._read(launched)
 
@@ -460,7 +560,7 @@ class Engine:
         """Sample the first token from the prefill's logits, then start the row decoding (unless that was all)."""
         p, slot = request.params, request.slot
         row = self._set_row(slot, request)
-        token = sample(logits[None], *row, Filters.of([p]))
+        token = self._agreed(sample(logits[None], *row, Filters.of([p])))
         if self._accept(request, int(token)):
             self._finish(request, running=False)
             return
@@ -542,13 +642,24 @@ class Engine:
                                               lengths, starts, model.scale)
             x = model.attention_out(weights, x, attn, fused=fused)
         logits = model.logits(x, fused=fused)
-        token = sample(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows], self._min_p[rows],
-                       self._seeds[rows], self._counters[rows], filters)
+        token = self._agreed(sample(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
+                                    self._min_p[rows], self._seeds[rows], self._counters[rows], filters))
         active = self._active[rows]
         self._tokens[rows] = token
         self._positions[rows] += active
         self._counters[rows] += active
         lengths += active.to(torch.int32)
+
+    def _agreed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Under TP rank 0's sampled ``tokens`` on every rank (in place; part of the step's CUDA graph on NCCL).
+
+        Every rank samples the same tokens when its logits are bitwise rank 0's, and the seeds are (rank 0 sends
+        them); but that rests on the all-reduce giving every rank the same bits, which depends on its algorithm,
+        and one differing token would set the ranks' schedules apart and hang them. A broadcast of one int64 per
+        row rules that out for a small cost next to the step's two all-reduces per layer."""
+        if self.tp_size > 1:
+            dist.broadcast(tokens, src=0)
+        return tokens
 
     def _capture(self, lo: int, rows: int, filters: Filters) -> Any:
         """Capture :meth:`_decode_step` of rows ``[lo, lo + rows)`` as a CUDA graph. One eager step first compiles
@@ -653,6 +764,25 @@ class Engine:
         chunk = min(self.prefill_chunk, n)
         activations = chunk * (m.layers[0].qkv.shape[0] + 2 * m.layers[0].gate_up.shape[0] + 4 * hidden) * element
         return 2 * full_kv + 2 * n * hidden * element + activations + SCORE_BYTES
+
+
+class _CommandEncoder(json.JSONEncoder):
+    """Rank 0's commands as JSON: a request's :class:`SamplingParams` as its constructor's arguments."""
+
+    def default(self, o: Any) -> Any:
+        if isinstance(o, SamplingParams):
+            return {f.name: getattr(o, f.name) for f in dataclasses.fields(o) if f.init}
+        return super().default(o)
+
+
+def _tensor_parallel_group() -> tuple[int, int, Any]:
+    """This process's rank, the tensor-parallel size (the default group's world) and, with more than one rank, a
+    gloo group for rank 0's request commands."""
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("tensor_parallel=True needs an initialized torch.distributed process group: run under "
+                         "torchrun and call torch.distributed.init_process_group() before building the engine")
+    size = dist.get_world_size()
+    return dist.get_rank(), size, dist.new_group(backend="gloo") if size > 1 else None
 
 
 def _check_positive(name: str, value: Any) -> None:

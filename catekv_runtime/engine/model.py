@@ -8,8 +8,12 @@ of each query and key head before RoPE), Phi-3 without partial rotary or longrop
 
 with RoPE in the rotate-half form over the whole head. The RoPE frequencies are the model's own rotary module's
 ``inv_freq`` and ``attention_scaling`` (so linear, llama3 and yarn scaling need no code here); RoPE types whose
-frequencies change with the sequence length (dynamic, longrope) are refused, as are sliding windows and tensor
-parallel models: this code would compute something else for them.
+frequencies change with the sequence length (dynamic, longrope) are refused, as are sliding windows and models
+transformers sharded itself (``tp_plan``): this code would compute something else for them.
+
+Tensor parallelism is this same code with each rank's share of the weights (:meth:`DecoderModel.shard`, Megatron's
+split): q/k/v and gate/up split by output rows (column-parallel), o and down by input columns (row-parallel),
+followed by an all-reduce of their output; the embedding and the LM head stay whole on every rank.
 
 q/k/v and gate/up run as one projection each. Their weights are concatenated once and the transformers model's own
 parameters become views of the result (:func:`fuse_linears`), so building this model costs no weight memory
@@ -21,6 +25,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 SUPPORTED_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
@@ -53,12 +58,15 @@ class DecoderModel:
     """A Llama-family decoder over plain tensors; build it with :meth:`from_transformers`.
 
     Shapes: hidden states are ``[..., hidden]``; :meth:`qkv` returns heads as ``[..., heads, head_dim]``; RoPE
-    tables are ``[..., head_dim]`` for the same leading shape as the tokens.
+    tables are ``[..., head_dim]`` for the same leading shape as the tokens. Under tensor parallelism
+    (``tp_size`` > 1, from :meth:`shard`) ``q_heads`` and ``kv_heads`` are this rank's, and :meth:`attention_out`
+    all-reduces over the default process group.
     """
 
     def __init__(self, *, layers: list[LayerWeights], embed: torch.Tensor, final_norm: torch.Tensor,
                  lm_head: torch.Tensor, inv_freq: torch.Tensor, attention_scaling: float, q_heads: int,
-                 kv_heads: int, head_dim: int, eps: float, scale: float, eos_token_ids: tuple[int, ...]):
+                 kv_heads: int, head_dim: int, eps: float, scale: float, eos_token_ids: tuple[int, ...],
+                 tp_size: int = 1):
         self.layers = layers
         self.embed = embed
         self.final_norm = final_norm
@@ -69,6 +77,7 @@ class DecoderModel:
         self.eps = eps
         self.scale = scale
         self.eos_token_ids = eos_token_ids
+        self.tp_size = tp_size
 
     @property
     def dtype(self) -> torch.dtype:
@@ -107,6 +116,43 @@ class DecoderModel:
             attention_scaling=float(rotary.attention_scaling), q_heads=q_heads, kv_heads=kv_heads,
             head_dim=attn.head_dim, eps=float(config.rms_norm_eps), scale=float(attn.scaling), eos_token_ids=eos_ids,
         )
+
+    def shard(self, rank: int, size: int) -> DecoderModel:
+        """Rank ``rank`` of ``size``'s part of this model for tensor parallelism: the query heads, KV heads and MLP
+        columns of rank r are the r-th of ``size`` equal contiguous blocks (KV heads ``[r * H / size, (r + 1) * H /
+        size)`` and their query heads, as transformers' ``colwise`` plan and ``catekv_runtime.local_head_map``);
+        o and down keep the matching input columns, and their biases live on rank 0 only (the all-reduce adds them
+        once). The projections' shares are copies; the embedding, LM head and norms are shared, whole."""
+        inter = self.layers[0].gate_up.shape[0] // 2
+        if not 0 <= rank < size:
+            raise ValueError(f"rank {rank} is not in [0, {size})")
+        if self.kv_heads % size:
+            raise ValueError(f"tensor parallelism over {size} ranks: the model has {self.kv_heads} KV heads, which do "
+                             f"not divide by {size} (each rank must hold whole KV heads); run with a tensor-parallel "
+                             f"size that divides {self.kv_heads}")
+        if inter % size:
+            raise ValueError(f"tensor parallelism over {size} ranks: the MLP's intermediate size {inter} does not "
+                             f"divide by {size}; run with a tensor-parallel size that divides it")
+        qkv_blocks = [self.q_heads * self.head_dim] + 2 * [self.kv_heads * self.head_dim]
+
+        def columns(weight: torch.Tensor) -> torch.Tensor:
+            return weight.chunk(size, dim=1)[rank].contiguous()
+
+        def first_only(bias: torch.Tensor | None) -> torch.Tensor | None:
+            return bias if rank == 0 else None
+
+        layers = [LayerWeights(
+            input_norm=w.input_norm, qkv=_rank_rows(w.qkv, qkv_blocks, rank, size),
+            qkv_bias=_rank_rows(w.qkv_bias, qkv_blocks, rank, size), q_norm=w.q_norm, k_norm=w.k_norm,
+            o=columns(w.o), o_bias=first_only(w.o_bias), post_norm=w.post_norm,
+            gate_up=_rank_rows(w.gate_up, [inter, inter], rank, size),
+            gate_up_bias=_rank_rows(w.gate_up_bias, [inter, inter], rank, size),
+            down=columns(w.down), down_bias=first_only(w.down_bias),
+        ) for w in self.layers]
+        return DecoderModel(
+            layers=layers, embed=self.embed, final_norm=self.final_norm, lm_head=self.lm_head, inv_freq=self.inv_freq,
+            attention_scaling=self.attention_scaling, q_heads=self.q_heads // size, kv_heads=self.kv_heads // size,
+            head_dim=self.head_dim, eps=self.eps, scale=self.scale, eos_token_ids=self.eos_token_ids, tp_size=size)
 
     # ------------------------------------------------------------------------------------------- the math
 
@@ -163,9 +209,15 @@ class DecoderModel:
             act = fused_linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=self.eps,
                                glu=True)
             return fused_linear(act, layer.down, layer.down_bias, residual=h)
-        h = x + F.linear(attn.flatten(-2), layer.o, layer.o_bias)
+        h = x + self._all_reduce(F.linear(attn.flatten(-2), layer.o, layer.o_bias))
         gate, up = F.linear(self.rms_norm(h, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
-        return h + F.linear(F.silu(gate) * up, layer.down, layer.down_bias)
+        return h + self._all_reduce(F.linear(F.silu(gate) * up, layer.down, layer.down_bias))
+
+    def _all_reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        """The sum over the ranks of a row-parallel projection's output (in place); itself without TP."""
+        if self.tp_size > 1:
+            dist.all_reduce(partial)
+        return partial
 
     def logits(self, x: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
         """Final norm and LM head: float32 logits ``[..., vocab]``. ``fused``: one row in one Triton kernel."""
@@ -177,7 +229,10 @@ class DecoderModel:
 
     def fusable(self) -> bool:
         """Whether ``kernels.triton_linear.fused_linear`` can take every projection: weights in the model dtype
-        with contiguous rows. The math it fuses (Llama's RMSNorm, SiLU-gating) is this model's own."""
+        with contiguous rows. The math it fuses (Llama's RMSNorm, SiLU-gating) is this model's own. Never under
+        tensor parallelism: the kernels add the residual inside o and down, before the all-reduce would run."""
+        if self.tp_size > 1:
+            return False
         weights = [self.lm_head, self.final_norm]
         for layer in self.layers:
             weights += [layer.qkv, layer.o, layer.gate_up, layer.down, layer.input_norm, layer.post_norm]
@@ -195,8 +250,8 @@ def _check_supported(model: torch.nn.Module, config) -> None:
         raise UnsupportedModelError(f"the engine supports the Llama family ({', '.join(SUPPORTED_TYPES)}), not "
                                     f"{kind!r}; use catekv_runtime.apply(model, profile) with model.generate")
     if tensor_parallel_rank(model)[1] > 1:
-        raise UnsupportedModelError("the engine does not support tensor parallel models yet; under tp_plan='auto' "
-                                    "use catekv_runtime.apply(model, profile) and model.generate")
+        raise UnsupportedModelError("the engine shards the model itself: load it without tp_plan (the full weights "
+                                    "on every rank) and pass Engine(..., tensor_parallel=True) under torchrun")
     if not all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers):
         raise UnsupportedModelError(f"{kind}: sliding-window attention layers are not supported by the engine "
                                     "(set sliding_window=None if the model does not need it, or use apply())")
@@ -233,6 +288,14 @@ def _layer_weights(layer: torch.nn.Module) -> LayerWeights:
         post_norm=layer.post_attention_layernorm.weight.detach(),
         gate_up=gate_up, gate_up_bias=gate_up_bias, down=mlp.down_proj.weight.detach(), down_bias=_bias(mlp.down_proj),
     )
+
+
+def _rank_rows(tensor: torch.Tensor | None, blocks: list[int], rank: int, size: int) -> torch.Tensor | None:
+    """``tensor``'s rows read as consecutive blocks of ``blocks`` rows (q, k, v; gate, up): the ``rank``-th of
+    ``size`` equal parts of each block, concatenated (a copy). None stays None."""
+    if tensor is None:
+        return None
+    return torch.cat([block.chunk(size)[rank] for block in tensor.split(blocks)])
 
 
 def _bias(linear: torch.nn.Module) -> torch.Tensor | None:

@@ -90,18 +90,23 @@ def host_copy_bandwidth() -> float:
     return 10 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
-def main(argv: list[str] | None = None) -> list[dict]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_step_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
+    """The options of a decode-step benchmark on random Llama-3-8B shapes (this one and ``tp_engine.py``)."""
     parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
     parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1],
-                        help="requests decoding together, each of the whole context")
     parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
     parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
     parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU, Triton's interpreter, a tiny model, context 200, 2 steps (figures mean nothing)")
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_step_arguments(parser, smoke="CPU, Triton's interpreter, a tiny model, context 200, 2 steps (figures mean "
+                                     "nothing)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1],
+                        help="requests decoding together, each of the whole context")
     parser.add_argument("--out", type=Path, default=None, help="write every record to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # tp_decode's import turns NVLink multicast off for NCCL (the GPU machines have none); before NCCL starts.
 from benchmarks import tp_decode  # noqa: E402, I001
 from benchmarks import decode as bench  # noqa: E402
-from benchmarks.engine_decode import filled_engine, time_step_ms  # noqa: E402
+from benchmarks.engine_decode import add_step_arguments, filled_engine, time_step_ms  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -69,14 +69,7 @@ def merged(path: Path, tp: int, records: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
-    parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
-    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
-    parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU and gloo, a tiny model, context 200, 2 steps (the figures mean nothing)")
+    add_step_arguments(parser, smoke="CPU and gloo, a tiny model, context 200, 2 steps (the figures mean nothing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     rank, tp, device = start(args.smoke)

@@ -24,7 +24,7 @@ from catekv_runtime.profile import resolve_profile
 from catekv_runtime.policies import CateKV, DuoAttention, Full, SnapKV, StreamingLLM, get_policy
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
+PROFILE = REPO / "catekv_profiles" / "smollm2-135m-instruct.safetensors"
 
 
 @pytest.mark.parametrize("length", [400, 1000, 5000])

@@ -46,8 +46,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from catekv_profiler.report import markdown_table
-from catekv_runtime.files import write_atomically
+from catekv_runtime.files import markdown_table, write_atomically
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "docs" / "results"

@@ -19,8 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from catekv_profiler.report import markdown_table
-from catekv_runtime.files import write_atomically
+from catekv_runtime.files import markdown_table, write_atomically
 
 # Issue #5's targets: CateKV at <= 45% KV within 1 point of full, >= 5 points above SnapKV and StreamingLLM.
 MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0

@@ -23,10 +23,9 @@ import click
 import torch
 
 import catekv_runtime as ck
-from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
-from catekv_profiler.report import markdown_table
+from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.cache import CateKVCache
-from catekv_runtime.files import write_atomically
+from catekv_runtime.files import markdown_table, write_atomically
 from catekv_runtime.policies import Full, Policy, get_policy
 from catekv_runtime.profile import Profile, ProfileError, resolve_profile
 
@@ -265,7 +264,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
     catekv-eval smollm2-135m smollm2-135m-instruct-8k --lengths 4096 8192 --ratios 0.2 0.4 --out r.json
     """
     from catekv_profiler.checks import check_context_length_option, check_output_option
-    from catekv_profiler.models import ModelError, ModelInfo, load_model
+    from catekv_models import ModelError, ModelInfo, load_model, resolve_device
 
     # Everything that can be checked is checked before the model loads (its shape and maximum: from its config).
     if out is not None:
@@ -293,7 +292,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
         for length in lengths:
             check_context_length_option(length, base.params, "'--lengths'", info.max_context)
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    device = resolve_device(device)
     try:
         model_obj, tokenizer, info = load_model(model, device=device, dtype=dtype, on_config=check_config)
     except ModelError as e:

@@ -10,16 +10,12 @@ from pathlib import Path
 
 import click
 
+from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
 
 from .checks import check_context_length_option, check_output_option
 
 DEFAULTS = ProfileParams()
-# Where a model runs, as every command that loads one (profile, catekv-eval, catekv-serve) spells it.
-DEVICE_OPTION = click.option("--device", default="auto", show_default=True,
-                             help="cpu, cuda, cuda:1, ... (auto: cuda if available).")
-DTYPE_OPTION = click.option("--dtype", default="auto", show_default=True,
-                            help="float32, bfloat16 or float16 (auto: float32 on CPU, bfloat16 on CUDA).")
 
 
 class _DefaultToProfile(click.Group):
@@ -115,7 +111,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     import torch
     from tqdm.auto import tqdm
 
-    from .models import DEVICE_MAP_STRATEGIES, ModelError, ModelInfo, load_model, model_devices
+    from catekv_models import DEVICE_MAP_STRATEGIES, ModelError, ModelInfo, load_model, model_devices, resolve_device
     from .profiler import (
         Checkpoint,
         ProfilingError,
@@ -153,8 +149,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     if device_map_arg in DEVICE_MAP_STRATEGIES and not torch.cuda.is_available():
         click.echo(f"warning: no GPU is visible, so --device-map {device_map_arg} puts the whole model on the CPU "
                    "(as --device cpu does)", err=True)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
 
     def check_config(config_info: ModelInfo) -> None:  # before the weights load
         if context_length is not None:

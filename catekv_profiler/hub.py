@@ -21,10 +21,11 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from catekv_runtime.files import markdown_table
 from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, is_hub_repo_id, load_profile
 
 from . import __version__
-from .report import markdown_table, plot_profile, summarize
+from .report import plot_profile, summarize
 
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"

@@ -24,14 +24,6 @@ PROVENANCE_KEYS = ("tool", "created", "torch", "transformers", "device", "dtype"
 # ---------------------------------------------------------------------------------------------- agreement
 
 
-def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], cell: Any = str) -> list[str]:
-    """The lines of a Markdown table: the header, the ``---`` rule, one line per row; ``cell`` writes each value
-    (the model card escapes them, the result pages pass formatted strings)."""
-    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return lines
-
-
 def per_sample_adaptive_sets(profile: Profile) -> torch.Tensor:
     """Bool ``[num_samples, num_layers * num_kv_heads]``: each sample's ``ceil(r * N)`` lowest-CV heads.
 
@@ -373,7 +365,6 @@ def plot_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
 __all__ = [
     "DEFAULT_CONTEXT_LENGTHS",
     "format_summary",
-    "markdown_table",
     "per_sample_adaptive_sets",
     "plot_profile",
     "sample_agreement",

@@ -1,9 +1,12 @@
-"""Writing a file atomically: ``path`` holds either its old content or all of the new one, never a part.
+"""How the project writes its outputs: atomically, and their tables in Markdown.
 
-The one way the project writes its outputs (profiles, checkpoints, plots, evaluation results, joined models,
-the benchmark page): the new content goes to a hidden temporary file beside the target (same file system,
-so the rename is atomic), which is flushed to disk and renamed into place; on any error it is removed and
-the target is left as it was.
+Writing a file atomically: ``path`` holds either its old content or all of the new one, never a part. The one way
+the project writes its outputs (profiles, checkpoints, plots, evaluation results, joined models, the benchmark
+page): the new content goes to a hidden temporary file beside the target (same file system, so the rename is
+atomic), which is flushed to disk and renamed into place; on any error it is removed and the target is left as
+it was. :func:`markdown_table` builds the tables of the model card, ``catekv-eval``'s results and the generated
+pages; it lives here, beside the writer, because the profiler, the evaluation and the benchmarks all use it and
+the runtime is the one package they share (it costs the runtime no dependency).
 """
 
 from __future__ import annotations
@@ -11,8 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 # Outputs are meant to be shared (a profile, a page): readable by all, whatever the temporary file's mode was.
 FILE_MODE = 0o644
@@ -45,3 +49,11 @@ def write_atomically(path: str | os.PathLike[str], data: str | bytes) -> Path:
         with open(tmp, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def markdown_table(header: Sequence[Any], rows: Sequence[Sequence[Any]], cell: Any = str) -> list[str]:
+    """The lines of a Markdown table: the header, the ``---`` rule, one line per row; ``cell`` writes each value
+    (the model card escapes them, the result pages pass formatted strings)."""
+    lines = ["| " + " | ".join(cell(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return lines

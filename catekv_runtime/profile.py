@@ -7,6 +7,7 @@ profiler writes them through :meth:`Profile.save`.
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 import math
 import os
 import re
@@ -462,14 +463,16 @@ def _has_safetensors_header(path: Path) -> bool:
     return len(start) == 9 and int.from_bytes(start[:8], "little") >= 2 and start[8:] == b"{"
 
 
-# Profiles shipped in the repository's profiles/ folder (present in source checkouts and editable
-# installs; a wheel carries none: the Hub is how profiles travel).
-SHIPPED_PROFILES = Path(__file__).resolve().parents[1] / "profiles"
+def _shipped_profiles_folder() -> Path:
+    """The folder of the profiles shipped with catekv, the data package ``catekv_profiles``: found the same way in a
+    source checkout, an editable install and an installed wheel."""
+    # A regular package on disk (pip installs wheels unpacked), so its Traversable is a pathlib.Path.
+    return Path(str(importlib.resources.files("catekv_profiles")))
 
 
 def list_profiles() -> list[str]:
-    """Short names of the profiles shipped in ``profiles/``, for ``load_profile(name)``."""
-    return sorted(p.stem for p in SHIPPED_PROFILES.glob("*.safetensors"))
+    """Short names of the profiles shipped with catekv (``catekv_profiles/``), for ``load_profile(name)``."""
+    return sorted(p.stem for p in _shipped_profiles_folder().glob("*.safetensors"))
 
 
 def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
@@ -479,7 +482,7 @@ def _resolve(path: str | os.PathLike[str], revision: str | None) -> Path:
     text = str(path)
     if local.is_dir():
         raise ProfileError(f"{text!r} is a directory, not a profile file; pass the .safetensors file")
-    shipped = SHIPPED_PROFILES / f"{text}.safetensors"
+    shipped = _shipped_profiles_folder() / f"{text}.safetensors"
     if "/" not in text and shipped.is_file():
         return shipped
     repo_id, at, at_revision = text.partition("@")  # "org/name@rev"; the revision may hold "/" (refs/pr/1)

@@ -4,11 +4,11 @@
 server-sent events), ``/v1/models``, ``/tokenize``, ``/health`` and ``/metrics`` (Prometheus text) with FastAPI and
 uvicorn; vLLM's OpenAI server is the model for field names and behaviour.
 
-Why a package of its own, beside ``catekv_runtime`` and ``catekv_profiler``: the runtime never imports the profiler
-and its core needs only torch and safetensors, but a server has to load MODEL the way the profiler does (a Hub id, a
-folder, a GGUF file or an embedded name, through :func:`catekv_profiler.models.load_model`) and needs web
-dependencies besides. Putting it inside the runtime would break that rule; putting it inside the profiler would tie
-serving to profiling. ``catekv_serve`` sits on top of both and is installed with the ``serve`` extra.
+Why a package of its own, beside ``catekv_runtime`` and ``catekv_models``: the runtime's core needs only torch and
+safetensors and never imports the model loader, but a server has to load MODEL as every command does (a Hub id, a
+folder, a GGUF file or an embedded name, through :func:`catekv_models.load_model`) and needs web dependencies
+besides. Putting it inside the runtime would break that rule. ``catekv_serve`` sits on top of both and is installed
+with the ``serve`` extra.
 
 Layout: :mod:`.worker` (the one thread that owns the engine), :mod:`.protocol` (OpenAI request fields, responses,
 errors), :mod:`.metrics`, :mod:`.app` (the FastAPI application), :mod:`.cli`. From Python,

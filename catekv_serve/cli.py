@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from catekv_profiler.cli import DEVICE_OPTION, DTYPE_OPTION
+from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 
 
 class BadInput(click.ClickException):
@@ -64,13 +64,12 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
     """
     import torch
 
-    from catekv_profiler.models import ModelError, resolve_dtype
+    from catekv_models import ModelError, resolve_device, resolve_dtype
     from catekv_runtime.profile import ProfileError, load_profile
 
     if api_key is not None and not api_key.strip():
         raise BadInput("--api-key: empty key")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     try:
         kind = torch.device(device).type
     except RuntimeError as error:
@@ -96,7 +95,7 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
     except ImportError as error:
         raise BadInput(f"{error}; install the server's dependencies with `pip install 'catekv[serve]'`") from None
 
-    from catekv_profiler.models import load_model
+    from catekv_models import load_model
     from catekv_runtime.engine import Engine
 
     try:

@@ -118,7 +118,7 @@ def smollm2() -> tuple[Any, Any, Any]:
     """
     if _SMOLLM2_MISSING:
         pytest.skip(_SMOLLM2_MISSING)
-    from catekv_profiler.models import load_model
+    from catekv_models import load_model
 
     return load_model("smollm2-135m")
 

@@ -18,13 +18,13 @@ import catekv_runtime as ck
 from catekv_eval.methods import METHODS, method_overrides
 from catekv_eval.run import evaluate, main, markdown
 from catekv_eval.tasks import make_samples
-from catekv_profiler.models import ModelInfo
-from catekv_profiler.models import load_model as load_model_real
+from catekv_models import ModelInfo
+from catekv_models import load_model as load_model_real
 from catekv_runtime.profile import resolve_profile
 from catekv_runtime.policies import CateKV, DuoAttention, Full, SnapKV, StreamingLLM, get_policy
 
 REPO = Path(__file__).resolve().parents[1]
-PROFILE = REPO / "profiles" / "smollm2-135m-instruct.safetensors"
+PROFILE = REPO / "catekv_profiles" / "smollm2-135m-instruct.safetensors"
 
 
 @pytest.mark.parametrize("length", [400, 1000, 5000])
@@ -184,14 +184,14 @@ def fake_run(monkeypatch):
     Returns the list of ``evaluate`` calls (keyword arguments, plus ``context_length``).
     """
     from catekv_eval import run
-    from catekv_profiler import models
+    import catekv_models
 
     def load_model(spec, *, on_config=None, **kwargs):
         on_config(SMOLLM2_INFO)
         return torch.nn.Linear(1, 1), object(), SMOLLM2_INFO
 
     calls = []
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(catekv_models, "load_model", load_model)
     monkeypatch.setattr(run, "evaluate", lambda model, tokenizer, profile, **kwargs: calls.append(kwargs) or [])
     return calls
 
@@ -246,13 +246,13 @@ def random_bytes_profile(tmp_path) -> str:
 )
 def test_cli_bad_input_is_one_line_before_the_model_loads(tmp_path, monkeypatch, args, code, message):
     """Each refused from the options, the profile and the model's config: no weights, no traceback."""
-    from catekv_profiler import models
+    import catekv_models
 
     def load_model(spec, *, on_config=None, **kwargs):
         on_config(SMOLLM2_INFO)
         raise AssertionError("the model's weights would load now")
 
-    monkeypatch.setattr(models, "load_model", load_model)
+    monkeypatch.setattr(catekv_models, "load_model", load_model)
     monkeypatch.chdir(tmp_path)
     args = [arg(tmp_path) if callable(arg) else arg for arg in args]
     before = set(tmp_path.iterdir())
@@ -274,7 +274,7 @@ def test_cli_out_that_cannot_be_written(unwritable_dir, fake_run):
 def test_cli_model_and_task_errors_are_one_line(tmp_path, fake_run, monkeypatch):
     from catekv_eval import run
     from catekv_eval.tasks import EvalTaskError
-    from catekv_profiler import models
+    import catekv_models
 
     def too_short(*args, **kwargs):
         raise EvalTaskError("context_length=1024 is too small for task vt")
@@ -282,7 +282,7 @@ def test_cli_model_and_task_errors_are_one_line(tmp_path, fake_run, monkeypatch)
     monkeypatch.setattr(run, "evaluate", too_short)
     result = CliRunner().invoke(main, ["smollm2-135m", "smollm2-135m-instruct", "--lengths", "1024"])
     assert result.exit_code == 1 and "Error: context_length=1024 is too small" in result.output, result.output
-    monkeypatch.setattr(models, "load_model", load_model_real)
+    monkeypatch.setattr(catekv_models, "load_model", load_model_real)
     result = CliRunner().invoke(main, [str(tmp_path / "nope"), "smollm2-135m-instruct"])
     assert result.exit_code == 1 and result.output.startswith("Error: model path") and "not found" in result.output
 

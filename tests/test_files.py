@@ -1,4 +1,4 @@
-"""The one atomic writer (catekv_runtime.files) and the one Markdown table builder."""
+"""The one atomic writer and the one Markdown table builder (catekv_runtime.files)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ import stat
 
 import pytest
 
-from catekv_profiler.report import markdown_table
-from catekv_runtime.files import replacing, write_atomically
+from catekv_runtime.files import markdown_table, replacing, write_atomically
 
 
 def test_write_atomically_replaces_whole_files(tmp_path):

@@ -1,4 +1,4 @@
-"""Tests of catekv_profiler.models: resolving MODEL, refusing bad inputs, and ModelInfo."""
+"""Tests of catekv_models: resolving MODEL, refusing bad inputs, and ModelInfo."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import FAMILIES, make_tiny_model, requires_smollm2
 
-from catekv_profiler.models import EMBEDDED_MODELS, ModelError, ModelInfo, load_model, model_info, resolve_dtype
+from catekv_models import EMBEDDED_MODELS, ModelError, ModelInfo, load_model, model_info, resolve_dtype
 
 
 def test_tiny_model_info_counts(tiny_model):
@@ -144,7 +144,7 @@ def test_embedded_model_in_parts_is_joined_once(tmp_path, monkeypatch):
     """A model split over packages is joined into the cache folder, checked, and reused."""
     import hashlib
 
-    from catekv_profiler.models import EmbeddedModel
+    from catekv_models import EmbeddedModel
 
     chunks = [b"GGUF" + bytes(range(256)) * 40, b"middle" * 999, b"end"]
     for i, chunk in enumerate(chunks):
@@ -204,10 +204,10 @@ def test_embedded_hash_mismatch_is_refused(monkeypatch):
 @requires_smollm2
 def test_gguf_path_provenance(monkeypatch):
     # How a .gguf path is resolved, without paying for a second 10 s load: stop at the loader call.
-    from catekv_profiler import models
+    import catekv_models
 
     calls = []
-    monkeypatch.setattr(models, "_load_gguf", lambda path, provenance, *args: calls.append((path, provenance)))
+    monkeypatch.setattr(catekv_models, "_load_gguf", lambda path, provenance, *args: calls.append((path, provenance)))
     path = EMBEDDED_MODELS["smollm2-135m"].path().resolve()
     load_model(str(path))
     expected = {"model_id": str(path), "revision": EMBEDDED_MODELS["smollm2-135m"].sha256, "source": "gguf"}

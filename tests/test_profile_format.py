@@ -506,3 +506,31 @@ def test_shipped_profiles_load_by_short_name():
     assert profile.params.budget == 512 and profile.head_map.shape == (30, 3)
     with pytest.raises(ProfileError, match="shipped profiles by short name: .*smollm2-135m-instruct"):
         load_profile("no-such-profile")
+
+
+def test_shipped_profiles_are_package_data_of_the_wheel():
+    """The wheel carries every shipped profile with its card and head map, so load_profile(NAME) works installed:
+    setuptools finds the package catekv_profiles, and its package-data patterns match each profile's files (checked
+    here without building a wheel, which would take too long for the tests)."""
+    import fnmatch
+    import importlib.resources
+
+    import setuptools
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    from catekv_runtime import list_profiles
+
+    repo = Path(__file__).resolve().parents[1]
+    config = tomllib.loads((repo / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "catekv_profiles" in setuptools.find_packages(repo, include=config["packages"]["find"]["include"])
+    folder = importlib.resources.files("catekv_profiles")
+    assert Path(str(folder)) == repo / "catekv_profiles"  # this checkout's, as the runtime finds them
+    names = list_profiles()
+    assert names == sorted(p.name.removesuffix(".safetensors") for p in folder.iterdir()
+                           if p.name.endswith(".safetensors"))
+    patterns = config["package-data"]["catekv_profiles"]
+    for name in names:
+        for suffix in (".safetensors", ".md", ".png"):
+            assert (folder / f"{name}{suffix}").is_file(), f"{name}{suffix}"
+            assert any(fnmatch.fnmatch(f"{name}{suffix}", pattern) for pattern in patterns), f"{name}{suffix}"

@@ -341,12 +341,12 @@ def test_cli_calibrate_bad_parameters(tmp_path, args, message):
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails the test: what these tests give must be refused before."""
-    from catekv_profiler import models
+    import catekv_models
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(models, "load_model", refuse)
+    monkeypatch.setattr(catekv_models, "load_model", refuse)
 
 
 @pytest.fixture

@@ -36,7 +36,7 @@ def test_setup_output_is_git_ignored():
 def test_runtime_example_loads_an_embedded_model(smollm2):
     """The example of loading an embedded GGUF model with the public loader runs as written, then generates."""
     namespace: dict = {}
-    exec(python_block_with("from catekv_profiler import load_model"), namespace)
+    exec(python_block_with("from catekv_models import load_model"), namespace)
     model, tokenizer, ck = namespace["model"], namespace["tokenizer"], namespace["ck"]
     assert namespace["info"] == smollm2[2] and not model.training
     ids = torch.tensor([tokenizer.encode("The capital of France is")])

@@ -276,6 +276,23 @@ def test_sliding_window_layers_keep_their_cache(family):
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
 
 
+def test_runtime_imports_no_other_package_of_the_project():
+    """Every module of the runtime imports, and a shipped profile loads, without the profiler, the model loader
+    (catekv_models), the evaluation or the server: the runtime stands alone on torch and safetensors."""
+    code = (
+        "import importlib, pkgutil, sys, catekv_runtime\n"
+        "for module in pkgutil.walk_packages(catekv_runtime.__path__, 'catekv_runtime.'):\n"
+        "    importlib.import_module(module.name)\n"
+        "catekv_runtime.load_profile('smollm2-135m-instruct')\n"
+        "others = ('catekv_profiler', 'catekv_models', 'catekv_eval', 'catekv_serve')\n"
+        "print(sorted(name for name in sys.modules if name.startswith(others)))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "[]\n"
+
+
 def test_missing_transformers_names_the_extra_to_install():
     """Without transformers, the core still loads profiles; apply and CateKVCache say what to install."""
     code = (

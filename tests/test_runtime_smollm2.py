@@ -10,7 +10,7 @@ import torch
 
 import catekv_runtime as ck
 
-PROFILE = Path(__file__).resolve().parents[1] / "profiles" / "smollm2-135m-instruct.safetensors"
+PROFILE = Path(__file__).resolve().parents[1] / "catekv_profiles" / "smollm2-135m-instruct.safetensors"
 FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 
 

@@ -36,7 +36,7 @@ def test_bad_input_is_one_line_and_exit_code_2(case, capsys, monkeypatch):
 
     args, named = BAD[case]
     if case != "missing model folder":
-        monkeypatch.setattr("catekv_profiler.models.load_model", no_model)
+        monkeypatch.setattr("catekv_models.load_model", no_model)
     with pytest.raises(SystemExit) as exited:
         cli.main(args)
     assert exited.value.code == 2

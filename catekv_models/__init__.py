@@ -1,4 +1,9 @@
-"""Load the model to profile from the user's MODEL argument, and describe it.
+"""Load a model from the MODEL argument that every command takes, and describe it.
+
+Its own package because the profiler, ``catekv-eval`` and ``catekv-serve`` all load models, and none of them should
+have to import another for that; ``catekv_runtime`` never imports it (its core needs only torch and safetensors).
+Loading needs the ``models`` extra (transformers, accelerate, huggingface_hub), and ``gguf`` for GGUF files; the
+``--device`` and ``--dtype`` options of the command lines are in :mod:`catekv_models.options`.
 
 MODEL is one of, resolved in this order:
 
@@ -39,6 +44,7 @@ __all__ = [
     "load_model",
     "model_devices",
     "model_info",
+    "resolve_device",
     "resolve_dtype",
 ]
 
@@ -185,6 +191,13 @@ _TOKENIZER_FILES = (
 )
 
 
+def resolve_device(device: str) -> str:
+    """The device a command's ``--device`` names; "auto" is "cuda" when a GPU is visible, else "cpu"."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def resolve_dtype(dtype: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
     """Map a dtype name to a torch dtype; "auto" is float32 on CPU and bfloat16 on CUDA."""
     if isinstance(dtype, torch.dtype):
@@ -268,7 +281,7 @@ def load_model(
 ) -> tuple[Any, Any, ModelInfo]:
     """Load a decoder-only causal LM, in eval mode with gradients off and SDPA attention.
 
-    The public entry point for every kind of MODEL the profiler accepts, the embedded GGUF models included
+    The public entry point for every kind of MODEL the command lines accept, the embedded GGUF models included
     (``load_model("smollm2-135m")``); transformers de-quantises GGUF weights to ``dtype``.
 
     Args:

@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         engine_args = {}
     results: list[dict] = []
     bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
-               layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=args.ratio)
+               layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget,
+               ratio=args.ratio)
     for context, batch, arm in itertools.product(contexts, args.batches, args.arms):
         profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
         engine = filled_engine(model, profile, context, steps + 2, batch, **engine_args)

@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         ranks = tp_decode.gather(dict(rank=rank, decode_ms_per_step=round(ms, 3), kv_gib=kv_gib,
                                       weight_gib=weight_gib))
         emit(suite="tp-engine-step", tp=tp, arm=arm, context=context, steps=steps, attention=engine.attention,
-             projections=engine.projections, cuda_graphs=engine.cuda_graphs, decode_ms_per_step=max(r["decode_ms_per_step"] for r in ranks),
+             projections=engine.projections, cuda_graphs=engine.cuda_graphs,
+             decode_ms_per_step=max(r["decode_ms_per_step"] for r in ranks),
              ms_per_rank=[r["decode_ms_per_step"] for r in ranks], kv_gib_per_rank=[r["kv_gib"] for r in ranks],
              weight_gib_per_rank=[r["weight_gib"] for r in ranks])
         del engine

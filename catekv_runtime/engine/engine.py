@@ -452,9 +452,10 @@ class Engine:
     # ------------------------------------------------------------------------------------------- the loop
 
     def step(self) -> list[Completion]:
-        """One iteration: up to ``prefill_chunk`` tokens of prefill work through every layer (starting waiting requests in free slots),
-        then one decode step over the running requests. Returns the requests added with :meth:`add_request` that
-        have finished since the last call (requests of :meth:`generate` and :meth:`stream` go to their caller)."""
+        """One iteration: up to ``prefill_chunk`` tokens of prefill work through every layer (starting waiting
+        requests in free slots), then one decode step over the running requests. Returns the requests added with
+        :meth:`add_request` that have finished since the last call (requests of :meth:`generate` and :meth:`stream`
+        go to their caller)."""
         self._check_leader("step")
         self._step()
         done, self._outbox = self._outbox, []

@@ -87,7 +87,8 @@ class SlotKV:
         row's lengths stay as they are until :meth:`activate`)."""
         mine = self.layers[layer]
         if len(mine) != len(selections):
-            raise RuntimeError(f"layer {layer}: selection made {len(selections)} head groups, the slots hold {len(mine)}")
+            raise RuntimeError(f"layer {layer}: selection made {len(selections)} head groups, the slots hold "
+                               f"{len(mine)}")
         counts = []
         for group, (heads, kept_tokens) in zip(mine, selections):
             kept = keys.shape[1] if kept_tokens is None else kept_tokens.shape[1]
@@ -125,11 +126,12 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
     """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time.
 
     A generator: it yields the number of tokens it just processed after every chunk of every layer but the last
-    (whose work ends with the return), so that the engine can run decode steps in between, and returns the last position's logits ``[vocab]`` and the per-group
-    token counts to pass to :meth:`SlotKV.activate`. Per layer, each chunk's q/k/v come from the layer's input (the
-    chunks before it already hold the layer's output, but their K/V were written first), its queries attend to every
-    key up to their own, and then the layer selects what each head keeps (``CateKVLayer.select_heads``, the same
-    rule as ``apply``'s cache) and the selection is copied into the row: only one layer's full K/V exists at a time.
+    (whose work ends with the return), so that the engine can run decode steps in between, and returns the last
+    position's logits ``[vocab]`` and the per-group token counts to pass to :meth:`SlotKV.activate`. Per layer, each
+    chunk's q/k/v come from the layer's input (the chunks before it already hold the layer's output, but their K/V
+    were written first), its queries attend to every key up to their own, and then the layer selects what each head
+    keeps (``CateKVLayer.select_heads``, the same rule as ``apply``'s cache) and the selection is copied into the
+    row: only one layer's full K/V exists at a time.
     """
     n = token_ids.shape[0]
     hidden = model.embed[token_ids]  # [n, hidden]
@@ -165,8 +167,8 @@ def decode_attention_torch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, la
                            lengths: torch.Tensor, starts: torch.Tensor, scale: float) -> torch.Tensor:
     """One decode step's attention in plain PyTorch over rows ``[0, n)``: append each row's new K/V (``k``, ``v``
     ``[n, Hkv, D]``, after RoPE) at index ``length - 1`` of its groups, then attend q ``[n, Hq, D]`` to
-    ``[start, length)`` and the new token. Reads every group's whole capacity (masking what is not valid): the CPU path, and the
-    reference of the Triton kernel's."""
+    ``[start, length)`` and the new token. Reads every group's whole capacity (masking what is not valid): the CPU
+    path, and the reference of the Triton kernel's."""
     n = q.shape[0]
     rows = torch.arange(n, device=q.device)
     out = torch.empty_like(q)

@@ -13,6 +13,7 @@ from test_engine import one_thread, prompts, reference  # noqa: F401 (one_thread
 from test_runtime import make_profile
 
 from catekv_runtime.engine import Engine, SamplingParams
+from catekv_runtime.engine.engine import _Request
 
 SPECIAL = (0, 1, 2)
 
@@ -389,3 +390,42 @@ def test_a_step_prefills_prefill_chunk_tokens_through_every_layer(model):
     assert engine._prefilling is not None and not engine.partial(second).token_ids
     engine.step()
     assert engine._prefilling is None and len(engine.partial(second).token_ids) >= 1
+
+
+def decoded_step_by_step(tokenizer, tokens: list[int]) -> list[str]:
+    """The request's text after each token, as the engine detokenizes it incrementally."""
+    request = _Request(0, [1], SamplingParams(), 0)
+    texts = []
+    for token in tokens:
+        request.output.append(token)
+        request.detokenize(tokenizer)
+        texts.append(request.text)
+    return texts
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_incremental_detokenization_equals_decoding_the_whole_output(seed):
+    """Random bytes (multi-byte UTF-8 characters split over tokens, invalid sequences, special tokens): after every
+    token the text equals decoding the whole output, while each step decodes only a few tokens."""
+    gen = torch.Generator().manual_seed(seed)
+    pieces = ["é".encode(), "你好".encode(), "🙂".encode(), b"a", b" ", b"\x80", b"\xff"]  # a byte is a token
+    tokens: list[int] = []
+    while len(tokens) < 300:
+        choice = int(torch.randint(0, len(pieces) + 1, (), generator=gen))
+        tokens += [int(torch.randint(0, 3, (), generator=gen))] if choice == len(pieces) else list(pieces[choice])
+    tokenizer = CountingTokenizer()
+    texts = decoded_step_by_step(tokenizer, tokens)
+    assert texts == [ByteTokenizer().decode(tokens[: i + 1], skip_special_tokens=True) for i in range(len(tokens))]
+    assert max(tokenizer.lengths) < 40  # windows, not the whole output
+
+
+class CountingTokenizer(ByteTokenizer):
+    """A ByteTokenizer that records how many tokens each decode call got."""
+
+    def __init__(self):
+        super().__init__()
+        self.lengths: list[int] = []
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        self.lengths.append(len(ids))
+        return super().decode(ids, skip_special_tokens)

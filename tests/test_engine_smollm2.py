@@ -60,3 +60,16 @@ def test_chat_and_stream_equal_apply_and_generate(smollm2):
     assert out.finish_reason == "stop" and out.token_ids[-1] in engine.model.eos_token_ids
     pieces = list(engine.stream(ids, params))
     assert "".join(pieces) == out.text and len(pieces) > 3
+
+
+def test_incremental_detokenization_equals_decoding_the_whole_output(smollm2):
+    """SmolLM2's byte-level BPE tokenizer: text whose characters split over tokens, special tokens and random ids;
+    after every token the engine's text equals decoding the whole output."""
+    from test_engine_serving import decoded_step_by_step
+
+    _, tokenizer, _ = smollm2
+    text = "Grüße, 你好 🙂🙂! naïve café — ½ ∑ ok\n\tend"
+    tokens = tokenizer(text, add_special_tokens=False).input_ids
+    tokens += [0, 1, 2] + torch.randint(0, len(tokenizer), (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    texts = decoded_step_by_step(tokenizer, tokens)
+    assert texts == [tokenizer.decode(tokens[: i + 1], skip_special_tokens=True) for i in range(len(tokens))]

@@ -85,6 +85,25 @@ class _Request:
     stop_reason: int | str | None = None
     prefill: Iterator[int] | None = None
     kv_kept: int = 0  # token-heads its prompt keeps in the slot (set when its prefill ends)
+    # Incremental detokenization (vLLM's offsets): the text of output[:read_offset] is final; each new token decodes
+    # only output[prefix_offset:], a few tokens, rather than the whole output again.
+    final_text: str = ""
+    prefix_offset: int = 0
+    read_offset: int = 0
+
+    def detokenize(self, tokenizer: Any) -> None:
+        """Set ``text`` to the decoded output (``skip_special_tokens``), equal to decoding it whole: the window from
+        ``prefix_offset`` decodes with the tokens before the new ones as context (a SentencePiece leading space, a
+        character split across tokens), and becomes final once it ends with a whole character."""
+        window = self.output[self.prefix_offset :]
+        context = tokenizer.decode(window[: self.read_offset - self.prefix_offset], skip_special_tokens=True)
+        text = tokenizer.decode(window, skip_special_tokens=True)
+        if not text.startswith(context):  # the new tokens changed how the context decodes: start over (rare)
+            self.final_text, self.prefix_offset, self.read_offset = "", 0, 0
+            context, text = "", tokenizer.decode(self.output, skip_special_tokens=True)
+        self.text = self.final_text + text[len(context) :]
+        if len(text) > len(context) and not text.endswith("\ufffd"):
+            self.final_text, self.prefix_offset, self.read_offset = self.text, self.read_offset, len(self.output)
 
     def completion(self, with_text: bool) -> Completion:
         return Completion(self.id, list(self.prompt), list(self.output), self.text if with_text else None,
@@ -712,7 +731,7 @@ class Engine:
         request.output.append(token)
         previous = len(request.text)
         if self.tokenizer is not None:
-            request.text = self.tokenizer.decode(request.output, skip_special_tokens=True)
+            request.detokenize(self.tokenizer)
         # vLLM's order: end of sequence, stop tokens, stop strings, length.
         if not p.ignore_eos and token in self.model.eos_token_ids:
             request.finish_reason = "stop"

@@ -157,7 +157,9 @@ def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequenc
            "Written by `python -m catekv_eval.report` from the JSON files of `catekv-eval --out` (`docs/results/`).",
            "Tasks: RULER's synthetic tasks generated offline (`catekv_eval/tasks.py`; no QA). Every method prefills",
            "with full attention and differs only in the KV it keeps (`catekv_eval/methods.py`); KV kept is measured",
-           "from the cache's bytes after decoding, padding included. Scores are RULER's string match (%).", ""]
+           "from the cache's bytes after decoding, padding included. Scores are RULER's string match (%).",
+           "Commands are as they were run: a profile path under `profiles/` is now under `catekv_profiles/` (shipped",
+           "profiles also load by name, e.g. `smollm2-135m-instruct-8k`).", ""]
     if image:
         out += [f"![score vs KV kept]({image})", ""]
     for model, run in runs.items():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
+from catekv_eval import report
 from catekv_eval.report import averages, largest_losses, load_runs, render, target_lines
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def record(task, method, score, kv, ratio=0.4, length=4096):
@@ -50,3 +54,13 @@ def test_a_task_in_two_files_is_refused(tmp_path):
     rows = [record("a", "full", 90, 100)]
     with pytest.raises(ValueError, match="both hold a / full at 4096 tokens"):
         load_runs([run_file(tmp_path, "x.json", rows), run_file(tmp_path, "y.json", rows)])
+
+
+def test_the_committed_page_is_what_its_command_writes(tmp_path):
+    """docs/accuracy.md is the output of the command in catekv_eval/report.py's docstring on the committed results
+    (so the page stays true, and the command keeps working when files move)."""
+    results = ROOT / "docs" / "results"
+    out = tmp_path / "accuracy.md"
+    report.main([*map(str, sorted(results.glob("accuracy_*.json"))), "--compare",
+                 *map(str, sorted((results / "r2").glob("accuracy_*.json"))), "-o", str(out)])
+    assert out.read_text() == (ROOT / "docs" / "accuracy.md").read_text()

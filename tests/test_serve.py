@@ -497,3 +497,42 @@ def test_load_generator_smoke(server, tmp_path):
     after = scrape(server)
     assert value(after, "catekv_prompt_tokens_total") - value(before, "catekv_prompt_tokens_total") == 24 * 7
     assert value(after, "catekv_generation_tokens_total") - value(before, "catekv_generation_tokens_total") == 4 * 7
+
+
+def test_random_weight_server_serves_the_load_generator(tmp_path):
+    """benchmarks/serve_random.py --smoke (the server of the long-context load tests, on a tiny random model) answers
+    benchmarks/serve_load.py: prompts of exactly --prompt-tokens ids through its word-level tokenizer, every
+    request completes, and the text is the generated ids' names."""
+    import httpx
+
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import serve_load
+
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "2"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, "benchmarks/serve_random.py", "--smoke", "--port", str(port),
+                                    "--max-model-len", "512", "--max-batch-size", "2"],
+                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert process.poll() is None, log.read_text()[-3000:]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        records = serve_load.main(["--port", str(port), "--label", "random", "--concurrency", "2",
+                                   "--prompt-tokens", "100", "--output-tokens", "3", "--max-requests", "2",
+                                   "--duration", "60", "--timeout", "60"])
+        assert [(r["concurrency"], r["requests"], r["errors"], r["slots"]) for r in records] == [(2, 2, 0, 2)]
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=60, json={
+            "model": "random-llama-random", "prompt": [5, 6, 7], "max_tokens": 3, "temperature": 0}).json()
+        words = reply["choices"][0]["text"].split()
+        assert len(words) == 3 and all(w.startswith("t") and w[1:].isdigit() for w in words), reply
+    finally:
+        stop(process)

@@ -263,7 +263,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
     \b
     catekv-eval smollm2-135m smollm2-135m-instruct-8k --lengths 4096 8192 --ratios 0.2 0.4 --out r.json
     """
-    from catekv_profiler.checks import check_context_length_option, check_output_option
+    from catekv_models.checks import check_context_length_option, check_output_option
     from catekv_models import ModelError, ModelInfo, load_model, resolve_device
 
     # Everything that can be checked is checked before the model loads (its shape and maximum: from its config).

@@ -13,7 +13,7 @@ import click
 from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
 
-from .checks import check_context_length_option, check_output_option
+from catekv_models.checks import check_context_length_option, check_output_option
 
 DEFAULTS = ProfileParams()
 

@@ -1,7 +1,7 @@
 """Checks of command-line input made before any compute, so that bad input costs nothing.
 
-Shared by ``catekv-profile`` and ``catekv-eval``; the ``check_*_option`` functions raise click's usage
-errors (exit code 2, one line naming the option).
+Shared by ``catekv-profile`` and ``catekv-eval`` (beside their shared options, so that the eval needs nothing of the
+profiler); the ``check_*_option`` functions raise click's usage errors (exit code 2, one line naming the option).
 """
 
 from __future__ import annotations

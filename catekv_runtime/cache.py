@@ -177,7 +177,7 @@ class CateKVLayer(DynamicLayer):
             heads, q_heads = self._heads_on(budget, group_size, keys.device)
             per_seq = [
                 self._select(keys[b, :, start:], queries[b, :, max(0, queries.shape[2] - (total - start)) :],
-                             heads, q_heads, budget)
+                             heads, q_heads, budget, self.scale)
                 for b, start in enumerate(starts)
             ]
             self.groups.append(self._build_group(per_seq, keys, values, starts, heads, q_heads))
@@ -189,13 +189,12 @@ class CateKVLayer(DynamicLayer):
         copies it straight into its slots): ``keys`` ``[kv_heads, n, d]``, ``last_queries`` ``[q_heads, >= 1, d]``.
         Returns per group, in :meth:`compress`'s order, its KV heads (on the device) and the token indices each
         keeps, ``[heads, kept]`` sorted, or None when it keeps every token."""
-        self.scale = scale
         group_size = last_queries.shape[0] // keys.shape[0]
         queries = last_queries[:, -self.params.obs_window :]
         selections = []
         for budget in torch.unique(self.budgets).tolist():
             heads, q_heads = self._heads_on(budget, group_size, keys.device)
-            selections.append((heads, self._select(keys, queries, heads, q_heads, budget)))
+            selections.append((heads, self._select(keys, queries, heads, q_heads, budget, scale)))
         return selections
 
     def _heads_on(self, budget: int, group_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -208,7 +207,7 @@ class CateKVLayer(DynamicLayer):
             self._device_heads[key] = heads.to(device), q_heads.to(device)
         return self._device_heads[key]
 
-    def _select(self, keys, queries, heads, q_heads, budget) -> torch.Tensor | None:
+    def _select(self, keys, queries, heads, q_heads, budget, scale) -> torch.Tensor | None:
         """Token indices (relative to the sequence start) kept by ``heads`` for one sequence, ``[heads, kept]``, or
         None when they keep every token."""
         p = self.params
@@ -226,7 +225,7 @@ class CateKVLayer(DynamicLayer):
         for first in range(0, heads.numel(), per_block):
             block = heads[first : first + per_block]
             block_q = q_heads[first * group_size : (first + per_block) * group_size]
-            probs = observation_probs(queries[block_q], mid[block], self.scale, n - obs, regions.mid_start)
+            probs = observation_probs(queries[block_q], mid[block], scale, n - obs, regions.mid_start)
             scores.append(chunk_scores(probs, p.chunk_size))
         return retained_indices(regions, top_chunks(torch.cat(scores) if len(scores) > 1 else scores[0], keep))
 

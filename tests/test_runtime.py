@@ -276,6 +276,14 @@ def test_sliding_window_layers_keep_their_cache(family):
     torch.testing.assert_close(scores, ref_scores, rtol=0, atol=1e-4)
 
 
+def fresh_python(code: str) -> str:
+    """What ``code`` prints in a new Python process run from the repository root (which must exit cleanly)."""
+    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def test_runtime_imports_no_other_package_of_the_project():
     """Every module of the runtime imports, and a shipped profile loads, without the profiler, the model loader
     (catekv_models), the evaluation or the server: the runtime stands alone on torch and safetensors."""
@@ -287,10 +295,7 @@ def test_runtime_imports_no_other_package_of_the_project():
         "others = ('catekv_profiler', 'catekv_models', 'catekv_eval', 'catekv_serve')\n"
         "print(sorted(name for name in sys.modules if name.startswith(others)))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "[]\n"
+    assert fresh_python(code) == "[]\n"
 
 
 def test_missing_transformers_names_the_extra_to_install():
@@ -305,10 +310,7 @@ def test_missing_transformers_names_the_extra_to_install():
         "    except ModuleNotFoundError as e:\n"
         "        print(e)\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.splitlines() == [
+    assert fresh_python(code).splitlines() == [
         f"catekv_runtime.{name} needs transformers, which is not installed: pip install 'catekv[transformers]'"
         for name in ("apply", "CateKVCache")
     ]

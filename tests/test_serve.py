@@ -62,35 +62,41 @@ def stop(process: subprocess.Popen) -> None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
-    import httpx
-
     log = tmp_path_factory.mktemp("serve") / "server.log"
     port = free_port()
-    # cwd and PYTHONPATH: the server imports this checkout's packages, not an installed copy.
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "2"}
-    command = [sys.executable, "-m", "catekv_serve", "smollm2-135m", "--profile", "smollm2-135m-instruct",
-               "--port", str(port), "--max-batch-size", str(SLOTS), "--max-waiting", str(WAITING),
-               "--max-model-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", NAME, "--device", "cpu",
-               "--dtype", "float32", "--log-level", "warning"]
-    with open(log, "wb") as out:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    process = start_healthy(["-m", "catekv_serve", "smollm2-135m", "--profile", "smollm2-135m-instruct",
+                             "--port", str(port), "--max-batch-size", str(SLOTS), "--max-waiting", str(WAITING),
+                             "--max-model-len", str(MAX_LEN), "--api-key", KEY, "--served-model-name", NAME,
+                             "--device", "cpu", "--dtype", "float32", "--log-level", "warning"], port, log, 300)
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"catekv-serve exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"catekv-serve did not become healthy in 300 s:\n{log.read_text()[-3000:]}")
-            time.sleep(0.5)
         yield Server(port, process, log)
     finally:
         stop(process)
+
+
+def start_healthy(args: list[str], port: int, log: Path, timeout: float) -> subprocess.Popen:
+    """Start ``python ARGS`` (a server on 127.0.0.1:``port``, its output to ``log``) and wait until its /health
+    answers; a server that exits or stays unhealthy for ``timeout`` s fails the test (and is stopped)."""
+    import httpx
+
+    # cwd and PYTHONPATH: the server imports this checkout's packages, not an installed copy.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "2"}
+    with open(log, "wb") as out:
+        process = subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + timeout
+    while True:
+        if process.poll() is not None:
+            pytest.fail(f"the server exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            stop(process)
+            pytest.fail(f"the server did not become healthy in {timeout} s:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
 
 
 def client(server: Server, key: str = KEY):
@@ -508,24 +514,10 @@ def test_random_weight_server_serves_the_load_generator(tmp_path):
     sys.path.insert(0, str(ROOT))
     from benchmarks import serve_load
 
-    port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-           "OMP_NUM_THREADS": "2"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen([sys.executable, "benchmarks/serve_random.py", "--smoke", "--port", str(port),
-                                    "--max-model-len", "512", "--max-batch-size", "2"],
-                                   cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    port = free_port()
+    process = start_healthy(["benchmarks/serve_random.py", "--smoke", "--port", str(port), "--max-model-len", "512",
+                             "--max-batch-size", "2"], port, tmp_path / "server.log", 120)
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log.read_text()[-3000:]
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
         records = serve_load.main(["--port", str(port), "--label", "random", "--concurrency", "2",
                                    "--prompt-tokens", "100", "--output-tokens", "3", "--max-requests", "2",
                                    "--duration", "60", "--timeout", "60"])

@@ -515,14 +515,15 @@ class Engine:
 
     def _exchange(self, commands: list[tuple] | None) -> list[tuple] | None:
         """Rank 0's ``commands`` on every rank (None: shut down), over the gloo group (host memory only) as JSON:
-        plain data, never pickled."""
-        if self.rank == 0:
+        plain data, never pickled. A step with nothing to send (most steps) costs one broadcast of its size, 0."""
+        data = None
+        if self.rank == 0 and commands != []:
             data = torch.frombuffer(bytearray(json.dumps(commands, cls=_CommandEncoder).encode()), dtype=torch.uint8)
-            size = torch.tensor([data.numel()])
-        else:
-            size = torch.zeros(1, dtype=torch.long)
+        size = torch.tensor([0 if data is None else data.numel()])
         dist.broadcast(size, src=0, group=self._control)
-        if self.rank != 0:
+        if int(size) == 0:
+            return []
+        if data is None:
             data = torch.empty(int(size), dtype=torch.uint8)
         dist.broadcast(data, src=0, group=self._control)
         return json.loads(bytes(data.numpy()))

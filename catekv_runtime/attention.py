@@ -5,10 +5,15 @@ scattered back to the model's query-head order. K/V are never repeated per query
 token, the query heads of a KV head are folded into the query-length axis (their keys are the same),
 which keeps SDPA on its fused kernels; for several new tokens SDPA's own GQA support is used.
 
-Prefill: :func:`chunk_attention` is the causal attention of one chunk of a prompt over every key up to its own.
+Prefill: :func:`chunk_attention` is the causal attention of one chunk of a prompt over every key up to its own, on
+one of the :data:`PREFILL_BACKENDS` (:func:`resolve_prefill_backend`): FlashAttention-4 (``fa4``), flash-attn 2
+(``flash2``) or SDPA (``sdpa``).
 """
 
 from __future__ import annotations
+
+import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -47,21 +52,96 @@ def decode_attention(query: torch.Tensor, groups: list[HeadGroup], scale: float)
     return out.transpose(1, 2)
 
 
+# The prefill attention backends; "auto" picks one with resolve_prefill_backend.
+PREFILL_BACKENDS = ("auto", "fa4", "flash2", "sdpa")
+# Per FlashAttention backend: the package to import, the least compute capability major, the catekv extra.
+_FLASH = {"fa4": ("flash_attn.cute", 9, "flash4"), "flash2": ("flash_attn", 8, "flash")}
+
+
+def resolve_prefill_backend(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """The prefill attention backend ``backend`` names for queries of ``dtype`` and ``head_dim`` on ``device``:
+    ``"fa4"``, ``"flash2"`` or ``"sdpa"``.
+
+    ``"auto"`` is the fastest that can run: FlashAttention-4 on compute capability 9.0 and newer when it is
+    importable (``pip install "catekv[flash4]"``), flash-attn 2 on 8.x (Ampere, Ada) when importable, else SDPA.
+    Not flash-attn 2 on Hopper: it is the kernel of SDPA's flash backend, which took 1.7x as long as the cuDNN
+    attention the ``sdpa`` backend runs there (``benchmarks/chunk_attention.py``). FlashAttention needs float16 or
+    bfloat16 and a head_dim that is a multiple of 8 up to 256. Naming ``"fa4"`` or ``"flash2"`` where it cannot
+    run raises ``ValueError`` saying why (and what to install).
+    """
+    if backend not in PREFILL_BACKENDS:
+        raise ValueError(f"prefill_backend must be one of {PREFILL_BACKENDS}, got {backend!r}")
+    return _resolve(backend, torch.device(device), dtype, head_dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _resolve(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    if backend == "auto":
+        major = torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 0
+        preferred = "fa4" if major >= 9 else "flash2"
+        return preferred if _flash_problem(preferred, device, dtype, head_dim) is None else "sdpa"
+    if backend in _FLASH:
+        problem = _flash_problem(backend, device, dtype, head_dim)
+        if problem is not None:
+            raise ValueError(f"prefill_backend={backend!r}: {problem}")
+    return backend
+
+
+def _flash_problem(backend: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    """Why FlashAttention backend ``backend`` cannot run here, or None when it can."""
+    package, least_major, extra = _FLASH[backend]
+    if device.type != "cuda":
+        return f"needs a CUDA GPU, the model is on {device}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < least_major:
+        return f"needs a GPU of compute capability {least_major}.0 or newer, this one is {major}.{minor}"
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"needs float16 or bfloat16, the model is {dtype}"
+    if head_dim % 8 or head_dim > 256:
+        return f"needs a head_dim that is a multiple of 8 up to 256, the model's is {head_dim}"
+    try:
+        _flash_function(backend)
+    except Exception as exc:  # ImportError, or a broken install (a CUDA library missing) failing another way
+        return f"{package} is not importable ({exc}); install it with pip install \"catekv[{extra}]\""
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _flash_function(backend: str) -> Callable:
+    """The package's ``flash_attn_func``; both take ``[B, n, H, D]`` tensors, K/V with fewer heads (GQA), and
+    align ``causal=True`` bottom-right when ``n_q < n_k``."""
+    if backend == "fa4":
+        from flash_attn.cute import flash_attn_func
+    else:
+        from flash_attn import flash_attn_func
+    return flash_attn_func
+
+
 def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, start: int, scale: float, *,
-                    split: bool | None = None) -> torch.Tensor:
+                    backend: str = "auto", split: bool | None = None) -> torch.Tensor:
     """Causal attention of a chunk of a prompt: ``query`` ``[B, Hq, n, D]`` holds positions ``[start, start + n)``
     and attends to ``keys``/``values`` ``[B, Hkv, >= start + n, D]`` up to its own position (Hq a multiple of Hkv).
 
-    A later chunk needs a causal mask aligned bottom-right. SDPA runs that mask on flash-attention only, which
-    took 1.7x as long as cuDNN's attention on an H200 at 128K (``benchmarks/chunk_attention.py``); cuDNN has only
-    the top-left mask. So where cuDNN attention can run, the chunk is two cuDNN calls merged by their
-    log-sum-exp: its queries over the earlier keys with no mask, and over its own keys with the square causal
-    mask. Elsewhere it is one SDPA call with the bottom-right mask. ``split`` forces (True) or forbids (False)
-    the two-call form; True off CUDA computes the two parts in plain float32 PyTorch (for tests).
+    ``backend``: one of :data:`PREFILL_BACKENDS` (:func:`resolve_prefill_backend`). FlashAttention aligns its
+    causal mask bottom-right, as a later chunk needs: one call over the keys up to the chunk's end.
+
+    SDPA: a later chunk's bottom-right mask runs on flash-attention only, which took 1.7x as long as cuDNN's
+    attention on an H200 at 128K (``benchmarks/chunk_attention.py``); cuDNN has only the top-left mask. So where
+    cuDNN attention can run, the chunk is two cuDNN calls merged by their log-sum-exp: its queries over the
+    earlier keys with no mask, and over its own keys with the square causal mask. Elsewhere it is one SDPA call
+    with the bottom-right mask. ``split`` forces (True) or forbids (False) the two-call form; True off CUDA
+    computes the two parts in plain float32 PyTorch (for tests).
     """
     length = query.shape[2]
     end = start + length
     keys, values = keys[:, :, :end], values[:, :, :end]
+    if backend != "sdpa":
+        backend = resolve_prefill_backend(backend, query.device, query.dtype, query.shape[-1])
+    if backend != "sdpa":
+        out = _flash_function(backend)(query.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
+                                       softmax_scale=scale, causal=True)
+        # FlashAttention-4 returns (out, lse), lse None unless asked for; flash-attn 2 the output alone.
+        return (out[0] if backend == "fa4" else out).transpose(1, 2)
     if start == 0:
         return F.scaled_dot_product_attention(query, keys, values, is_causal=True, scale=scale, enable_gqa=True)
     if split is None:

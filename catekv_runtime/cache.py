@@ -102,8 +102,10 @@ class HeadGroup:
 class CateKVLayer(DynamicLayer):
     """One full-attention layer: a full KV buffer during prefill, then one :class:`HeadGroup` per budget."""
 
-    def __init__(self, budgets: torch.Tensor, params: ProfileParams, reserve: int, eager: bool):
+    def __init__(self, budgets: torch.Tensor, params: ProfileParams, reserve: int, eager: bool,
+                 prefill_backend: str = "auto"):
         super().__init__()
+        self.prefill_backend = prefill_backend  # the prefill's attention (catekv_runtime.attention.PREFILL_BACKENDS)
         self.budgets = budgets.to(torch.int64).cpu()  # [num_kv_heads], UNLIMITED_BUDGET for adaptive heads
         self.params = params
         self.reserve = reserve
@@ -313,17 +315,19 @@ class CateKVCache(DynamicCache):
         eager: select at the end of the prefill call, releasing each layer's full KV right away (peak
             memory: retained KV + one layer's full KV). Set False to prefill in several calls; selection
             then happens at the first decode step, with the same result.
+        prefill_backend: the attention of a prefill call over a whole unpadded prompt
+            (``catekv_runtime.attention.PREFILL_BACKENDS``); other prefill calls run transformers' SDPA attention.
     """
 
     def __init__(self, config, head_map: torch.Tensor, params: ProfileParams, *, reserve: int = DEFAULT_RESERVE,
-                 eager: bool = True, budgets: torch.Tensor | None = None):
+                 eager: bool = True, budgets: torch.Tensor | None = None, prefill_backend: str = "auto"):
         super().__init__(config=config)
         if len(self.layers) != head_map.shape[0]:
             raise ValueError(f"head map has {head_map.shape[0]} layers, the model {len(self.layers)}")
         budgets = _layer_budgets(head_map, params, budgets)
         for i, layer in enumerate(self.layers):
             if type(layer) is DynamicLayer:  # sliding-window (and other special) layers stay as they are
-                self.layers[i] = CateKVLayer(budgets[i], params, reserve, eager)
+                self.layers[i] = CateKVLayer(budgets[i], params, reserve, eager, prefill_backend)
 
     def update(self, key_states, value_states, layer_idx, *args, **kwargs):
         _pending.set((self, layer_idx))

@@ -18,7 +18,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from .attention import decode_attention
+from .attention import chunk_attention, decode_attention, resolve_prefill_backend
 from .cache import DEFAULT_RESERVE, CateKVCache, take_pending_layer
 from .profile import ModelSpec, Profile, ProfileError, is_hub_id, resolve_profile
 
@@ -30,10 +30,24 @@ def _catekv_attention(module, query, key, value, attention_mask, scaling=None, *
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if layer is not None and layer.compressed:
         return decode_attention(query, layer.groups, scale), None
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    backend = "sdpa" if layer is None else _prefill_backend(layer.prefill_backend, module, query, key,
+                                                           attention_mask, kwargs)
+    if backend == "sdpa":
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    else:
+        out = chunk_attention(query, key, value, 0, scale, backend=backend).transpose(1, 2), None
     if layer is not None:  # a prefill call: full attention above, then selection for this layer
         layer.record_prefill(query, attention_mask, scale)
     return out
+
+
+def _prefill_backend(choice: str, module, query, key, attention_mask, kwargs) -> str:
+    """The backend of a prefill call: ``choice`` resolved for the call when it is plain causal attention over its
+    own keys (no mask, so no padding; as many keys as queries, so the first call), else ``"sdpa"``: transformers'
+    own SDPA call, which handles masks, chunked prefill and the options of other models."""
+    plain = (attention_mask is None and query.shape[2] == key.shape[2] > 1 and getattr(module, "is_causal", True)
+             and not kwargs.get("dropout") and not kwargs.get("softcap") and kwargs.get("position_bias") is None)
+    return resolve_prefill_backend(choice, query.device, query.dtype, query.shape[-1]) if plain else "sdpa"
 
 
 AttentionInterface.register(IMPLEMENTATION, _catekv_attention)
@@ -119,8 +133,9 @@ def rank_heads(head_map: torch.Tensor, rank: int, size: int) -> torch.Tensor:
 
 
 def make_cache(model: torch.nn.Module, profile: Profile, *, reserve: int = DEFAULT_RESERVE,
-               eager: bool = True) -> CateKVCache:
-    """A fresh :class:`CateKVCache` for ``model`` (checks the profile fits the model's shape).
+               eager: bool = True, prefill_backend: str = "auto") -> CateKVCache:
+    """A fresh :class:`CateKVCache` for ``model`` (checks the profile fits the model's shape, and that
+    ``prefill_backend`` can run where the model is).
 
     Under tensor parallelism the cache holds this rank's KV heads only (:func:`local_head_map`).
     """
@@ -128,17 +143,29 @@ def make_cache(model: torch.nn.Module, profile: Profile, *, reserve: int = DEFAU
     profile.check_model(dataclasses.replace(spec, model_id=""))
     if model.config._attn_implementation != IMPLEMENTATION:
         raise ProfileError("the model is not set up for CateKV: call catekv_runtime.apply(model, profile) first")
+    _check_prefill_backend(model, prefill_backend)
     return CateKVCache(model.config, local_head_map(model, profile.head_map), profile.params, reserve=reserve,
-                       eager=eager, budgets=local_head_map(model, profile.budgets))
+                       eager=eager, budgets=local_head_map(model, profile.budgets), prefill_backend=prefill_backend)
+
+
+def _check_prefill_backend(model: torch.nn.Module, prefill_backend: str) -> None:
+    """Raise ``ValueError`` when ``prefill_backend`` cannot run on ``model`` where it is now (its device, dtype and
+    head_dim), before any compute; each prefill call resolves it again for the tensors it gets."""
+    resolve_prefill_backend(prefill_backend, model.device, model.dtype, model_spec(model).head_dim)
 
 
 def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: bool = False,
-          **overrides: Any) -> torch.nn.Module:
+          prefill_backend: str = "auto", **overrides: Any) -> torch.nn.Module:
     """Make ``model`` use CateKV: afterwards ``model.generate(...)`` runs with a fresh hybrid cache per call.
 
     ``overrides``: ``budget``, ``eta``, ``adaptive_ratio``, ``obs_window``, ``init_tokens``,
     ``recent_tokens``, ``chunk_size``. A profile made for a model of another shape (layers, KV heads,
     head_dim), or for another Hub model id, is refused before any compute. Returns ``model``.
+
+    ``prefill_backend``: the attention of a prefill over a whole unpadded prompt, one of
+    ``catekv_runtime.attention.PREFILL_BACKENDS`` (``"auto"``: FlashAttention where installed and able to run,
+    else SDPA); one that cannot run where the model is raises ``ValueError`` here. Padded batches and chunked
+    prefills (``prefill_chunk_size``) run transformers' SDPA attention.
 
     A model loaded with transformers' tensor parallelism (``tp_plan="auto"`` under ``torchrun``) works as
     is: call ``apply`` on every rank; each rank's cache keeps its own KV heads (:func:`local_head_map`).
@@ -148,6 +175,7 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
     if allow_model_mismatch:
         spec = dataclasses.replace(spec, model_id="")
     profile.check_model(spec)
+    _check_prefill_backend(model, prefill_backend)
     head_map = local_head_map(model, profile.head_map)  # before the model is changed: it may refuse
     budgets = local_head_map(model, profile.budgets)
     if hasattr(model, "_catekv"):
@@ -165,7 +193,7 @@ def apply(model: torch.nn.Module, profile: Profile, *, allow_model_mismatch: boo
             new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None)) or DEFAULT_RESERVE
             # The profile was checked against the model above; no per-call check.
             kwargs[cache_arg] = CateKVCache(model.config, head_map, profile.params, reserve=new + 1,
-                                            eager=not chunked, budgets=budgets)
+                                            eager=not chunked, budgets=budgets, prefill_backend=prefill_backend)
         return original(model, *args, **kwargs)
 
     model.generate = generate

@@ -37,6 +37,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from ..attention import resolve_prefill_backend
 from ..profile import Profile, ProfileParams, resolve_profile, uniform_budgets
 from .config import default_kernel_config
 from .kv import SlotKV, decode_attention_torch, layer_selectors, prefill
@@ -158,6 +159,10 @@ class Engine:
             latency, raise it for a shorter time to first token).
         attention: decode attention: ``"triton"`` (the split-K kernel, CUDA, or CPU under ``TRITON_INTERPRET=1``),
             ``"torch"`` (plain PyTorch, any device) or ``"auto"`` (triton on CUDA).
+        prefill_backend: the prefill's attention: ``"fa4"`` (FlashAttention-4, the ``flash4`` extra; compute
+            capability 9.0+), ``"flash2"`` (flash-attn 2, the ``flash`` extra), ``"sdpa"`` or ``"auto"`` (the fastest
+            that runs here, :func:`catekv_runtime.attention.resolve_prefill_backend`); the attribute of the same name
+            holds the one chosen.
         cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
             two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
         projections: how a decode step of a single row runs its projections: ``"triton"`` (one kernel each,
@@ -176,7 +181,8 @@ class Engine:
     def __init__(self, model: torch.nn.Module, profile: Profile | None = None, *, tokenizer: Any = None,
                  max_batch_size: int = 8, max_model_len: int | None = None, max_decode_len: int | None = None,
                  kv_cache_memory: int | None = None, gpu_memory_utilization: float | None = None,
-                 prefill_chunk: int = 8192, attention: str = "auto", cuda_graphs: bool | None = None,
+                 prefill_chunk: int = 8192, attention: str = "auto", prefill_backend: str = "auto",
+                 cuda_graphs: bool | None = None,
                  projections: str = "auto", tensor_parallel: bool = False, **overrides: Any):
         from ..integration import model_spec, rank_heads
 
@@ -211,6 +217,8 @@ class Engine:
         device = self.model.device
         self.attention = _kernel_kind("attention", attention, device, "triton" if device.type == "cuda" else "torch")
         self.projections = _kernel_kind("projections", projections, device, self.attention)
+        self.prefill_backend = resolve_prefill_backend(prefill_backend, device, self.model.dtype,
+                                                       self.model.head_dim)
         if self.projections == "triton" and not self.model.fusable():
             self.projections = "torch"
         self.cuda_graphs = device.type == "cuda" if cuda_graphs is None else cuda_graphs
@@ -573,7 +581,7 @@ class Engine:
         request.slot = free[0]  # the lowest free row: the decode batch stays as short as it can
         ids = torch.tensor(request.prompt, dtype=torch.long, device=self.model.device)
         request.prefill = prefill(self.model, self.kv, request.slot, ids, self._selectors, self.params,
-                                  self.prefill_chunk)
+                                  self.prefill_chunk, self.prefill_backend)
         self._prefilling = request
         return True
 

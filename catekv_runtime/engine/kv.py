@@ -122,8 +122,9 @@ def layer_selectors(head_map: torch.Tensor, params: ProfileParams) -> list[CateK
 
 
 def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, selectors: list[CateKVLayer],
-            params: ProfileParams, chunk: int) -> Iterator[int]:
-    """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time.
+            params: ProfileParams, chunk: int, backend: str) -> Iterator[int]:
+    """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time, the
+    chunks' attention on prefill backend ``backend`` (``attention.chunk_attention``).
 
     A generator: it yields the number of tokens it just processed after every chunk of every layer but the last
     (whose work ends with the return), so that the engine can run decode steps in between, and returns the last
@@ -153,7 +154,7 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
             q = q.transpose(0, 1)[None]  # [1, Hq, m, D]
             tail = q[:, :, -window:]
             last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
-            out = chunk_attention(q, keys, values, start, model.scale)
+            out = chunk_attention(q, keys, values, start, model.scale, backend=backend)
             hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
             if index < model.num_layers - 1 or end < n:  # the last chunk's work goes with the return
                 yield end - start

@@ -10,6 +10,7 @@ from test_lean import assert_same_up_to_ties
 from test_runtime import make_profile
 
 import catekv_runtime as ck
+from catekv_runtime.attention import resolve_prefill_backend
 from catekv_runtime.engine import Engine, SamplingParams
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
@@ -89,3 +90,30 @@ def test_memory_budget_sizes_the_slots_on_gpu():
     per_slot = SlotKV.bytes_per_slot(engine.model, full, 4096, 0)
     small = Engine(model, None, max_batch_size=64, max_model_len=4096, kv_cache_memory=per_slot * 11 // 2)
     assert small.slots == 5
+
+
+@pytest.mark.parametrize("backend", ["fa4", "flash2"])
+def test_flash_prefill_gives_sdpa_tokens_on_gpu(backend):
+    """A bf16 tiny model, prompts of several 256-token chunks and an uneven tail: the engine's greedy tokens with a
+    FlashAttention prefill equal those with SDPA's, up to bf16 near ties (top-2 logits within 0.05 where they first
+    differ; logits from the model's own forward over the SDPA engine's tokens). Skipped without the package."""
+    try:
+        resolve_prefill_backend(backend, torch.device("cuda"), torch.bfloat16, 16)
+    except ValueError as exc:
+        pytest.skip(str(exc))
+    model = tiny("llama").to("cuda", torch.bfloat16)
+    profile = make_profile(model, 0.5)
+    batch = prompts([900, 333], seed=4)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    tokens = {}
+    for name in (backend, "sdpa"):
+        engine = Engine(model, profile, max_batch_size=2, max_model_len=1024, prefill_chunk=256, prefill_backend=name)
+        assert engine.prefill_backend == name
+        tokens[name] = [o.token_ids for o in engine.generate(batch, params)]
+    for prompt, got, expected in zip(batch, tokens[backend], tokens["sdpa"]):
+        with torch.inference_mode():
+            logits = model(torch.tensor([prompt + expected[:-1]], device="cuda")).logits[0, len(prompt) - 1 :].float()
+        differ = [t for t, (a, b) in enumerate(zip(got, expected)) if a != b]
+        if differ:
+            top2 = logits[differ[0]].topk(2).values
+            assert (top2[0] - top2[1]).item() < 0.05, (differ[0], got, expected)

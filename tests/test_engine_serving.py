@@ -221,7 +221,7 @@ def test_requests_that_need_a_tokenizer_or_more_room_are_refused(model):
     sized = Engine(model, None, max_batch_size=8, max_model_len=128, kv_cache_memory=3 * slot_bytes + slot_bytes // 2)
     assert sized.slots == 3
     for bad in (dict(max_batch_size=0), dict(prefill_chunk=0), dict(attention="flash"),
-                dict(gpu_memory_utilization=0.5)):
+                dict(gpu_memory_utilization=0.5), dict(prefill_backend="flash"), dict(prefill_backend="fa4")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             Engine(model, None, **bad)
 

@@ -130,3 +130,22 @@ def test_engine_throughput_smoke(tmp_path):
         assert r["concurrency"] == 2 and r["requests"] == 4 and r["output_tokens"] == 16
         assert r["output_tokens_per_s"] > 0 and 0 < r["ttft_p50_s"] <= r["ttft_p99_s"]
         assert 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]
+
+
+def test_prefill_smoke(tmp_path):
+    """benchmarks/prefill.py --smoke: a record per arm on SDPA (the FlashAttention backends cannot run on CPU and are
+    skipped), with the floor from the measured rates; a later run replaces the records of its arm and backend."""
+    from benchmarks import prefill
+
+    out = tmp_path / "prefill.json"
+    records = prefill.main(["--smoke", "--out", str(out)])
+    assert json.loads(out.read_text()) == records
+    assert [(r["arm"], r["backend"]) for r in records] == [("catekv", "sdpa"), ("full", "sdpa")]
+    for r in records:
+        assert {"arm", "context", "backend", "prefill_s", "floor_s", "peak_gib"} <= r.keys()
+        assert r["context"] == 200 and r["smoke"] is True and r["peak_gib"] is None
+        assert r["prefill_s"] > 0 and r["warmup_s"] > 0
+        assert r["floor_s"] == pytest.approx(r["floor_attention_s"] + r["floor_linear_s"], rel=1e-3)
+    again = prefill.main(["--smoke", "--arms", "full", "--backends", "auto", "--out", str(out)])
+    assert [(r["arm"], r["requested"]) for r in again] == [("full", "auto")]
+    assert json.loads(out.read_text()) == records[:1] + again

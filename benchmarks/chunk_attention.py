@@ -8,7 +8,7 @@ bf16) this times, for every chunk after the first, in one process:
                   prefill called up to now
     flash_op      torch.ops.aten._scaled_dot_product_flash_attention(is_causal=True), which aligns the mask
                   bottom-right, on the 8 KV heads as they are (flash-attention handles GQA itself)
-    runtime       catekv_runtime.attention.chunk_attention, what the prefill calls now: on CUDA two cuDNN calls
+    runtime       catekv_runtime.attention.chunk_attention on its sdpa backend: on CUDA two cuDNN calls
                   (earlier keys unmasked, own keys square-causal) merged by their log-sum-exp
     whole         one is_causal SDPA call over the whole prompt: the same arithmetic in one piece, for scale
     whole_flash   the same call restricted to SDPA's flash backend
@@ -73,7 +73,7 @@ def main() -> None:
                                                                    is_causal=True, scale=scale)[0] for s, e in spans]
 
     def runtime():
-        return [chunk_attention(q[:, :, s:e], k, v, s, scale) for s, e in spans]
+        return [chunk_attention(q[:, :, s:e], k, v, s, scale, backend="sdpa") for s, e in spans]
 
     def whole():
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)

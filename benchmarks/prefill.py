@@ -34,6 +34,7 @@ import json
 import sys
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -158,10 +159,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             prefill_chunk=chunk, prefill_backend=backend)
             params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
             warmup_tokens = min(context, 2 * chunk)
-            warmup = seconds(lambda: engine.generate(prompt[:warmup_tokens].tolist(), params), device)
+            warmup = seconds(partial(engine.generate, prompt[:warmup_tokens].tolist(), params), device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            prefill = seconds(lambda: engine.generate(prompt.tolist(), params), device)
+            prefill = seconds(partial(engine.generate, prompt.tolist(), params), device)
             peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
             floor = floor_attention + floor_linear
             emit(results, arm=arm, context=context, backend=engine.prefill_backend, prefill_s=sig(prefill),

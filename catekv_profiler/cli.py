@@ -133,7 +133,6 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
             chunk_size=chunk_size, obs_window=obs_window, reserve_tokens=reserve_tokens, tie_rule=tie_rule,
             **{k: v for k, v in (("init_tokens", init_tokens), ("recent_tokens", recent_tokens)) if v is not None},
         )
-        params.validate()
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
     settings = _threshold_settings(params, calibrate, grid_k, grid_alpha)
@@ -256,7 +255,7 @@ def _threshold_settings(params: ProfileParams, calibrate: bool, grid_k: str,
     settings = [(k, alpha) for k in grids[0] for alpha in grids[1]]
     for k, alpha in settings:
         try:
-            dataclasses.replace(params, percentile=k, alpha=alpha).validate()
+            dataclasses.replace(params, percentile=k, alpha=alpha)  # made only to be checked
         except ProfileError as e:
             raise click.BadParameter(str(e), param_hint="--grid-k/--grid-alpha") from None
     return settings

@@ -386,7 +386,7 @@ def test_cli_output_that_is_a_directory(tmp_path, no_model):
 
 def test_cli_context_length_below_what_the_parameters_need(tmp_path, no_model):
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(tmp_path / "x.safetensors"), *SMALL, "-L", "30"])
-    assert_usage_error(result, "30 is shorter than the 72 tokens", "observation window 16")  # 16 + 4 + 16 + 32 + 4
+    assert_usage_error(result, "30 is shorter than the 72 tokens", "observation window (16)")  # 16 + 4 + 16 + 32 + 4
     assert not any(tmp_path.iterdir())
 
 

@@ -8,6 +8,9 @@ generated with :data:`CALIBRATION_SEED` (``catekv-eval`` draws its samples with 
 tasks differ from any reported evaluation), at the target context length, every batch prefilled once and
 forked per head map (:meth:`CateKVCache.fork`), full attention alongside as the ceiling. The best mean score
 wins; ties go to the setting nearest the paper's default (k = 0.99, alpha = 1), then to the larger k.
+
+The ``catekv-profile`` command is put together here (:func:`main`): the profiler's command line with this
+scoring behind ``--calibrate`` (:data:`CALIBRATOR`), since the profiler does not import the evaluation.
 """
 
 from __future__ import annotations
@@ -23,13 +26,13 @@ import catekv_runtime as ck
 from catekv_runtime.policies import Full
 from catekv_runtime.profile import Profile
 
+from catekv_profiler import cli as profiler_cli
+
 from .run import run_batches
 from .scoring import score
-from .tasks import make_samples
+from .tasks import TASKS, make_samples
 
 CALIBRATION_SEED = 4242
-GRID_K = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
-GRID_ALPHA = (0.8, 1.0)
 # Retrieval and tracking tasks with short answers: where the choice of heads shows, at little decode cost.
 DEFAULT_TASKS = ("niah_single_3", "niah_multikey_1", "niah_multikey_3", "niah_multivalue", "vt", "fwe")
 _PAPER_DEFAULT = (0.99, 1.0)
@@ -97,3 +100,17 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
 
 def _head_map_key(profile: Profile) -> bytes:
     return profile.head_map.numpy().tobytes()
+
+
+# What ``catekv-profile --calibrate`` scores with; the profiler cannot import it (this package builds on the profiler).
+CALIBRATOR = profiler_cli.Calibrator(choose=calibrate, tasks=tuple(TASKS), default_tasks=DEFAULT_TASKS,
+                                     default_seed=CALIBRATION_SEED)
+
+
+def main() -> None:
+    """The ``catekv-profile`` command: the profiler's command line with :data:`CALIBRATOR` behind ``--calibrate``."""
+    profiler_cli.main(obj=CALIBRATOR, prog_name="catekv-profile")
+
+
+if __name__ == "__main__":
+    main()

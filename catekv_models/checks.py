@@ -61,9 +61,7 @@ def check_context_length_option(length: int, params: ProfileParams, param_hint: 
     need = params.min_prompt_tokens()
     if length < need:
         raise click.BadParameter(
-            f"{length} is shorter than the {need} tokens the parameters need (observation window "
-            f"{params.obs_window} + init {params.init_tokens} + recent {params.recent_tokens} + one chunk "
-            f"{params.chunk_size}); pass a larger length or a smaller --budget / --obs-window",
+            f"{length} is shorter than the {need} tokens the parameters need ({params.min_prompt_terms()}); pass a larger length or a smaller --budget / --obs-window",
             param_hint=param_hint,
         )
     if max_context and length > max_context:

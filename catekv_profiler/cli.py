@@ -1,4 +1,10 @@
-"""``catekv-profile``: profile a model (``catekv-profile MODEL -o OUT``), ``show`` a profile, ``push`` it."""
+"""``catekv-profile``: profile a model (``catekv-profile MODEL -o OUT``), ``show`` a profile, ``push`` it.
+
+``--calibrate`` scores candidate head maps with a :class:`Calibrator` handed to the command line as click's context
+object. The one catekv has scores on the evaluation's tasks, and the evaluation builds on the profiler, so the
+profiler does not import it: the ``catekv-profile`` command is this CLI started by ``catekv_eval.calibrate.main``
+with that calibrator.
+"""
 
 from __future__ import annotations
 
@@ -6,16 +12,37 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import click
 
 from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
-from catekv_runtime.profile import ProfileError, ProfileParams, ReferenceSpec, load_profile
+from catekv_runtime.profile import Profile, ProfileError, ProfileParams, ReferenceSpec, load_profile
 
 from catekv_models.checks import check_context_length_option, check_output_option
 
 DEFAULTS = ProfileParams()
+# The (k, alpha) settings --calibrate measures by default: around the paper's k = 0.99 and its two alphas.
+GRID_K = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
+GRID_ALPHA = (0.8, 1.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibrator:
+    """How ``--calibrate`` picks k and alpha among candidate profiles that differ only in them.
+
+    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, seed)`` returns the best
+    candidate with its ``calibration`` metadata (the table), or raises ``ValueError`` saying why the tasks cannot
+    be run (e.g. a length too short for one). ``tasks`` are the names it can score on, ``default_tasks`` and
+    ``default_seed`` what it uses when ``--calibration-tasks`` / ``--calibration-seed`` are not given.
+    """
+
+    choose: Callable[..., Profile]
+    tasks: Sequence[str]
+    default_tasks: Sequence[str]
+    default_seed: int
 
 
 class _DefaultToProfile(click.Group):
@@ -67,16 +94,17 @@ def main() -> None:
               help="Choose k and alpha for this model: measure every (k, alpha) of --grid-k x --grid-alpha in the "
                    "same pass, score each head map on RULER-style tasks drawn with --calibration-seed at the target "
                    "length and r, keep the best; the table goes into the profile. Instead of -k/--alpha.")
-@click.option("--grid-k", default="0.9,0.95,0.98,0.99,0.995,0.998", show_default=True,
+@click.option("--grid-k", default=",".join(map(str, GRID_K)), show_default=True,
               help="Comma-separated percentiles k to calibrate over.")
-@click.option("--grid-alpha", default="0.8,1.0", show_default=True, help="Comma-separated alphas to calibrate over.")
+@click.option("--grid-alpha", default=",".join(map(str, GRID_ALPHA)), show_default=True,
+              help="Comma-separated alphas to calibrate over.")
 @click.option("--calibration-tasks", default=None,
-              help="Comma-separated catekv-eval tasks  [default: niah_single_3, niah_multikey_1, niah_multikey_3, "
-                   "niah_multivalue, vt, fwe]")
+              help="Comma-separated catekv-eval tasks  [default: six retrieval and tracking tasks, "
+                   "catekv_eval.calibrate.DEFAULT_TASKS]")
 @click.option("--calibration-samples", type=int, default=10, show_default=True, help="Samples per calibration task.")
 @click.option("--calibration-seed", type=int, default=None,
-              help="Seed of the calibration tasks; keep it apart from any evaluation's  [default: 4242; "
-                   "catekv-eval uses 1000]")
+              help="Seed of the calibration tasks; keep it apart from any evaluation's  [default: "
+                   "catekv_eval.calibrate.CALIBRATION_SEED, 4242; catekv-eval uses 1000]")
 @click.option("--calibration-length", type=int, default=None,
               help="Tokens per calibration task sample  [default: --context-length]")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
@@ -133,11 +161,11 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
             chunk_size=chunk_size, obs_window=obs_window, reserve_tokens=reserve_tokens, tie_rule=tie_rule,
             **{k: v for k, v in (("init_tokens", init_tokens), ("recent_tokens", recent_tokens)) if v is not None},
         )
-        params.validate()
     except ProfileError as e:
         raise click.UsageError(str(e)) from None
     settings = _threshold_settings(params, calibrate, grid_k, grid_alpha)
-    tasks = _calibration_tasks(calibration_tasks) if calibrate else ()
+    calibrator = _calibrator() if calibrate else None
+    tasks = _calibration_tasks(calibrator, calibration_tasks) if calibrator else ()
     if calibrate and calibration_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--calibration-samples")
     if context_length is not None:
@@ -204,19 +232,14 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     finally:
         bar.close()
     candidates = profile_candidates(stats, params, settings, spec, ref_spec, default_provenance(device, dtype_name))
-    if calibrate:
-        # The scoring runs the evaluation harness (catekv_eval builds on the profiler, not the other way).
-        from catekv_eval.calibrate import CALIBRATION_SEED
-        from catekv_eval.calibrate import calibrate as score_candidates
-        from catekv_eval.tasks import EvalTaskError
-
+    if calibrator:
         try:
-            result = score_candidates(
+            result = calibrator.choose(
                 model_obj, tokenizer, candidates, context_length=calibration_length or context_length, tasks=tasks,
                 num_samples=calibration_samples,
-                seed=CALIBRATION_SEED if calibration_seed is None else calibration_seed,
+                seed=calibrator.default_seed if calibration_seed is None else calibration_seed,
             )
-        except EvalTaskError as e:
+        except ValueError as e:
             raise click.ClickException(f"calibration: {e}") from None
         from .report import calibration_summary, format_calibration
 
@@ -256,22 +279,28 @@ def _threshold_settings(params: ProfileParams, calibrate: bool, grid_k: str,
     settings = [(k, alpha) for k in grids[0] for alpha in grids[1]]
     for k, alpha in settings:
         try:
-            dataclasses.replace(params, percentile=k, alpha=alpha).validate()
+            dataclasses.replace(params, percentile=k, alpha=alpha)  # made only to be checked
         except ProfileError as e:
             raise click.BadParameter(str(e), param_hint="--grid-k/--grid-alpha") from None
     return settings
 
 
-def _calibration_tasks(text: str | None) -> tuple[str, ...]:
-    from catekv_eval.calibrate import DEFAULT_TASKS
-    from catekv_eval.tasks import TASKS
+def _calibrator() -> Calibrator:
+    """The :class:`Calibrator` this command line was started with (``catekv-profile`` has catekv_eval's)."""
+    calibrator = click.get_current_context().find_object(Calibrator)
+    if calibrator is None:
+        raise click.UsageError("--calibrate scores head maps with catekv_eval's tasks, which this command line was "
+                               "started without; run the installed `catekv-profile` or `python -m catekv_eval.calibrate`")
+    return calibrator
 
+
+def _calibration_tasks(calibrator: Calibrator, text: str | None) -> tuple[str, ...]:
     if text is None:
-        return DEFAULT_TASKS
+        return tuple(calibrator.default_tasks)
     tasks = tuple(t.strip() for t in text.split(",") if t.strip())
-    unknown = sorted(set(tasks) - set(TASKS))
+    unknown = sorted(set(tasks) - set(calibrator.tasks))
     if unknown or not tasks:
-        raise click.BadParameter(f"unknown tasks {unknown or [text]}; choose from {', '.join(TASKS)}",
+        raise click.BadParameter(f"unknown tasks {unknown or [text]}; choose from {', '.join(calibrator.tasks)}",
                                  param_hint="--calibration-tasks")
     return tasks
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from catekv_runtime.files import markdown_table
-from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, is_hub_repo_id, load_profile
+from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, load_profile
 
 from . import __version__
 from .report import plot_profile, summarize
@@ -346,8 +346,17 @@ def push_profile(
     Raises :class:`~catekv_runtime.profile.ProfileError` for an invalid profile, ``ValueError`` for a bad
     ``repo_id`` or ``accuracy``, and :class:`HubError` when a Hub call fails (its message never holds the token).
     """
-    if not is_hub_repo_id(repo_id) or len(repo_id.split("/")[1]) > 96:
-        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form 'org/name' (letters, digits, '-', '_', '.')")
+    try:
+        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
+    except ImportError:
+        raise HubError("pushing to the Hub needs huggingface_hub: pip install huggingface_hub") from None
+    try:
+        validate_repo_id(repo_id)  # the Hub's naming rules, as huggingface_hub knows them
+    except HFValidationError as e:
+        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form 'org/name': {e}") from None
+    if "/" not in repo_id:  # a bare name would land in the token owner's namespace, unsaid
+        raise ValueError(f"{repo_id!r} is not a Hub repo id of the form 'org/name': it has no namespace")
     if revision is not None and (not revision.strip() or re.fullmatch(r"[0-9a-f]{40}", revision)):
         raise ValueError(f"revision must be a branch name (or omitted for main), not {revision!r}")
     # Everything local first: a bad profile, card or image never gets as far as the network.
@@ -362,10 +371,6 @@ def push_profile(
         f"KV heads (r={profile.params.adaptive_ratio:g}, budget {profile.params.budget})"
     )
 
-    try:
-        from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi
-    except ImportError:
-        raise HubError("pushing to the Hub needs huggingface_hub: pip install huggingface_hub") from None
     api = HfApi(token=token, library_name="catekv", library_version=__version__)
 
     def failed(step: str, error: Exception, consequence: str) -> HubError:

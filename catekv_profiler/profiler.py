@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from catekv_runtime.profile import ModelSpec, Profile, ProfileParams, ReferenceSpec, atomic_save
+from catekv_runtime.files import save_safetensors
+from catekv_runtime.params import STATISTICS_FIELDS
+from catekv_runtime.profile import ModelSpec, Profile, ProfileParams, ReferenceSpec
 
 from .capture import capture_attention
 from .reference import ReferenceSample, reference_hash
@@ -92,7 +94,7 @@ class Checkpoint:
         return stats
 
     def save(self, index: int, sample_hash: str, stats: SampleStats) -> None:
-        atomic_save(stats, {"run_key": self._key(sample_hash)}, self._path(index))
+        save_safetensors(stats, {"run_key": self._key(sample_hash)}, self._path(index))
 
     def remove(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
@@ -112,15 +114,12 @@ def measure_samples(
     ``on_sample(index, resumed)`` is called after each sample (for progress bars). With a ``checkpoint``,
     samples already measured by an interrupted run with the same settings are read back, not recomputed.
     """
-    params.validate()
     min_tokens = params.min_prompt_tokens()
     for i, sample in enumerate(samples):
         if len(sample.input_ids) < min_tokens:
             raise ProfilingError(
                 f"reference sample {i} has {len(sample.input_ids)} tokens, fewer than the {min_tokens} that "
-                f"observation window ({params.obs_window}) + init ({params.init_tokens}) + recent "
-                f"({params.recent_tokens}) + reserve ({params.reserve_tokens}) + one chunk ({params.chunk_size}) "
-                "need; use longer texts or a smaller --budget / --obs-window / --init-tokens / --recent-tokens / "
+                f"{params.min_prompt_terms()} need; use longer texts or a smaller --budget / --obs-window / --init-tokens / --recent-tokens / "
                 "--reserve-tokens"
             )
     per_sample: list[SampleStats] = []
@@ -176,7 +175,7 @@ def profile_model(
 def statistics_key(params: ProfileParams, model_spec: ModelSpec, dtype: str,
                    settings: Sequence[ThresholdSetting] | None = None) -> dict[str, str]:
     """What a sample's statistics depend on, apart from its text (the other parameters act on votes only)."""
-    p = {name: getattr(params, name) for name in ProfileParams.STATISTICS_FIELDS}
+    p = {name: getattr(params, name) for name in STATISTICS_FIELDS}
     if settings is not None:  # a calibration grid replaces the single (k, alpha)
         p.update(percentile=None, alpha=None, settings=[list(s) for s in settings])
     return {"params": json.dumps(p, sort_keys=True), "model": json.dumps(asdict(model_spec)), "dtype": dtype}

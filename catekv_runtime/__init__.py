@@ -9,16 +9,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .profile import (
-    FORMAT_VERSION,
-    ModelSpec,
-    Profile,
-    ProfileError,
-    ProfileParams,
-    ReferenceSpec,
-    list_profiles,
-    load_profile,
-)
+from .errors import ProfileError
+from .locate import list_profiles
+from .params import ProfileParams
+from .profile import ModelSpec, Profile, ReferenceSpec
+from .profile_file import FORMAT_VERSION, load_profile
 
 __version__ = "0.1.0"
 

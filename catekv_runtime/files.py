@@ -4,7 +4,8 @@ Writing a file atomically: ``path`` holds either its old content or all of the n
 the project writes its outputs (profiles, checkpoints, plots, evaluation results, joined models, the benchmark
 page): the new content goes to a hidden temporary file beside the target (same file system, so the rename is
 atomic), which is flushed to disk and renamed into place; on any error it is removed and the target is left as
-it was. :func:`markdown_table` builds the tables of the model card, ``catekv-eval``'s results and the generated
+it was. :func:`save_safetensors` does the same for safetensors files (profiles, the profiler's checkpoints).
+:func:`markdown_table` builds the tables of the model card, ``catekv-eval``'s results and the generated
 pages; it lives here, beside the writer, because the profiler, the evaluation and the benchmarks all use it and
 the runtime is the one package they share (it costs the runtime no dependency).
 """
@@ -17,6 +18,9 @@ import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import torch
+from safetensors.torch import save_file
 
 # Outputs are meant to be shared (a profile, a page): readable by all, whatever the temporary file's mode was.
 FILE_MODE = 0o644
@@ -48,6 +52,13 @@ def write_atomically(path: str | os.PathLike[str], data: str | bytes) -> Path:
     with replacing(path) as tmp:
         with open(tmp, "xb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
+    return Path(path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike[str]) -> Path:
+    """Save a safetensors file atomically (:func:`replacing`); returns the path."""
+    with replacing(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
     return Path(path)
 
 

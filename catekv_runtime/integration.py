@@ -20,7 +20,9 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from .attention import chunk_attention, decode_attention, resolve_prefill_backend
 from .cache import DEFAULT_RESERVE, CateKVCache, take_pending_layer
-from .profile import ModelSpec, Profile, ProfileError, is_hub_id, resolve_profile
+from .errors import ProfileError
+from .hub import is_hub_id
+from .profile import ModelSpec, Profile, resolve_profile
 
 IMPLEMENTATION = "catekv"
 

@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import catekv_runtime.profile as profile_module
+import catekv_runtime.files as files_module
 from catekv_runtime.profile import (
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -245,7 +245,7 @@ def test_saved_profile_is_readable_by_everyone(tmp_path: Path):
 def test_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     target = make_profile().save(tmp_path / "profile.safetensors")
     before = target.read_bytes()
-    real_save = profile_module.save_file
+    real_save = files_module.save_file
 
     def save_then_fail(tensors, filename, metadata=None):
         real_save(tensors, filename, metadata=metadata)
@@ -253,7 +253,7 @@ def test_failed_save_keeps_existing_file(tmp_path: Path, monkeypatch: pytest.Mon
             f.truncate(os.path.getsize(filename) // 2)
         raise OSError("No space left on device")
 
-    monkeypatch.setattr(profile_module, "save_file", save_then_fail)
+    monkeypatch.setattr(files_module, "save_file", save_then_fail)
     with pytest.raises(OSError, match="No space"):
         make_profile(seed=1).save(target)
     assert target.read_bytes() == before

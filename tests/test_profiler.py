@@ -5,14 +5,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 from conftest import FAMILIES, make_tiny_model
+from test_runtime import fresh_python
 from transformers import DynamicCache
 
 import catekv_runtime as ck
+from catekv_eval.calibrate import CALIBRATOR
 from catekv_profiler.capture import capture_attention
 from catekv_profiler.cli import main
 from catekv_profiler.profiler import Checkpoint, ProfilingError, profile_model, sample_statistics, statistics_key
@@ -296,7 +299,7 @@ CALIBRATE = ["--calibrate", "--grid-k", "0.9,0.99", "--grid-alpha", "1.0", "--ca
 
 def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
     out = tmp_path / "calibrated.safetensors"
-    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE])
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE], obj=CALIBRATOR)
     assert result.exit_code == 0, result.output
     profile = ck.load_profile(out)
     table = json.loads(profile.calibration["table"])
@@ -330,10 +333,41 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
 )
 def test_cli_calibrate_bad_parameters(tmp_path, args, message):
     out = tmp_path / "x.safetensors"
-    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE, *args])
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE, *args], obj=CALIBRATOR)
     assert result.exit_code != 0
     assert message in result.output
     assert not out.exists()
+
+
+def test_cli_calibrate_without_a_calibrator_says_where_one_is(tmp_path, no_model):
+    """The profiler's CLI alone (python -m catekv_profiler) has no scorer: the evaluation's is plugged in by
+    catekv-profile's console script, catekv_eval.calibrate.main."""
+    out = tmp_path / "x.safetensors"
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE])
+    assert result.exit_code == 2 and "python -m catekv_eval.calibrate" in result.output, result.output
+    assert not out.exists()
+
+
+def test_the_catekv_profile_command_has_the_calibrator():
+    """pyproject's catekv-profile starts the profiler's CLI with catekv_eval's calibrator."""
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    pyproject = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert pyproject["project"]["scripts"]["catekv-profile"] == "catekv_eval.calibrate:main"
+    code = ("import sys\nfrom catekv_eval.calibrate import main\nsys.argv = ['catekv-profile', 'profile', '--help']\n"
+            "main()\n")
+    assert "--calibrate" in fresh_python(code)
+
+
+def test_the_profiler_imports_nothing_of_the_evaluation():
+    """Layering: catekv_eval builds on the profiler, so no profiler module may load a catekv_eval module."""
+    code = (
+        "import importlib, pkgutil, sys, catekv_profiler\n"
+        "for module in pkgutil.walk_packages(catekv_profiler.__path__, 'catekv_profiler.'):\n"
+        "    if module.name != 'catekv_profiler.__main__':\n"
+        "        importlib.import_module(module.name)\n"
+        "print(sorted(name for name in sys.modules if name.startswith(('catekv_eval', 'catekv_serve'))))\n"
+    )
+    assert fresh_python(code) == "[]\n"
 
 # ------------------------------------------------------------------------- bad input, refused before any compute
 
@@ -386,7 +420,7 @@ def test_cli_output_that_is_a_directory(tmp_path, no_model):
 
 def test_cli_context_length_below_what_the_parameters_need(tmp_path, no_model):
     result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(tmp_path / "x.safetensors"), *SMALL, "-L", "30"])
-    assert_usage_error(result, "30 is shorter than the 72 tokens", "observation window 16")  # 16 + 4 + 16 + 32 + 4
+    assert_usage_error(result, "30 is shorter than the 72 tokens", "observation window (16)")  # 16 + 4 + 16 + 32 + 4
     assert not any(tmp_path.iterdir())
 
 

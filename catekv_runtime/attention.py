@@ -53,8 +53,8 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     and attends to ``keys``/``values`` ``[B, Hkv, >= start + n, D]`` up to its own position (Hq a multiple of Hkv).
 
     A later chunk needs a causal mask aligned bottom-right. SDPA runs that mask on flash-attention only, which
-    took 1.7x as long as cuDNN's attention on an H200 at 128K (``benchmarks/chunk_attention.py``); cuDNN has only
-    the top-left mask. So where cuDNN attention can run, the chunk is two cuDNN calls merged by their
+    is slower than cuDNN's attention (``benchmarks/chunk_attention.py``; docs/benchmarks.md); cuDNN has only the
+    top-left mask. So where cuDNN attention can run, the chunk is two cuDNN calls merged by their
     log-sum-exp: its queries over the earlier keys with no mask, and over its own keys with the square causal
     mask. Elsewhere it is one SDPA call with the bottom-right mask. ``split`` forces (True) or forbids (False)
     the two-call form; True off CUDA computes the two parts in plain float32 PyTorch (for tests).

@@ -1,6 +1,6 @@
 """One layer's chunked-prefill attention: ways to compute a chunk's bottom-right causal attention with GQA.
 
-The layer-by-layer prefill (``LeanGenerator(prefill_chunk=)``) attends each chunk of queries to every key up to
+The layer-by-layer prefill (``Engine(prefill_chunk=)``) attends each chunk of queries to every key up to
 its own last one: a causal mask aligned bottom-right. At Llama-3-8B shapes (32 query / 8 KV heads, head_dim 128,
 bf16) this times, for every chunk after the first, in one process:
 

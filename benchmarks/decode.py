@@ -1,37 +1,34 @@
-"""Decode and prefill benchmarks on a random-weight Llama-3-8B-shaped model (bf16, one GPU).
+"""Prefill, decode and peak memory of the engine on a random-weight Llama-3-8B-shaped model (bf16, one GPU), and the
+set-up the other benchmarks share (the model, a random profile, the bandwidth floor, JSON records).
 
-Arms, all in one run: CateKV on the lean path, full attention on the same lean path, and transformers'
-``generate`` (SDPA, DynamicCache). Prints one JSON object per measurement and writes them all to --out.
+One prompt of ``context`` random tokens through the engine's public loop (``add_request``, then ``step`` until
+done), for CateKV (``engine-catekv``: a random profile, r = 0.4, budget ``--budget``) and full attention on the same
+engine (``engine-full``), against transformers' ``generate`` (SDPA, DynamicCache; up to ``--max-generate-context``).
+``prefill_s`` is the time to the first token (the engine's layer-by-layer prefill, ``prefill_chunk`` tokens through
+every layer per step), the decode figure the wall time per ``step`` after it, and the peak includes the prefill. A
+short request first warms the engine up (kernels compiled, the batch-1 CUDA graph captured), so neither time counts
+that. The decode step alone, at 128K and 512K, in batches and at a memory cap, is ``benchmarks/engine_decode.py``'s.
 
-    python benchmarks/decode.py --suite real --contexts 32768 131072 --out results.json
-    python benchmarks/decode.py --suite synthetic --contexts 131072 524288 --out results.json
-    python benchmarks/decode.py --suite batch --out results.json
-
-``real`` prefills real prompts (peak memory includes prefill). ``synthetic`` fills the caches with random
-K/V of the sizes a prefill would leave (the decode step does not depend on the values) to time decode at
-lengths where a prefill per arm would cost minutes of GPU time. ``batch`` is the paper's throughput
-setting: 40K context, budget 256 (init 8, recent 32), the largest batch under an 80 GiB cap.
+    python benchmarks/decode.py --contexts 32768 131072 --out docs/results/decode_real_engine.json
+    python benchmarks/decode.py --smoke     # CPU, a tiny model, tiny sizes: checks the script (figures mean nothing)
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import gc
 import json
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
-from catekv_runtime.cache import HeadGroup  # noqa: E402
 from catekv_runtime.files import write_atomically  # noqa: E402
-from catekv_runtime.lean import LeanGenerator, _DecodeState  # noqa: E402
-from catekv_runtime.profile import UNLIMITED_BUDGET, Profile, ProfileParams, ReferenceSpec  # noqa: E402
+from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec  # noqa: E402
 
 GiB = 1024**3
 LLAMA3_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
@@ -135,34 +132,6 @@ def decode_floor_ms(model, kv_bytes: int, bandwidth: float) -> float:
     return 1e3 * read / bandwidth
 
 
-def synthetic_state(gen: LeanGenerator, head_map: torch.Tensor, params: ProfileParams, batch: int,
-                    context: int, new_tokens: int) -> _DecodeState:
-    """The decode state a prefill of ``context`` tokens would leave, filled with random K/V."""
-    config = gen.model.config.get_text_config(decoder=True)
-    device, dtype = gen.model.device, gen.model.dtype
-    dim = config.head_dim
-    group = config.num_attention_heads // config.num_key_value_heads
-    layers = []
-    for layer_map in head_map:
-        groups = []
-        for adaptive in (True, False):
-            heads = (layer_map == adaptive).nonzero().flatten()
-            if heads.numel() == 0:
-                continue
-            kept = params.kept_tokens(context, UNLIMITED_BUDGET if adaptive else params.budget)
-            kv = torch.randn(2, batch, heads.numel(), kept + new_tokens, dim, dtype=dtype, device=device)
-            q_heads = (heads[:, None] * group + torch.arange(group)).flatten().to(device)
-            groups.append(HeadGroup(heads.to(device), q_heads, kv, kept, None))
-        layers.append(SimpleNamespace(groups=groups))
-    token = torch.randint(0, min(1000, config.vocab_size), (batch, 1), device=device)
-    position = torch.full((batch, 1), context, device=device)
-    return _DecodeState(gen, SimpleNamespace(layers=layers), token, position, new_tokens)
-
-
-def time_graph_steps(state: _DecodeState, steps: int) -> float:
-    return time_replays(state.capture(), steps)
-
-
 def time_replays(graph: torch.cuda.CUDAGraph, steps: int) -> float:
     """Milliseconds per replay of ``graph`` (after one untimed replay), over ``steps`` replays."""
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -176,146 +145,141 @@ def time_replays(graph: torch.cuda.CUDAGraph, steps: int) -> float:
     return start.elapsed_time(end) / steps
 
 
-def kv_bytes_of(state: _DecodeState) -> int:
-    """KV bytes one decode step reads: every filled slot of every group."""
-    return sum(slot.group.used_bytes for layer in state.layers for slot in layer)
+def host_copy_bandwidth() -> float:
+    """Bytes read + written per second of a host copy (the smoke runs' stand-in for the device's)."""
+    src = torch.randn(1 << 22)
+    dst = torch.empty_like(src)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    return 10 * 2 * src.numel() * 4 / (time.perf_counter() - start)
 
 
-def kernel_config(profile: Profile | None, block_n: int | None = None, programs_per_sm: float | None = None,
-                  concurrent_groups: bool | None = None):
-    """LeanGenerator's decode-kernel config for ``profile``, with the given fields (not None) overridden."""
-    config = LeanGenerator.default_kernel_config(profile)
-    return dataclasses.replace(config, block_n=block_n or config.block_n,
-                               programs_per_sm=programs_per_sm or config.programs_per_sm,
-                               concurrent_groups=config.concurrent_groups if concurrent_groups is None
-                               else concurrent_groups)
+def engine_memory(model, cap_gib: float) -> dict:
+    """The engine's arguments for a memory cap of ``cap_gib`` in all: on CUDA ``gpu_memory_utilization`` (cap over
+    the GPU's memory), elsewhere ``kv_cache_memory`` (the cap less the weights)."""
+    if model.device.type == "cuda":
+        total = torch.cuda.get_device_properties(model.device).total_memory
+        return {"gpu_memory_utilization": min(1.0, cap_gib * GiB / total)}
+    return {"kv_cache_memory": max(1, int(cap_gib * GiB) - weight_bytes(model))}
 
 
-def suite_synthetic(model, args, results, bandwidth) -> None:
-    for context in args.contexts:
-        for name in ("catekv", "full"):
-            torch.cuda.empty_cache()
-            profile = random_profile(model, args.budget) if name == "catekv" else None
-            config = kernel_config(profile, args.block_n, args.programs_per_sm)
-            gen = LeanGenerator(model, profile, kernel_config=config)
-            head_map, params = gen._head_map_and_params()
-            state = synthetic_state(gen, head_map, params, args.batch, context, args.steps + 8)
-            kv = kv_bytes_of(state)
-            ms = time_graph_steps(state, args.steps)
-            floor = decode_floor_ms(model, kv, bandwidth)
-            emit(results, suite="synthetic", arm=f"lean-{name}", context=context, batch=args.batch,
-                 block_n=config.block_n,
-                 decode_ms_per_step=round(ms, 3), floor_ms=round(floor, 3), ratio_to_floor=round(ms / floor, 3),
-                 kv_gib=round(kv / GiB, 3))
-            del state, gen
+def peak_gib() -> float | None:
+    """Peak device memory allocated since the last reset, GiB (None off CUDA)."""
+    return round(torch.cuda.max_memory_allocated() / GiB, 2) if torch.cuda.is_available() else None
 
 
-def suite_real(model, args, results, bandwidth) -> None:
-    for context in args.contexts:
-        ids = torch.randint(0, 100000, (args.batch, context), device="cuda")
-        arms = [("lean-catekv", random_profile(model, args.budget)), ("lean-full", None)]
-        if context <= args.max_generate_context:
-            arms.append(("transformers-generate", None))
-        arms = [arm for arm in arms if arm[0] in args.arms]
-        for name, profile in arms:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            if name.startswith("lean"):
-                gen = LeanGenerator(model, profile, kernel_config=kernel_config(profile, args.block_n,
-                                                                                args.programs_per_sm))
-                gen.generate(ids, max_new_tokens=args.steps + 1)
-                s = gen.stats
-                record = dict(decode_ms_per_step=round(s.decode_ms_per_step, 3), prefill_s=round(s.prefill_s, 2),
-                              kv_gib=round(s.kv_bytes / GiB, 3), full_kv_gib=round(s.full_kv_bytes / GiB, 3))
-                kv_read = s.kv_bytes
-                del gen
-            else:
-                timings = []
-                for new in (1, args.steps + 1):
-                    torch.cuda.synchronize()
-                    t = time.perf_counter()
-                    model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False)
-                    torch.cuda.synchronize()
-                    timings.append(time.perf_counter() - t)
-                record = dict(decode_ms_per_step=round(1e3 * (timings[1] - timings[0]) / args.steps, 3),
-                              prefill_s=round(timings[0], 2))
-                kv_read = context * 32 * 8 * 128 * 2 * 2 * args.batch
-            peak = torch.cuda.max_memory_allocated()
-            floor = decode_floor_ms(model, kv_read, bandwidth)
-            emit(results, suite="real", arm=name, context=context, batch=args.batch, peak_gib=round(peak / GiB, 2),
-                 floor_ms=round(floor, 3), **record)
-
-
-def suite_batch(model, args, results, bandwidth) -> None:
-    """40K context, budget 256: largest batch that fits 80 GiB, and tokens/s, CateKV vs full.
-
-    The largest batch is predicted from the KV bytes per sequence, then confirmed by allocating and
-    running it (and the next size up must fail), so only a few sizes are compiled and captured.
-    """
-    context, cap = 40960, 80 * GiB
-    torch._dynamo.config.recompile_limit = 64  # one compilation per batch size tried
-    total = torch.cuda.get_device_properties(0).total_memory
-    for name in ("catekv", "full"):
-        if name == "catekv":
-            profile = random_profile(model, 256, init_tokens=8, recent_tokens=32)
-            gen = LeanGenerator(model, profile)
-            head_map, params = profile.head_map, profile.params
-        else:
-            gen = LeanGenerator(model, None)
-            head_map, params = gen._head_map_and_params()
-        probe = synthetic_state(gen, head_map, params, 1, context, args.steps + 8)
-        per_sequence = sum(slot.group.allocated_bytes for layer in probe.layers for slot in layer)
-        del probe
+def reset_peak() -> None:
+    gc.collect()  # the previous arm's engine and its CUDA graphs go first
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
-        batch = int((cap - weight_bytes(model) - 2 * GiB) // per_sequence) + 1
-        best = None
-        torch.cuda.set_per_process_memory_fraction(cap / total)
-        while batch > 0 and best is None:
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-            try:
-                state = synthetic_state(gen, head_map, params, batch, context, args.steps + 8)
-                ms = time_graph_steps(state, args.steps)
-                best = dict(batch=batch, decode_ms_per_step=round(ms, 3),
-                            tokens_per_s=round(batch * 1e3 / ms, 1), kv_gib=round(kv_bytes_of(state) / GiB, 2),
-                            peak_gib=round(torch.cuda.max_memory_allocated() / GiB, 2))
-                del state
-            except torch.OutOfMemoryError:
-                emit(results, suite="batch", arm=f"lean-{name}", context=context, out_of_memory_at=batch)
-                state = None
-                batch -= 1
-        torch.cuda.set_per_process_memory_fraction(1.0)
-        emit(results, suite="batch", arm=f"lean-{name}", context=context, memory_cap_gib=80, **(best or {}))
-        del gen
+        torch.cuda.reset_peak_memory_stats()
 
 
-def main() -> None:
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+GREEDY = dict(temperature=0, ignore_eos=True)
+
+
+def ms_per_step_to_the_end(engine: ck.Engine) -> float:
+    """Wall milliseconds per :meth:`Engine.step` until nothing is unfinished. Every step launches one decode step and
+    then reads the one before, so the host's work overlaps the device's."""
+    sync()
+    start, steps = time.perf_counter(), 0
+    while engine.has_unfinished():
+        engine.step()
+        steps += 1
+    sync()
+    return 1e3 * (time.perf_counter() - start) / max(steps, 1)
+
+
+def engine_run(model, profile: Profile | None, ids: list[int], steps: int) -> dict:
+    """One prompt through the engine's public loop: prefill seconds (to the first token), ms per decode step after
+    it, peak GiB and the KV held against full attention's."""
+    engine = ck.Engine(model, profile, max_batch_size=1, max_model_len=len(ids) + steps + 16,
+                       max_decode_len=steps + 16)
+    engine.generate([ids[:16]], ck.SamplingParams(max_tokens=3, **GREEDY))  # warm-up: kernels, the CUDA graph
+    reset_peak()
+    sync()
+    start = time.perf_counter()
+    request = engine.add_request(ids, ck.SamplingParams(max_tokens=steps + 1, **GREEDY))
+    while not engine.partial(request).token_ids:
+        engine.step()
+    sync()
+    prefill_s = time.perf_counter() - start
+    held, full = engine.kv_usage()
+    ms = ms_per_step_to_the_end(engine)
+    return dict(decode_ms_per_step=round(ms, 3), prefill_s=round(prefill_s, 2), peak_gib=peak_gib(),
+                kv_gib=round(held / GiB, 3), full_kv_gib=round(full / GiB, 3), kv_bytes=held)
+
+
+def generate_run(model, ids: list[int], steps: int) -> dict:
+    """transformers' ``generate`` (greedy): prefill seconds (one new token), ms per further token, peak GiB."""
+    tensor = torch.tensor([ids], device=model.device)
+    reset_peak()
+    timings = []
+    for new in (1, steps + 1):
+        sync()
+        start = time.perf_counter()
+        model.generate(tensor, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+        sync()
+        timings.append(time.perf_counter() - start)
+    config = model.config
+    kv = 2 * len(ids) * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * model.dtype.itemsize
+    return dict(decode_ms_per_step=round(1e3 * (timings[1] - timings[0]) / steps, 3), prefill_s=round(timings[0], 2),
+                peak_gib=peak_gib(), kv_bytes=kv)
+
+
+def run(model, args, results: list, bandwidth: float) -> None:
+    for context in args.contexts:
+        ids = torch.randint(3, min(model.config.vocab_size, 100000), (context,),
+                            generator=torch.Generator().manual_seed(context)).tolist()
+        for arm in args.arms:
+            if arm == "transformers-generate":
+                if context > args.max_generate_context:
+                    continue
+                record = generate_run(model, ids, args.steps)
+            else:
+                profile = random_profile(model, args.budget) if arm == "engine-catekv" else None
+                record = engine_run(model, profile, ids, args.steps)
+            floor = decode_floor_ms(model, record.pop("kv_bytes"), bandwidth)
+            emit(results, suite="real", arm=arm, context=context, batch=1, floor_ms=round(floor, 3),
+                 ratio_to_floor=round(record["decode_ms_per_step"] / floor, 3), **record)
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--suite", choices=["real", "synthetic", "batch"], nargs="+", default=["synthetic"])
-    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072])
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--budget", type=int, default=2048)
-    parser.add_argument("--steps", type=int, default=64)
+    parser.add_argument("--contexts", type=int, nargs="+", default=[32768, 131072], help="prompt lengths")
+    parser.add_argument("--arms", nargs="+", choices=["engine-catekv", "engine-full", "transformers-generate"],
+                        default=["engine-catekv", "engine-full", "transformers-generate"])
+    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget of the random profile")
+    parser.add_argument("--steps", type=int, default=64, help="decode steps timed")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--max-generate-context", type=int, default=131072)
-    parser.add_argument("--block-n", type=int, default=None, help="Triton decode tile (default: LeanGenerator's)")
-    parser.add_argument("--programs-per-sm", type=float, default=None,
-                        help="DecodeConfig.programs_per_sm of the decode kernel (default: LeanGenerator's)")
-    parser.add_argument("--arms", nargs="+", default=["lean-catekv", "lean-full", "transformers-generate"],
-                        help="arms of the real suite")
+    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny model, tiny sizes (figures mean nothing)")
     parser.add_argument("--out", type=Path, default=None)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
-    model = build_model(args.layers)
-    bandwidth = copy_bandwidth()
+    if args.smoke:
+        model = build_model(2, device="cpu", **TINY)
+        bandwidth = host_copy_bandwidth()
+        args.contexts, args.steps, args.budget = [200], 2, 64
+    else:
+        if not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (or --smoke)")
+        model = build_model(args.layers)
+        bandwidth = copy_bandwidth()
     results: list = []
-    emit(results, suite="setup", device=torch.cuda.get_device_name(), torch=torch.__version__,
-         copy_bandwidth_gbs=round(bandwidth / 1e9, 1), weight_gib=round(weight_bytes(model) / GiB, 2),
-         date=time.strftime("%Y-%m-%d"))
-    for suite in args.suite:
-        {"real": suite_real, "synthetic": suite_synthetic, "batch": suite_batch}[suite](model, args, results, bandwidth)
+    emit(results, suite="setup", smoke=args.smoke, device=torch.cuda.get_device_name() if not args.smoke else "cpu",
+         torch=torch.__version__, copy_bandwidth_gbs=round(bandwidth / 1e9, 1),
+         weight_gib=round(weight_bytes(model) / GiB, 2), date=time.strftime("%Y-%m-%d"))
+    run(model, args, results, bandwidth)
     if args.out:
         write_records(args.out, results)
+    return results
 
 
 if __name__ == "__main__":

@@ -6,11 +6,15 @@ engine's own decode step (at batch 1 the fused projections; the Triton split-K k
 graph and replayed.
 Arms: ``catekv`` (a random profile at r = 0.4, budget ``--budget``) and ``full`` (profile None, the same engine).
 The floor is the bytes a step must read (weights less the embedding table, plus every kept K/V) over the measured
-device-to-device copy bandwidth, as ``benchmarks/decode.py`` computes it. One JSON object per line; all of them
-to ``--out``.
+device-to-device copy bandwidth, as ``benchmarks/decode.py`` computes it. With ``--memory-cap-gib`` the batch is
+instead as many requests as the engine has slots under that cap (``gpu_memory_utilization``, which also sets aside
+the prefill's working memory), and each record adds the tokens per second and the peak memory. One JSON object per
+line; all of them to ``--out``.
 
     python benchmarks/engine_decode.py --contexts 131072 524288 --out docs/results/engine_decode.json
     python benchmarks/engine_decode.py --contexts 24576 --batches 1 8 16 32 --out docs/results/engine_decode_batch.json
+    python benchmarks/engine_decode.py --contexts 40960 --budget 256 --memory-cap-gib 80 \
+        --out docs/results/engine_decode_capacity.json      # the paper's throughput setting (budget 256: init 8, recent 32)
     python benchmarks/engine_decode.py --smoke      # CPU, Triton's interpreter, a tiny model: checks the script
 """
 
@@ -37,11 +41,15 @@ from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
 from catekv_runtime.profile import UNLIMITED_BUDGET  # noqa: E402
 
 
-def filled_engine(model, profile, context: int, steps: int, batch: int = 1, **engine_args) -> Engine:
+MAX_SLOTS = 256  # the most slots of an engine sized by a memory cap (filled_engine with batch=None)
+
+
+def filled_engine(model, profile, context: int, steps: int, batch: int | None = 1, **engine_args) -> Engine:
     """An engine whose slots ``0 .. batch - 1`` each decode a request of ``context`` prompt tokens (K/V left as
-    zeros)."""
-    engine = Engine(model, profile, max_batch_size=batch, max_model_len=context + steps + 16,
+    zeros); ``batch=None``: every slot that the memory arguments in ``engine_args`` allow, up to :data:`MAX_SLOTS`."""
+    engine = Engine(model, profile, max_batch_size=batch or MAX_SLOTS, max_model_len=context + steps + 16,
                     max_decode_len=steps + 16, **engine_args)
+    batch = batch or engine.slots
     if engine.slots < batch:
         raise SystemExit(f"{batch} requests of {context} tokens do not fit in the device's memory "
                          f"({engine.slots} slots); lower --batches or --contexts")
@@ -80,14 +88,11 @@ def time_step_ms(engine: Engine, steps: int) -> float:
         return 1e3 * (time.perf_counter() - start) / steps
 
 
-def host_copy_bandwidth() -> float:
-    """Bytes read + written per second of a host copy (the smoke run's stand-in for the device's)."""
-    src = torch.randn(1 << 22)
-    dst = torch.empty_like(src)
-    start = time.perf_counter()
-    for _ in range(10):
-        dst.copy_(src)
-    return 10 * 2 * src.numel() * 4 / (time.perf_counter() - start)
+def capacity(cap_gib: float | None, batch: int, ms: float) -> dict:
+    """What a record of a memory-capped run adds: the cap, tokens per second and the peak memory; {} without a cap."""
+    if cap_gib is None:
+        return {}
+    return dict(memory_cap_gib=cap_gib, tokens_per_s=round(batch * 1e3 / ms, 1), peak_gib=bench.peak_gib())
 
 
 def add_step_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
@@ -107,11 +112,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                                      "nothing)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1],
                         help="requests decoding together, each of the whole context")
+    parser.add_argument("--memory-cap-gib", type=float, default=None,
+                        help="instead of --batches: as many requests as fit this much memory in all (GiB)")
     parser.add_argument("--out", type=Path, default=None, help="write every record to this JSON file")
     args = parser.parse_args(argv)
     if args.smoke:
         model = bench.build_model(2, device="cpu", **bench.TINY)
-        contexts, steps, budget, bandwidth = [200], 2, 64, host_copy_bandwidth()
+        contexts, steps, budget, bandwidth = [200], 2, 64, bench.host_copy_bandwidth()
         engine_args = dict(attention="triton", projections="triton")
     else:
         if not torch.cuda.is_available():
@@ -119,13 +126,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = bench.build_model(args.layers)
         contexts, steps, budget, bandwidth = args.contexts, args.steps, args.budget, bench.copy_bandwidth()
         engine_args = {}
+    batches = args.batches
+    if args.memory_cap_gib is not None:
+        batches = [None]
+        engine_args.update(bench.engine_memory(model, args.memory_cap_gib))
     results: list[dict] = []
     bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
                layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget,
                ratio=args.ratio)
-    for context, batch, arm in itertools.product(contexts, args.batches, args.arms):
+    for context, batch, arm in itertools.product(contexts, batches, args.arms):
         profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
+        bench.reset_peak()
         engine = filled_engine(model, profile, context, steps + 2, batch, **engine_args)
+        batch = engine.num_running
         kv_start = kv_bytes_read(engine)
         ms = time_step_ms(engine, steps)
         kv = (kv_start + kv_bytes_read(engine)) // 2  # the step's K/V reads grow by a token a step: the mean
@@ -133,10 +146,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         bench.emit(results, suite="engine-step", arm=f"engine-{arm}", context=context, batch=batch, steps=steps,
                    projections=engine.projections, attention=engine.attention, cuda_graphs=engine.cuda_graphs,
                    decode_ms_per_step=round(ms, 3), floor_ms=float(f"{floor:.4g}"),
-                   ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3))
+                   ratio_to_floor=round(ms / floor, 3), kv_gib=round(kv / bench.GiB, 3),
+                   **capacity(args.memory_cap_gib, batch, ms))
         del engine
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     if args.out is not None:
         bench.write_records(args.out, results)
     return results

@@ -31,12 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.decode import (  # noqa: E402
     TINY,
-    GiB,
     StepTimer,
     build_model,
     emit,
+    engine_memory,
     random_profile,
-    weight_bytes,
     write_records,
 )
 from catekv_runtime.engine import Engine, SamplingParams  # noqa: E402
@@ -58,13 +57,6 @@ def make_prompts(lengths: list[int], count: int, vocab: int, seed: int = 0) -> l
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def engine_memory(model, cap_gib: float) -> dict:
-    if model.device.type == "cuda":
-        total = torch.cuda.get_device_properties(model.device).total_memory
-        return {"gpu_memory_utilization": min(1.0, cap_gib * GiB / total)}
-    return {"kv_cache_memory": max(1, int(cap_gib * GiB) - weight_bytes(model))}
 
 
 def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, output_tokens: int) -> dict:

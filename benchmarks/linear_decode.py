@@ -1,6 +1,6 @@
 """One token's projections on the GPU: the fused Triton GEMV (kernels.triton_linear) against cuBLAS.
 
-Llama-3-8B's five batch-1 projections, bf16, each with what the lean decode step fuses into it:
+Llama-3-8B's five batch-1 projections, bf16, each with what the engine's batch-1 decode step fuses into it:
 
     qkv      [6144, 4096]    RMSNorm before            o_proj   [4096, 4096]    residual after
     gate_up  [28672, 4096]   RMSNorm before, SiLU x up  down     [4096, 14336]   residual after

@@ -64,7 +64,7 @@ def resolve_prefill_backend(backend: str, device: torch.device, dtype: torch.dty
 
     ``"auto"`` is the fastest that can run: FlashAttention-4 on compute capability 9.0 and newer when it is
     importable (``pip install "catekv[flash4]"``), flash-attn 2 on 8.x (Ampere, Ada) when importable, else SDPA.
-    Not flash-attn 2 on Hopper: it is the kernel of SDPA's flash backend, which took 1.7x as long as the cuDNN
+    Not flash-attn 2 on Hopper: it is the kernel of SDPA's flash backend, slower there than the cuDNN
     attention the ``sdpa`` backend runs there (``benchmarks/chunk_attention.py``). FlashAttention needs float16 or
     bfloat16 and a head_dim that is a multiple of 8 up to 256. Naming ``"fa4"`` or ``"flash2"`` where it cannot
     run raises ``ValueError`` saying why (and what to install).
@@ -125,12 +125,12 @@ def chunk_attention(query: torch.Tensor, keys: torch.Tensor, values: torch.Tenso
     ``backend``: one of :data:`PREFILL_BACKENDS` (:func:`resolve_prefill_backend`). FlashAttention aligns its
     causal mask bottom-right, as a later chunk needs: one call over the keys up to the chunk's end.
 
-    SDPA: a later chunk's bottom-right mask runs on flash-attention only, which took 1.7x as long as cuDNN's
-    attention on an H200 at 128K (``benchmarks/chunk_attention.py``); cuDNN has only the top-left mask. So where
-    cuDNN attention can run, the chunk is two cuDNN calls merged by their log-sum-exp: its queries over the
-    earlier keys with no mask, and over its own keys with the square causal mask. Elsewhere it is one SDPA call
-    with the bottom-right mask. ``split`` forces (True) or forbids (False) the two-call form; True off CUDA
-    computes the two parts in plain float32 PyTorch (for tests).
+    SDPA: a later chunk's bottom-right mask runs on flash-attention only, which is slower than cuDNN's attention
+    (``benchmarks/chunk_attention.py``; docs/benchmarks.md); cuDNN has only the top-left mask. So where cuDNN
+    attention can run, the chunk is two cuDNN calls merged by their log-sum-exp: its queries over the earlier keys
+    with no mask, and over its own keys with the square causal mask. Elsewhere it is one SDPA call with the
+    bottom-right mask. ``split`` forces (True) or forbids (False) the two-call form; True off CUDA computes the two
+    parts in plain float32 PyTorch (for tests).
     """
     length = query.shape[2]
     end = start + length

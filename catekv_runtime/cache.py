@@ -155,7 +155,7 @@ class CateKVLayer(DynamicLayer):
 
     def select_from(self, keys: torch.Tensor, values: torch.Tensor, last_queries: torch.Tensor, scale: float) -> None:
         """Select from a whole prompt's K/V ``[batch, kv_heads, n, d]`` computed outside the model's forward
-        (``LeanGenerator``'s layer-by-layer prefill); ``last_queries`` are the prompt's last query states.
+        (a layer-by-layer prefill); ``last_queries`` are the prompt's last query states.
         Unpadded sequences only. The full K/V is released when this returns (if the caller holds no reference).
         A layer can select again for another prompt: the previous selection is dropped."""
         b, h, n, d = keys.shape

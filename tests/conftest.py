@@ -16,7 +16,7 @@ import pytest
 import torch
 
 # Without a GPU, Triton kernels run through Triton's interpreter; the variable must be set before
-# anything imports triton (torch._dynamo does, via the lean path).
+# anything imports triton (torch._dynamo does).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

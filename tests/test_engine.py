@@ -121,6 +121,35 @@ def test_engine_shares_the_models_weights():
     assert torch.equal(model(ids).logits, before)
 
 
+def test_a_second_engine_views_the_fused_weights_again_and_the_model_saves_unchanged(tmp_path):
+    """Fusing is done once: a second engine views the first one's q/k/v and gate/up storage (no copy), and the
+    model, whose parameters are now views of it, saves and reloads to the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    model = tiny("llama")
+    ids = torch.tensor([prompts([40])[0]])
+    before = model(ids).logits
+    first = Engine(model, None, max_batch_size=1, max_model_len=64).model.layers[0]
+    again = Engine(model, None, max_batch_size=1, max_model_len=64).model.layers[0]
+    assert again.qkv.data_ptr() == first.qkv.data_ptr() and again.gate_up.data_ptr() == first.gate_up.data_ptr()
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32, attn_implementation="sdpa")
+    assert torch.equal(reloaded(ids).logits, before)
+
+
+def test_projections_of_mixed_dtypes_are_copied_not_fused():
+    """q/k/v of two dtypes cannot share one storage: the model's parameters stay as they were (the engine's model
+    holds a copy), while the MLP of the same layer is still fused in place."""
+    model = tiny("llama")
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    attn.k_proj.to(torch.float64)
+    q_weight = attn.q_proj.weight
+    weights = Engine(model, None, max_batch_size=1, max_model_len=64, attention="torch").model.layers[0]
+    assert attn.q_proj.weight is q_weight
+    assert weights.qkv.untyped_storage().data_ptr() != q_weight.untyped_storage().data_ptr()
+    assert mlp.up_proj.weight.untyped_storage().data_ptr() == weights.gate_up.untyped_storage().data_ptr()
+
+
 @pytest.mark.parametrize("make, reason", [
     (lambda: make_tiny_model("mistral", sliding_window=64), "sliding-window"),
     (lambda: make_tiny_model("qwen2", sliding_window=64), "sliding-window"),

@@ -243,6 +243,17 @@ def test_profile_for_another_model_is_refused():
     assert model.config._attn_implementation == "sdpa"  # nothing was changed
 
 
+def test_cache_of_another_head_count_is_refused():
+    """A cache made for the whole head map, used by a rank that computes half the heads, says what to do."""
+    model = make_tiny_model("llama")
+    profile = make_profile(model, 0.5)
+    ck.apply(model, profile)
+    cache = ck.CateKVCache(model.config, profile.head_map[:, :1], profile.params)
+    with pytest.raises(ValueError, match="make_cache"):
+        model(torch.ones(1, 8, dtype=torch.long), **{ck.cache_argument(model): cache})
+    ck.remove(model)
+
+
 def test_unknown_override_is_refused():
     model = make_tiny_model("llama")
     with pytest.raises(TypeError, match="unknown CateKV overrides"):

@@ -1,4 +1,4 @@
-"""The Triton decode kernel's configuration for the engine's decode step (and lean.py's)."""
+"""The Triton decode kernel's configuration for the engine's decode step."""
 
 from __future__ import annotations
 

@@ -57,8 +57,7 @@ class DecodeConfig:
     default split count of a cache (:func:`default_num_splits`).
     """
 
-    # The best batch-1 setting of benchmarks/kernel_decode.py --sweep at 128K (docs/results/kernel_sweep_128k.json),
-    # close to the best at batch 8.
+    # Chosen by benchmarks/kernel_decode.py --sweep at 128K, batch 1 and 8 (docs/results/kernel_sweep_128k.json).
     block_n: int = 32
     num_warps: int = 4
     num_stages: int = 3

@@ -15,8 +15,8 @@ L2, not a second launch. Rounding follows the transformers modules it replaces: 
 cast to the model dtype before the norm weight multiplies it, each projection's output is rounded before
 SiLU, the product and the residual add.
 
-Batch 1 only (one input row): that is the latency-bound case the lean decode step runs; larger batches
-keep cuBLAS, which reuses each weight tile across rows.
+Batch 1 only (one input row): that is the latency-bound case of the engine's decode step of a single request;
+larger batches keep cuBLAS, which reuses each weight tile across rows.
 """
 
 from __future__ import annotations

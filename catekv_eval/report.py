@@ -1,7 +1,7 @@
 """Write docs/accuracy.md (tables, target check, plot) from ``catekv-eval --out`` JSON files.
 
-    python -m catekv_eval.report docs/results/accuracy_*.json --compare docs/results/r2/accuracy_*.json \
-        -o docs/accuracy.md
+    python -m catekv_eval.report docs/results/accuracy_*.json \
+        --compare docs/results/r2/accuracy_*.json docs/results/accuracy_qwen_*.json -o docs/accuracy.md
 
 ``--compare`` files are runs of one model with different profiles (regions, k/alpha, calibration): a section of
 their own puts each profile's averages side by side, per context length.
@@ -125,24 +125,51 @@ def profile_label(path: str) -> str:
 
 
 def comparison(paths: Sequence[Path]) -> list[str]:
-    """Per model and length, one row per profile: full attention and each method's average at each r (KV kept)."""
-    rows: dict[tuple[str, int], list[list[str]]] = defaultdict(list)
+    """Per model and length, one row per profile and method: the average at each r (KV kept).
+
+    Files with the same model and profile are one run split between processes: their records are merged (as
+    :func:`load_runs` does). At each length the averages cover only the tasks that every compared profile ran
+    there, so that a profile run on fewer tasks is compared on those tasks alone (the ``tasks`` column).
+    """
+    runs: dict[tuple[str, str], dict[str, Any]] = {}  # (model, profile) -> merged records
     commands: dict[str, list[str]] = defaultdict(list)
+    notes: dict[str, dict[str, list[str]]] = defaultdict(dict)  # model -> note -> the files that carry it
     for path in paths:
         run = json.loads(Path(path).read_text())
         commands[run["model_id"]].append(run["command"])
-        avg = averages(run["records"])
+        if run.get("note"):
+            notes[run["model_id"]].setdefault(run["note"], []).append(f"`{Path(path).name}`")
+        merged = runs.setdefault((run["model_id"], run["profile"]), {"records": [], "seen": {}})
+        for r in run["records"]:
+            key = (r["context_length"], r["adaptive_ratio"], r["task"], r["method"])
+            if key in merged["seen"]:
+                raise ValueError(f"{path} and {merged['seen'][key]} both hold {r['task']} / {r['method']} at "
+                                 f"{r['context_length']} tokens, r = {r['adaptive_ratio']} with one profile: keep one")
+            merged["seen"][key] = path
+        merged["records"] += run["records"]
+    tasks_at: dict[tuple[str, int], set[str]] = {}
+    for (model_id, _), run in runs.items():
+        for length in {r["context_length"] for r in run["records"]}:
+            ran = {r["task"] for r in run["records"] if r["context_length"] == length}
+            key = (model_id, length)
+            tasks_at[key] = tasks_at[key] & ran if key in tasks_at else ran
+    rows: dict[tuple[str, int], list[list[str]]] = defaultdict(list)
+    for (model_id, profile), run in runs.items():
+        common = [r for r in run["records"] if r["task"] in tasks_at[model_id, r["context_length"]]]
+        avg = averages(common)
         for length in sorted({k[0] for k in avg}):
             for method in dict.fromkeys(k[2] for k in avg if k[0] == length):
                 entries = [avg[key] for key in sorted(k for k in avg if k[0] == length and k[2] == method)]
                 cells = [f"{score:.1f} ({kept:.1f}%)" for score, kept, _ in entries]
-                rows[run["model_id"], length].append([profile_label(run["profile"]), method, *cells,
-                                                      str(entries[0][2])])
+                rows[model_id, length].append([profile_label(profile), method, *cells, str(entries[0][2])])
     out = ["## Profiles compared: regions and calibration", "",
            "The same model and tasks with profiles that differ in how they were made. Cells: average score over "
-           "the tasks (KV kept, % of full, measured) at r = 0.2 and r = 0.4; full attention keeps everything.", ""]
+           "the tasks (KV kept, % of full, measured) at r = 0.2 and r = 0.4; full attention keeps everything. "
+           "At each length only the tasks every profile there ran are averaged (the tasks column).", ""]
     for model in dict.fromkeys(k[0] for k in rows):
         out += [f"### {model}", "", "Commands:", "", "```bash", *commands[model], "```", ""]
+        out += [f"Note ({', '.join(files)}): {note}" for note, files in notes[model].items()]
+        out += [""] if notes[model] else []
         for (m, length), body in rows.items():
             if m == model:
                 out += [f"{length} tokens:", "",

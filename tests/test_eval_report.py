@@ -18,9 +18,9 @@ def record(task, method, score, kv, ratio=0.4, length=4096):
             "kv_kept_pct": kv, "adaptive_ratio": ratio, "max_new_tokens": 8, "seconds": 1.0, "predictions": []}
 
 
-def run_file(tmp_path, name, records):
+def run_file(tmp_path, name, records, profile="p.safetensors"):
     path = tmp_path / name
-    path.write_text(json.dumps({"model": "m", "profile": "p.safetensors", "model_id": "org/m", "date": "2026-11-28",
+    path.write_text(json.dumps({"model": "m", "profile": profile, "model_id": "org/m", "date": "2026-11-28",
                                 "command": f"catekv-eval m p --tasks {name}", "device": "cpu", "dtype": "float32",
                                 "records": records}))
     return path
@@ -56,11 +56,29 @@ def test_a_task_in_two_files_is_refused(tmp_path):
         load_runs([run_file(tmp_path, "x.json", rows), run_file(tmp_path, "y.json", rows)])
 
 
+def test_profiles_are_compared_on_the_tasks_they_all_ran(tmp_path):
+    """A profile's run split over two files is one row; a profile run on fewer tasks is compared on those alone."""
+    both = [record(t, "catekv", score, 40, ratio=r) for t, score in (("a", 90), ("b", 50)) for r in (0.2, 0.4)]
+    split = [run_file(tmp_path, "x1.json", both[:2], "smollm2-135m-instruct"),
+             run_file(tmp_path, "x2.json", both[2:], "smollm2-135m-instruct")]
+    only_a = run_file(tmp_path, "y.json", [record("a", "catekv", 70, 40, ratio=r) for r in (0.2, 0.4)],
+                      "smollm2-135m-instruct-8k")
+    rows = [line for line in report.comparison([*split, only_a]) if line.startswith("| `smollm2")]
+    assert len(rows) == 2
+    assert rows[0].endswith("| catekv | 90.0 (40.0%) | 90.0 (40.0%) | 1 |")  # task b left out: y.json lacks it
+    assert rows[1].endswith("| catekv | 70.0 (40.0%) | 70.0 (40.0%) | 1 |")
+    alone = [line for line in report.comparison(split) if line.startswith("| `smollm2")]
+    assert alone == [alone[0]] and alone[0].endswith("| catekv | 70.0 (40.0%) | 70.0 (40.0%) | 2 |")  # (90 + 50) / 2
+    with pytest.raises(ValueError, match="both hold a / catekv .* with one profile"):
+        report.comparison([split[0], split[0]])
+
+
 def test_the_committed_page_is_what_its_command_writes(tmp_path):
     """docs/accuracy.md is the output of the command in catekv_eval/report.py's docstring on the committed results
     (so the page stays true, and the command keeps working when files move)."""
     results = ROOT / "docs" / "results"
     out = tmp_path / "accuracy.md"
     report.main([*map(str, sorted(results.glob("accuracy_*.json"))), "--compare",
-                 *map(str, sorted((results / "r2").glob("accuracy_*.json"))), "-o", str(out)])
+                 *map(str, sorted((results / "r2").glob("accuracy_*.json"))),
+                 *map(str, sorted(results.glob("accuracy_qwen_*.json"))), "-o", str(out)])
     assert out.read_text() == (ROOT / "docs" / "accuracy.md").read_text()

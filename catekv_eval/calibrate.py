@@ -42,20 +42,25 @@ MAX_NEW_TOKENS = 48
 
 def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profile], *, context_length: int,
               tasks: Sequence[str] = DEFAULT_TASKS, num_samples: int = 10, seed: int = CALIBRATION_SEED,
-              max_new_tokens: int | None = MAX_NEW_TOKENS, batch_size: int = 8) -> Profile:
+              ratios: Sequence[float] | None = None, max_new_tokens: int | None = MAX_NEW_TOKENS,
+              batch_size: int = 8) -> Profile:
     """The candidate with the best mean score, its ``calibration`` metadata holding the whole table.
 
     ``candidates``: profiles of one model that differ in k and alpha (``catekv_profiler.profiler.
-    profile_candidates``). Candidates with the same head map are scored once. The table (one row per
-    candidate: k, alpha, adaptive heads, per-task and mean score; and full attention's) goes into
-    ``Profile.calibration`` with the seed, tasks, samples and context length, so the profile says how its k
-    and alpha were chosen.
+    profile_candidates``). ``ratios``: the adaptive ratios r each candidate's head map is scored at (default: the
+    candidates' own r); a candidate's score is its mean over them, since a profile is used at other r than the one
+    it was made with (``Profile.with_adaptive_ratio``) and a setting that wins at one r can lose at another. Head
+    maps that coincide are scored once. The table (one row per candidate: k, alpha, adaptive heads, per-task and
+    mean score, the mean at each r; and full attention's) goes into ``Profile.calibration`` with the seed, tasks,
+    samples, ratios and context length, so the profile says how its k and alpha were chosen.
     """
     if not candidates:
         raise ValueError("no candidate profiles to calibrate")
+    ratios = tuple(float(r) for r in ratios) if ratios else (candidates[0].params.adaptive_ratio,)
+    scored = {(i, r): candidate.with_adaptive_ratio(r) for i, candidate in enumerate(candidates) for r in ratios}
     distinct: dict[bytes, Profile] = {}
-    for candidate in candidates:
-        distinct.setdefault(_head_map_key(candidate), candidate)
+    for profile in scored.values():
+        distinct.setdefault(_head_map_key(profile), profile)
     # Full attention: the same runtime with nothing evicted (the context length does not matter to Full).
     full = Full().resolve(candidates[0], context_length)
     configs = {("full", None): full, **{("map", key): profile for key, profile in distinct.items()}}
@@ -71,14 +76,19 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     finally:
         ck.remove(model)
 
-    def mean(scores: dict[str, float]) -> float:
-        return round(sum(scores.values()) / len(scores), 2)
+    def mean(values: Sequence[float]) -> float:
+        return round(sum(values) / len(values), 2)
 
     rows = []
-    for candidate in candidates:
-        scores = per_task["map", _head_map_key(candidate)]
-        rows.append({"k": candidate.params.percentile, "alpha": candidate.params.alpha,
-                     "adaptive_heads": int(candidate.head_map.sum()), "score": mean(scores), "tasks": scores})
+    for i, candidate in enumerate(candidates):
+        at = [per_task["map", _head_map_key(scored[i, r])] for r in ratios]
+        row = {"k": candidate.params.percentile, "alpha": candidate.params.alpha,
+               "adaptive_heads": int(candidate.head_map.sum()),
+               "score": mean([mean(list(scores.values())) for scores in at]),
+               "tasks": {task: mean([scores[task] for scores in at]) for task in tasks}}
+        if len(ratios) > 1:
+            row["by_ratio"] = {f"{r:g}": mean(list(scores.values())) for r, scores in zip(ratios, at)}
+        rows.append(row)
     best = min(range(len(rows)), key=lambda i: (
         -rows[i]["score"],
         abs(rows[i]["k"] - _PAPER_DEFAULT[0]) + abs(rows[i]["alpha"] - _PAPER_DEFAULT[1]),
@@ -90,7 +100,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         "samples_per_task": str(num_samples),
         "context_length": str(context_length),
         "adaptive_ratio": str(candidates[0].params.adaptive_ratio),
-        "full_attention_score": str(mean(per_task["full", None])),
+        "ratios": ",".join(f"{r:g}" for r in ratios),
+        "full_attention_score": str(mean(list(per_task["full", None].values()))),
         "full_attention_tasks": json.dumps(per_task["full", None]),
         "chosen": json.dumps({"k": rows[best]["k"], "alpha": rows[best]["alpha"]}),
         "table": json.dumps(rows),

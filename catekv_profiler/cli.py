@@ -33,7 +33,7 @@ GRID_ALPHA = (0.8, 1.0)
 class Calibrator:
     """How ``--calibrate`` picks k and alpha among candidate profiles that differ only in them.
 
-    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, seed)`` returns the best
+    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed)`` returns the best
     candidate with its ``calibration`` metadata (the table), or raises ``ValueError`` saying why the tasks cannot
     be run (e.g. a length too short for one). ``tasks`` are the names it can score on, ``default_tasks`` and
     ``default_seed`` what it uses when ``--calibration-tasks`` / ``--calibration-seed`` are not given.
@@ -107,6 +107,9 @@ def main() -> None:
                    "catekv_eval.calibrate.CALIBRATION_SEED, 4242; catekv-eval uses 1000]")
 @click.option("--calibration-length", type=int, default=None,
               help="Tokens per calibration task sample  [default: --context-length]")
+@click.option("--calibration-ratios", default=None,
+              help="Comma-separated adaptive ratios r at which each setting's head map is scored, its score the mean "
+                   "over them; name the r you will run the profile at, e.g. 0.2,0.4  [default: -r]")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
 @click.option("--context-length", "-L", type=int, default=None,
               help="Tokens per reference sample  [default: the model's maximum, at most 131072]")
@@ -130,7 +133,8 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
                     budget: int, chunk_size: int, obs_window: int, init_tokens: int | None,
                     recent_tokens: int | None, reserve_tokens: int, tie_rule: str, calibrate: bool, grid_k: str,
                     grid_alpha: str, calibration_tasks: str | None, calibration_samples: int,
-                    calibration_seed: int | None, calibration_length: int | None, num_samples: int,
+                    calibration_seed: int | None, calibration_length: int | None,
+                    calibration_ratios: str | None, num_samples: int,
                     context_length: int | None,
                     reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
                     revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
@@ -168,6 +172,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     tasks = _calibration_tasks(calibrator, calibration_tasks) if calibrator else ()
     if calibrate and calibration_samples < 1:
         raise click.BadParameter("must be >= 1", param_hint="--calibration-samples")
+    ratios = _calibration_ratios(params, calibration_ratios) if calibrate else ()
     if context_length is not None:
         check_context_length_option(context_length, params, "'-L' / '--context-length'")
 
@@ -236,7 +241,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         try:
             result = calibrator.choose(
                 model_obj, tokenizer, candidates, context_length=calibration_length or context_length, tasks=tasks,
-                num_samples=calibration_samples,
+                num_samples=calibration_samples, ratios=ratios,
                 seed=calibrator.default_seed if calibration_seed is None else calibration_seed,
             )
         except ValueError as e:
@@ -283,6 +288,25 @@ def _threshold_settings(params: ProfileParams, calibrate: bool, grid_k: str,
         except ProfileError as e:
             raise click.BadParameter(str(e), param_hint="--grid-k/--grid-alpha") from None
     return settings
+
+
+def _calibration_ratios(params: ProfileParams, text: str | None) -> tuple[float, ...]:
+    """The r of --calibration-ratios (default: the profile's own), each checked as -r is."""
+    if text is None:
+        return (params.adaptive_ratio,)
+    try:
+        ratios = tuple(sorted({float(v) for v in text.split(",") if v.strip()}))
+    except ValueError:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of numbers",
+                                 param_hint="--calibration-ratios") from None
+    if not ratios:
+        raise click.BadParameter("needs at least one value", param_hint="--calibration-ratios")
+    for ratio in ratios:
+        try:
+            dataclasses.replace(params, adaptive_ratio=ratio)  # made only to be checked
+        except ProfileError as e:
+            raise click.BadParameter(str(e), param_hint="--calibration-ratios") from None
+    return ratios
 
 
 def _calibrator() -> Calibrator:

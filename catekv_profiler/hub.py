@@ -272,16 +272,19 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
     if calibration is None:
         return ["k and alpha were set by hand (not calibrated with `catekv-profile --calibrate`)."]
     chosen = calibration["chosen"]
+    by_ratio = calibration["ratios"] if len(calibration["ratios"]) > 1 else []  # a column per r when scored at several
     return [
         f"k = {chosen['k']:g} and alpha = {chosen['alpha']:g} were chosen by `catekv-profile --calibrate`: every "
         "setting below was measured in the same pass over the reference samples, and its head map (at "
-        f"r = {calibration['adaptive_ratio']:g}) scored on {', '.join(calibration['tasks'])}, "
+        f"r = {' and '.join(f'{r:g}' for r in calibration['ratios'])}{'; the mean over them' if by_ratio else ''}) "
+        f"scored on {', '.join(calibration['tasks'])}, "
         f"{calibration['samples_per_task']} samples each of {calibration['context_length']:,} tokens generated with "
         f"seed {calibration['seed']} (not the evaluation's). Full attention scored "
         f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting.",
         "",
-        *_table(["k", "alpha", "adaptive heads", "mean score", "chosen"],
+        *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio], "chosen"],
                 [[row["k"], row["alpha"], row["adaptive_heads"], f"{row['score']:.2f}",
+                  *[f"{row['by_ratio'][f'{r:g}']:.2f}" for r in by_ratio],
                   "yes" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""]
                  for row in calibration["rows"]]),
     ]

@@ -210,6 +210,8 @@ def calibration_summary(profile: Profile) -> dict[str, Any] | None:
         "samples_per_task": int(c["samples_per_task"]),
         "context_length": int(c["context_length"]),
         "adaptive_ratio": float(c["adaptive_ratio"]),
+        # Profiles calibrated before --calibration-ratios were scored at their own r only.
+        "ratios": [float(r) for r in c.get("ratios", c["adaptive_ratio"]).split(",")],
         "full_attention_score": float(c["full_attention_score"]),
         "chosen": json.loads(c["chosen"]),
         "rows": sorted(json.loads(c["table"]), key=lambda row: -row["score"]),
@@ -287,13 +289,15 @@ def format_calibration(calibration: dict[str, Any]) -> list[str]:
     lines = [
         f"Calibration: k and alpha chosen on {', '.join(calibration['tasks'])} ({calibration['samples_per_task']} "
         f"samples each, {calibration['context_length']} tokens, seed {calibration['seed']}, "
-        f"r={calibration['adaptive_ratio']:g}); full attention scores {calibration['full_attention_score']:.2f}"
+        f"r={','.join(f'{r:g}' for r in calibration['ratios'])}); full attention scores "
+        f"{calibration['full_attention_score']:.2f}"
     ]
     chosen = calibration["chosen"]
     for row in calibration["rows"]:
         mark = "  <- chosen" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""
+        at = "".join(f", {score:.2f} at r={r}" for r, score in row.get("by_ratio", {}).items())
         lines.append(f"  k={row['k']:<6g} alpha={row['alpha']:<4g} score {row['score']:6.2f}  "
-                     f"({row['adaptive_heads']} adaptive heads){mark}")
+                     f"({row['adaptive_heads']} adaptive heads{at}){mark}")
     return lines
 
 

@@ -609,6 +609,15 @@ def test_model_card_calibration_section() -> None:
     assert "seed 4242" in section and "4,096 tokens" in section
     lines = [line for line in section.splitlines() if line.startswith("| 0.")]
     assert lines == ["| 0.99 | 1 | 4 | 62.50 | yes |", "| 0.9 | 1 | 4 | 50.00 | - |"]  # best first
+    assert "(at r = 0.4) scored on vt" in section  # calibrated before --calibration-ratios: its own r
+    # Scored at two ratios: a column per r, the score their mean.
+    rows = [dict(row, by_ratio={"0.2": row["score"] - 5, "0.4": row["score"] + 5}) for row in rows]
+    card = model_card(dataclasses.replace(plain, calibration=dict(calibration, ratios="0.2,0.4", table=json.dumps(rows))),
+                      "org/x", image=None)
+    section = card[card.index("## Calibration"):card.index("## Accuracy")]
+    assert "(at r = 0.2 and 0.4; the mean over them)" in section
+    assert [line for line in section.splitlines() if line.startswith("| 0.")] == [
+        "| 0.99 | 1 | 4 | 62.50 | 57.50 | 67.50 | yes |", "| 0.9 | 1 | 4 | 50.00 | 45.00 | 55.00 | - |"]
 
 
 def test_push_refuses_bad_repo_ids_before_the_network(tmp_path: Path) -> None:

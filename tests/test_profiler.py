@@ -294,7 +294,8 @@ def test_cli_bad_device_map(tmp_path, where, message):
 # ------------------------------------------------------------------------- calibration (--calibrate)
 
 CALIBRATE = ["--calibrate", "--grid-k", "0.9,0.99", "--grid-alpha", "1.0", "--calibration-tasks", "niah_single_1,vt",
-             "--calibration-samples", "2", "--calibration-length", "1024", "--calibration-seed", "5"]
+             "--calibration-samples", "2", "--calibration-length", "1024", "--calibration-seed", "5",
+             "--calibration-ratios", "0.2,0.4"]
 
 
 def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
@@ -308,9 +309,12 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
     chosen = next(row for row in table if (row["k"], row["alpha"]) == (profile.params.percentile, profile.params.alpha))
     assert chosen["score"] == best
     assert profile.calibration["seed"] == "5" and profile.calibration["tasks"] == "niah_single_1,vt"
+    assert profile.calibration["ratios"] == "0.2,0.4" and profile.params.adaptive_ratio == ck.ProfileParams().adaptive_ratio
     for row in table:
-        assert set(row["tasks"]) == {"niah_single_1", "vt"}
-        assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2, abs=0.01)
+        assert set(row["tasks"]) == {"niah_single_1", "vt"} and set(row["by_ratio"]) == {"0.2", "0.4"}
+        # The score is the mean over the ratios of the mean over the tasks (each rounded to 0.01).
+        assert row["score"] == pytest.approx(sum(row["by_ratio"].values()) / 2, abs=0.01)
+        assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2, abs=0.02)
     # The chosen setting's head map is the one a plain profiling run with that k and alpha writes.
     plain = tmp_path / "plain.safetensors"
     k, alpha = profile.params.percentile, profile.params.alpha
@@ -318,7 +322,7 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
     assert torch.equal(ck.load_profile(plain).head_map, profile.head_map)
     assert torch.equal(ck.load_profile(plain).cv, profile.cv)
     shown = CliRunner().invoke(main, ["show", str(out)])
-    assert "Calibration" in shown.output and "<- chosen" in shown.output
+    assert "Calibration" in shown.output and "<- chosen" in shown.output and "at r=0.2" in shown.output
 
 
 @pytest.mark.parametrize(
@@ -329,6 +333,8 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
         (["--grid-k", "1.2"], "percentile"),
         (["--calibration-tasks", "nope"], "unknown tasks"),
         (["--calibration-samples", "0"], ">= 1"),
+        (["--calibration-ratios", "0.2,x"], "comma-separated"),
+        (["--calibration-ratios", "1.5"], "adaptive ratio r must be in [0, 1]"),
     ],
 )
 def test_cli_calibrate_bad_parameters(tmp_path, args, message):

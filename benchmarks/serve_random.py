@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
+    parser.add_argument("--prefill-backend", default="auto", help="the engine's prefill attention (auto, fa4, sdpa, ...)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (the figures mean nothing)")
     args = parser.parse_args(argv)
 
@@ -70,9 +71,10 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = word_tokenizer(model.config.vocab_size)
     engine = Engine(model, profile, tokenizer=tokenizer, max_batch_size=args.max_batch_size,
                     max_model_len=args.max_model_len, max_decode_len=args.max_decode_len,
-                    prefill_chunk=args.prefill_chunk, **memory)
+                    prefill_chunk=args.prefill_chunk, prefill_backend=args.prefill_backend, **memory)
     name = f"random-llama-{args.profile}"
-    print(f"serve_random: {name}, {engine.slots} slots of {engine.max_model_len} tokens; "
+    print(f"serve_random: {name}, {engine.slots} slots of {engine.max_model_len} tokens, prefill attention "
+          f"{engine.prefill_backend}; "
           f"http://127.0.0.1:{args.port}/v1", file=sys.stderr)
     uvicorn.Server(uvicorn.Config(build_app(engine, name), host="127.0.0.1", port=args.port, log_level="warning",
                                   access_log=False, timeout_graceful_shutdown=5)).run()

@@ -41,6 +41,10 @@ class BadInput(click.ClickException):
               help="Fraction of the GPU's memory the engine may hold; it bounds the slots  [default: 0.9 on CUDA]")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Tokens per prefill chunk, and the prefill work between two decode steps.")
+@click.option("--prefill-backend", type=click.Choice(["auto", "fa4", "flash2", "sdpa"]), default="auto",
+              show_default=True,
+              help="Prefill attention: FlashAttention-4 (`catekv[flash4]`, Hopper and newer), flash-attn 2 (`catekv[flash]`) "
+                   "or SDPA; auto picks the fastest installed one that runs on the device.")
 @DEVICE_OPTION
 @DTYPE_OPTION
 @click.option("--api-key", envvar="CATEKV_API_KEY", default=None,
@@ -52,8 +56,8 @@ class BadInput(click.ClickException):
 @click.option("--access-log/--no-access-log", default=True, show_default=True, help="Log every HTTP request.")
 def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: int, max_model_len: int | None,
           max_decode_len: int | None, max_waiting: int, gpu_memory_utilization: float | None, prefill_chunk: int,
-          device: str, dtype: str, api_key: str | None, served_model_name: str | None, log_level: str,
-          access_log: bool) -> None:
+          prefill_backend: str, device: str, dtype: str, api_key: str | None, served_model_name: str | None,
+          log_level: str, access_log: bool) -> None:
     """Serve MODEL with a CateKV profile over OpenAI's API: /v1/completions, /v1/chat/completions (streamed as
     server-sent events with stream=true), /v1/models, /tokenize, /health, /metrics (Prometheus).
 
@@ -79,9 +83,15 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
     if gpu_memory_utilization is not None and kind != "cuda":
         raise BadInput(f"--gpu-memory-utilization needs a CUDA device, and the device is {device}")
     try:
-        resolve_dtype(dtype, device)
+        torch_dtype = resolve_dtype(dtype, device)
     except ModelError as error:
         raise BadInput(f"--dtype: {error}") from None
+    from catekv_runtime.attention import resolve_prefill_backend
+
+    try:  # before the model loads; the engine checks again with the model's head_dim (64 passes every backend)
+        resolve_prefill_backend(prefill_backend, torch.device(device), torch_dtype, 64)
+    except ValueError as error:
+        raise BadInput(f"--prefill-backend: {error}") from None
     profile = None
     if profile_name.lower() != "none":
         try:
@@ -107,13 +117,15 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
     try:
         engine = Engine(model_obj, profile, tokenizer=tokenizer, max_batch_size=max_batch_size,
                         max_model_len=max_model_len, max_decode_len=max_decode_len,
-                        gpu_memory_utilization=gpu_memory_utilization, prefill_chunk=prefill_chunk)
+                        gpu_memory_utilization=gpu_memory_utilization, prefill_chunk=prefill_chunk,
+                        prefill_backend=prefill_backend)
     except ValueError as error:  # ProfileError, UnsupportedModelError and the engine's checks are ValueErrors
         raise BadInput(str(error)) from None
     name = served_model_name or model
     app = build_app(engine, name, api_key=api_key, max_waiting=max_waiting)
     click.echo(f"catekv-serve: {model} as `{name}` with {_describe(profile, profile_name)}; {engine.slots} slots of "
-               f"{engine.max_model_len} tokens, {_kv_gib(engine):.2f} GiB of KV buffers on {device}; "
+               f"{engine.max_model_len} tokens, {_kv_gib(engine):.2f} GiB of KV buffers on {device}, prefill attention "
+               f"{engine.prefill_backend}; "
                f"http://{host}:{port}/v1", err=True)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=access_log,
                             timeout_graceful_shutdown=5)

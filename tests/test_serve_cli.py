@@ -21,6 +21,10 @@ BAD = {
                                   "--gpu-memory-utilization", "0.5"], "--gpu-memory-utilization"),
     "bad device": (["smollm2-135m", "--profile", "none", "--device", "toaster"], "--device"),
     "bad dtype": (["smollm2-135m", "--profile", "none", "--device", "cpu", "--dtype", "float7"], "--dtype"),
+    "FlashAttention-4 on a CPU": (["smollm2-135m", "--profile", "none", "--device", "cpu", "--prefill-backend", "fa4"],
+                                  "--prefill-backend"),
+    "unknown prefill backend": (["smollm2-135m", "--profile", "none", "--prefill-backend", "xformers"],
+                                "--prefill-backend"),
     "empty API key": (["smollm2-135m", "--profile", "none", "--device", "cpu", "--api-key", " "], "--api-key"),
     "missing model folder": (["./no-such-model-folder", "--profile", "none", "--device", "cpu"],
                              "no-such-model-folder"),
@@ -42,6 +46,15 @@ def test_bad_input_is_one_line_and_exit_code_2(case, capsys, monkeypatch):
     assert exited.value.code == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("Error: ") and named in err, err
+
+
+def test_prefill_backend_choices_are_the_runtime_s():
+    """The option lists what the runtime offers (written out, so that --help needs no torch import)."""
+    from catekv_runtime.attention import PREFILL_BACKENDS
+    from catekv_serve import cli
+
+    option = next(p for p in cli.serve.params if p.name == "prefill_backend")
+    assert tuple(option.type.choices) == PREFILL_BACKENDS
 
 
 def test_help_exits_0(capsys):

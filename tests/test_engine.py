@@ -206,6 +206,23 @@ def fused_calls(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def row_kernel_calls(monkeypatch):
+    """Counts the calls of kernels.triton_norm's rms_norm and silu_mul (the engine looks them up at each call)."""
+    from catekv_runtime.kernels import triton_norm
+
+    calls = []
+    for name in ("rms_norm", "silu_mul"):
+        real = getattr(triton_norm, name)
+
+        def counting(*args, _name=name, _real=real, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(triton_norm, name, counting)
+    return calls
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels through their interpreter, on CPU")
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 def test_fused_projections_equal_torch_and_apply_generate(family, fused_calls):
@@ -229,10 +246,11 @@ def test_fused_projections_equal_torch_and_apply_generate(family, fused_calls):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="runs the Triton kernels through their interpreter, on CPU")
-def test_fused_projections_only_for_a_lone_row(fused_calls):
-    """Two requests decode together through the torch projections; once the one in row 0 has finished, the one in
-    row 1 decodes alone (a batch-1 step at row 1, with the Triton attention kernel) through the fused ones. Both
-    get apply + generate's tokens."""
+def test_fused_projections_only_for_a_lone_row(fused_calls, row_kernel_calls):
+    """Two requests decode together through cuBLAS projections with the Triton row kernels around them (per layer
+    two RMSNorms, the second with the residual add, and SiLU x up; the final norm); once the one in row 0 has
+    finished, the one in row 1 decodes alone (a batch-1 step at row 1, with the Triton attention kernel) through
+    the fused projections. Both get apply + generate's tokens."""
     model = tiny("llama")
     profile = make_profile(model, 0.5)
     batch = prompts([70, 50], seed=8)
@@ -243,4 +261,6 @@ def test_fused_projections_only_for_a_lone_row(fused_calls):
     outputs = engine.generate(batch, params)
     assert [o.token_ids for o in outputs] == [reference(model, p, s, profile) for p, s in zip(batch, steps)]
     # Steps of both rows: 1 (the first request's last); then row 1 alone: 3 steps of 4 kernels per layer + 1.
-    assert len(fused_calls) == 3 * (4 * model.config.num_hidden_layers + 1)
+    layers = model.config.num_hidden_layers
+    assert len(fused_calls) == 3 * (4 * layers + 1)
+    assert row_kernel_calls.count("rms_norm") == 2 * layers + 1 and row_kernel_calls.count("silu_mul") == layers

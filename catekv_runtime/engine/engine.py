@@ -9,7 +9,9 @@ rows never see it, because each row's lengths, position and sampling parameters 
 step's tokens after launching the next step (a pinned buffer and an event, no synchronisation of the device), so
 on a GPU a finished request decodes once more before its row is freed, and that token is dropped.
 
-A step of a single row (one request decoding) runs its projections as fused Triton kernels (``projections``).
+A step of a single row (one request decoding) runs its projections as fused Triton kernels; a step of several rows
+runs them on cuBLAS with the RMSNorms (and residual adds) and SiLU-gating as one Triton kernel each
+(``projections``).
 
 With ``profile=None`` every head keeps every token: full attention on the same engine.
 
@@ -165,11 +167,13 @@ class Engine:
             holds the one chosen.
         cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
             two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
-        projections: how a decode step of a single row runs its projections: ``"triton"`` (one kernel each,
+        projections: how a decode step runs its projections and the small ops around them: ``"triton"`` (CUDA, or
+            CPU under ``TRITON_INTERPRET=1``: a single row's projections one kernel each,
             ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and the residual adds fused in;
-            CUDA, or CPU under ``TRITON_INTERPRET=1``), ``"torch"`` or ``"auto"`` (triton with triton attention).
-            Steps of several rows use the torch projections (cuBLAS reuses each weight tile across rows). Never under
-            tensor parallelism (their residual add would come before the all-reduce).
+            several rows' projections on cuBLAS, which reuses each weight tile across rows, with each RMSNorm and its
+            residual add one kernel and SiLU x up another, ``kernels.triton_norm``), ``"torch"`` or ``"auto"``
+            (triton with triton attention). Never under tensor parallelism (the fused residual add would come before
+            the all-reduce).
         tensor_parallel: shard the model over every process of the initialized default process group (``torchrun``;
             NCCL on GPUs, each rank's model on its own device): rank r of t computes KV heads ``[r * H / t, (r + 1)
             * H / t)`` with their query heads and its share of the MLP, holds only those heads' slots and selects
@@ -657,20 +661,20 @@ class Engine:
         """One decode step of rows ``[lo, lo + n)`` entirely on the device: every row consumes its token, appends
         its K/V and samples the next; rows of running requests advance their position, counter and lengths."""
         model, rows = self.model, slice(lo, lo + n)
-        fused = n == 1 and self.projections == "triton"
+        triton = self.projections == "triton"
         x = model.embed[self._tokens[rows]]
         cos, sin = model.rope_tables(self._positions[rows])
         lengths, starts = self.kv.lengths[:, rows], self.kv.starts[rows]
         for weights, groups in zip(model.layers, self.kv.layers):
-            q, k, v = model.qkv(weights, x, fused=fused)
+            q, k, v = model.qkv(weights, x, triton=triton)
             if self.attention == "triton":
                 attn = self._kernel_attention(q, k, v, groups, cos, sin, rows)
             else:
                 q, k = model.rope(q, cos, sin), model.rope(k, cos, sin)
                 attn = decode_attention_torch(q, k, v, [dataclasses.replace(g, kv=g.kv[:, rows]) for g in groups],
                                               lengths, starts, model.scale)
-            x = model.attention_out(weights, x, attn, fused=fused)
-        logits = model.logits(x, fused=fused)
+            x = model.attention_out(weights, x, attn, triton=triton)
+        logits = model.logits(x, triton=triton)
         token = self._agreed(sample(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
                                     self._min_p[rows], self._seeds[rows], self._counters[rows], filters))
         active = self._active[rows]

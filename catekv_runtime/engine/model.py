@@ -178,15 +178,20 @@ class DecoderModel:
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return (x * cos) + (rotated * sin)
 
-    def qkv(self, layer: LayerWeights, x: torch.Tensor, *, fused: bool = False
+    def qkv(self, layer: LayerWeights, x: torch.Tensor, *, triton: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, the fused projection and (Qwen3) the head norms of hidden states ``x`` ``[..., hidden]``: q
-        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``fused``: one row through one Triton kernel
-        (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`, the norm inside), the same math."""
-        if fused:
+        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``triton`` (a decode step's rows ``[rows,
+        hidden]``): one row through one Triton kernel (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`,
+        the norm inside); several rows through the Triton RMSNorm and cuBLAS; the same math."""
+        if triton and x.shape[0] == 1:
             from ..kernels.triton_linear import fused_linear
 
             out = fused_linear(x, layer.qkv, layer.qkv_bias, norm_weight=layer.input_norm, eps=self.eps)
+        elif triton:
+            from ..kernels.triton_norm import rms_norm
+
+            out = F.linear(rms_norm(x, layer.input_norm, self.eps)[0], layer.qkv, layer.qkv_bias)
         else:
             out = F.linear(self.rms_norm(x, layer.input_norm), layer.qkv, layer.qkv_bias)
         q_rows, kv_rows = self.q_heads * self.head_dim, self.kv_heads * self.head_dim
@@ -198,17 +203,25 @@ class DecoderModel:
         return q, k, v
 
     def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor, *,
-                      fused: bool = False) -> torch.Tensor:
+                      triton: bool = False) -> torch.Tensor:
         """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``.
-        ``fused``: one row in three Triton kernels (o with the residual add; the norm, gate/up and SiLU x up;
-        down with the residual add), the same math."""
-        if fused:
+        ``triton`` (a decode step's rows): one row in three Triton kernels (o with the residual add; the norm,
+        gate/up and SiLU x up; down with the residual add); several rows with the residual add and the norm in one
+        Triton kernel and SiLU x up in another, around cuBLAS; the same math."""
+        if triton and x.shape[0] == 1:
             from ..kernels.triton_linear import fused_linear
 
             h = fused_linear(attn.reshape(x.shape[:-1] + (-1,)), layer.o, layer.o_bias, residual=x)
             act = fused_linear(h, layer.gate_up, layer.gate_up_bias, norm_weight=layer.post_norm, eps=self.eps,
                                glu=True)
             return fused_linear(act, layer.down, layer.down_bias, residual=h)
+        if triton:
+            from ..kernels.triton_norm import rms_norm, silu_mul
+
+            o = self._all_reduce(F.linear(attn.flatten(-2), layer.o, layer.o_bias))
+            normed, h = rms_norm(o, layer.post_norm, self.eps, residual=x)
+            act = silu_mul(F.linear(normed, layer.gate_up, layer.gate_up_bias))
+            return h + self._all_reduce(F.linear(act, layer.down, layer.down_bias))
         h = x + self._all_reduce(F.linear(attn.flatten(-2), layer.o, layer.o_bias))
         gate, up = F.linear(self.rms_norm(h, layer.post_norm), layer.gate_up, layer.gate_up_bias).chunk(2, dim=-1)
         return h + self._all_reduce(F.linear(F.silu(gate) * up, layer.down, layer.down_bias))
@@ -219,12 +232,17 @@ class DecoderModel:
             dist.all_reduce(partial)
         return partial
 
-    def logits(self, x: torch.Tensor, *, fused: bool = False) -> torch.Tensor:
-        """Final norm and LM head: float32 logits ``[..., vocab]``. ``fused``: one row in one Triton kernel."""
-        if fused:
+    def logits(self, x: torch.Tensor, *, triton: bool = False) -> torch.Tensor:
+        """Final norm and LM head: float32 logits ``[..., vocab]``. ``triton`` (a decode step's rows): one row in one
+        Triton kernel; several rows with the Triton RMSNorm."""
+        if triton and x.shape[0] == 1:
             from ..kernels.triton_linear import fused_linear
 
             return fused_linear(x, self.lm_head, norm_weight=self.final_norm, eps=self.eps).float()
+        if triton:
+            from ..kernels.triton_norm import rms_norm
+
+            return F.linear(rms_norm(x, self.final_norm, self.eps)[0], self.lm_head).float()
         return F.linear(self.rms_norm(x, self.final_norm), self.lm_head).float()
 
     def fusable(self) -> bool:

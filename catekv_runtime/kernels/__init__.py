@@ -1,7 +1,8 @@
 """Optional GPU kernels (Triton).
 
 ``triton_decode``: split-K decode attention over one layer's head groups. ``triton_linear``: one token's
-projections with their RMSNorm, SiLU-gating and residual add fused in.
+projections with their RMSNorm, SiLU-gating and residual add fused in. ``triton_norm``: the same small ops for
+several rows (RMSNorm with its residual add, SiLU-gating), around cuBLAS projections.
 
 Importing this package does not import Triton, which the runtime core must not need: the names
 below load their module on first access.
@@ -26,6 +27,7 @@ _MODULE_OF = {
     ), "triton_decode"),
     **dict.fromkeys(("LinearConfig", "default_linear_config", "fused_linear", "fused_linear_reference"),
                     "triton_linear"),
+    **dict.fromkeys(("rms_norm", "silu_mul"), "triton_norm"),
 }
 
 if TYPE_CHECKING:
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
         make_workspace,
     )
     from .triton_linear import LinearConfig, default_linear_config, fused_linear, fused_linear_reference
+    from .triton_norm import rms_norm, silu_mul
 
 
 def __getattr__(name: str) -> Any:

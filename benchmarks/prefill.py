@@ -4,10 +4,12 @@ Llama-3-8B shapes with random bf16 weights (``benchmarks/decode.py``'s model bui
 profile at r = ``--ratio``, budget ``--budget``) and ``full`` (profile None, the same engine), on each backend of
 ``--backends`` that runs here (``catekv_runtime.attention.PREFILL_BACKENDS``; one that cannot run is skipped with a
 note, and ``auto`` is measured once under the name it resolves to). A record times ``Engine.generate`` of one prompt
-of ``context`` random tokens with ``max_tokens=1`` (the whole prefill and the first token), synchronised wall clock,
-after a warm-up prompt of ``min(context, 2 * prefill_chunk)`` tokens on the same engine (a first chunk and a later
-one, so compilation and JIT are excluded; its time is ``warmup_s``). ``peak_gib``: ``torch.cuda.max_memory_allocated``
-over the timed prompt, the engine's KV slots included.
+of ``context`` random tokens with ``max_tokens=1`` (the whole prefill and the first token), synchronised wall clock.
+Before the first arm of each backend and context, that arm's engine prefills the same prompt once untimed
+(``warmup_s``, ``warmed_by``): cuDNN builds an attention plan for every new shape, and each chunk of a prompt has
+its own, so without it the first arm would pay for plans that the arms after it reuse (Triton and FlashAttention-4
+compile on first use likewise). ``peak_gib``: ``torch.cuda.max_memory_allocated`` over the timed prompt, the
+engine's KV slots included.
 
 The floor is the prefill's FLOPs at the rates measured in the same run:
 
@@ -72,15 +74,15 @@ def linear_params(model) -> int:
     return sum(p.numel() for p in model.model.layers.parameters() if p.dim() == 2)
 
 
-def attention_rate(model, n: int, backend: str, warmup: int) -> float:
-    """FLOPs per second of one causal attention call of a layer's shape over ``n`` tokens on ``backend``, after a
-    call over ``warmup`` tokens (JIT)."""
+def attention_rate(model, n: int, backend: str) -> float:
+    """FLOPs per second of one causal attention call of a layer's shape over ``n`` tokens on ``backend``, timed on
+    the second call (the first builds the shape's cuDNN plan or compiles the kernel)."""
     config, device, dtype = model.config, model.device, model.dtype
     d, scale = config.head_dim, config.head_dim ** -0.5
     q = torch.randn(1, config.num_attention_heads, n, d, device=device, dtype=dtype)
     k = torch.randn(1, config.num_key_value_heads, n, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
-    chunk_attention(q[:, :, :warmup], k, v, 0, scale, backend=backend)
+    chunk_attention(q, k, v, 0, scale, backend=backend)
     elapsed = seconds(lambda: chunk_attention(q, k, v, 0, scale, backend=backend), device)
     return attention_flops(model, n) / elapsed
 
@@ -148,18 +150,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     gemm = gemm_rate(model, chunk)
     results: list[dict] = []
     for context in contexts:
-        rates = {b: attention_rate(model, context, b, min(context, chunk)) for b in backends}
+        rates = {b: attention_rate(model, context, b) for b in backends}
         best = max(rates, key=rates.get)
         floor_attention = layers * attention_flops(model, context) / rates[best]
         floor_linear = 2.0 * context * linear_params(model) / gemm
         prompt = torch.randint(3, model.config.vocab_size, (context,), generator=torch.Generator().manual_seed(0))
-        for arm, backend in itertools.product(args.arms, backends):
+        warmed: dict[str, tuple[str, float]] = {}  # backend -> (the arm that warmed it up, seconds)
+        for backend, arm in itertools.product(backends, args.arms):
             profile = random_profile(model, budget, args.ratio) if arm == "catekv" else None
             engine = Engine(model, profile, max_batch_size=1, max_model_len=context + 16, max_decode_len=16,
                             prefill_chunk=chunk, prefill_backend=backend)
             params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
-            warmup_tokens = min(context, 2 * chunk)
-            warmup = seconds(partial(engine.generate, prompt[:warmup_tokens].tolist(), params), device)
+            if backend not in warmed:
+                warmed[backend] = arm, seconds(partial(engine.generate, prompt.tolist(), params), device)
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
             prefill = seconds(partial(engine.generate, prompt.tolist(), params), device)
@@ -167,8 +170,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             floor = floor_attention + floor_linear
             emit(results, arm=arm, context=context, backend=engine.prefill_backend, prefill_s=sig(prefill),
                  floor_s=sig(floor), ratio_to_floor=round(prefill / floor, 3),
-                 peak_gib=None if peak is None else round(peak, 2), warmup_s=sig(warmup),
-                 warmup_tokens=warmup_tokens, requested=backends[backend],
+                 peak_gib=None if peak is None else round(peak, 2), warmup_s=sig(warmed[backend][1]),
+                 warmed_by=warmed[backend][0], requested=backends[backend],
                  attention_tflops=sig(rates[backend] / 1e12), best_attention_backend=best,
                  gemm_tflops=sig(gemm / 1e12), floor_attention_s=sig(floor_attention),
                  floor_linear_s=sig(floor_linear), layers=layers, prefill_chunk=chunk,

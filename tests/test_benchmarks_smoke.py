@@ -110,7 +110,7 @@ def test_prefill_smoke(tmp_path):
     for r in records:
         assert {"arm", "context", "backend", "prefill_s", "floor_s", "peak_gib"} <= r.keys()
         assert r["context"] == 200 and r["smoke"] is True and r["peak_gib"] is None
-        assert r["prefill_s"] > 0 and r["warmup_s"] > 0
+        assert r["prefill_s"] > 0 and r["warmup_s"] > 0 and r["warmed_by"] == "catekv"  # one warm-up per backend
         assert r["floor_s"] == pytest.approx(r["floor_attention_s"] + r["floor_linear_s"], rel=1e-3)
     again = prefill.main(["--smoke", "--arms", "full", "--backends", "auto", "--out", str(out)])
     assert [(r["arm"], r["requested"]) for r in again] == [("full", "auto")]

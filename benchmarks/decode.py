@@ -7,7 +7,8 @@ engine (``engine-full``), against transformers' ``generate`` (SDPA, DynamicCache
 ``prefill_s`` is the time to the first token (the engine's layer-by-layer prefill, ``prefill_chunk`` tokens through
 every layer per step), the decode figure the wall time per ``step`` after it, and the peak includes the prefill. A
 short request first warms the engine up (kernels compiled, the batch-1 CUDA graph captured), so neither time counts
-that. The decode step alone, at 128K and 512K, in batches and at a memory cap, is ``benchmarks/engine_decode.py``'s.
+that; but the first arm's ``prefill_s`` still includes cuDNN's plans for the prompt's chunk shapes, which the arms
+after it reuse (``benchmarks/prefill.py`` times prefill with them built beforehand). The decode step alone, at 128K and 512K, in batches and at a memory cap, is ``benchmarks/engine_decode.py``'s.
 
     python benchmarks/decode.py --contexts 32768 131072 --out docs/results/decode_real_engine.json
     python benchmarks/decode.py --smoke     # CPU, a tiny model, tiny sizes: checks the script (figures mean nothing)

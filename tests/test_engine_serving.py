@@ -13,7 +13,7 @@ from test_engine import one_thread, prompts, reference  # noqa: F401 (one_thread
 from test_runtime import make_profile
 
 from catekv_runtime.engine import Engine, SamplingParams
-from catekv_runtime.engine.engine import _Request
+from catekv_runtime.engine.engine import _Request, text_decoder
 
 SPECIAL = (0, 1, 2)
 
@@ -395,10 +395,11 @@ def test_a_step_prefills_prefill_chunk_tokens_through_every_layer(model):
 def decoded_step_by_step(tokenizer, tokens: list[int]) -> list[str]:
     """The request's text after each token, as the engine detokenizes it incrementally."""
     request = _Request(0, [1], SamplingParams(), 0)
+    decode = text_decoder(tokenizer)
     texts = []
     for token in tokens:
         request.output.append(token)
-        request.detokenize(tokenizer)
+        request.detokenize(decode)
         texts.append(request.text)
     return texts
 

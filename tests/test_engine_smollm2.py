@@ -73,3 +73,19 @@ def test_incremental_detokenization_equals_decoding_the_whole_output(smollm2):
     tokens += [0, 1, 2] + torch.randint(0, len(tokenizer), (200,), generator=torch.Generator().manual_seed(0)).tolist()
     texts = decoded_step_by_step(tokenizer, tokens)
     assert texts == [tokenizer.decode(tokens[: i + 1], skip_special_tokens=True) for i in range(len(tokens))]
+
+
+def test_the_engine_decodes_through_the_rust_tokenizer_as_transformers_does(smollm2):
+    """SmolLM2's fast tokenizer cleans up no spaces, so the engine's decoder calls its Rust tokenizer directly; on
+    random ids, special ones included, that gives transformers' decode (a tokenizer without a Rust backend, or
+    one that cleans up spaces, keeps transformers' decode: ByteTokenizer's test in test_engine_serving.py)."""
+    from catekv_runtime.engine.engine import text_decoder
+
+    _, tokenizer, _ = smollm2
+    assert tokenizer.clean_up_tokenization_spaces is False and tokenizer.backend_tokenizer is not None
+    decode = text_decoder(tokenizer)
+    gen = torch.Generator().manual_seed(1)
+    for n in (1, 2, 7, 64):
+        for _ in range(20):
+            ids = [0, 1, 2][: n % 3] + torch.randint(0, len(tokenizer), (n,), generator=gen).tolist()
+            assert decode(ids) == tokenizer.decode(ids, skip_special_tokens=True)

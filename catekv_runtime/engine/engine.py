@@ -32,7 +32,7 @@ import itertools
 import json
 import os
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -94,16 +94,17 @@ class _Request:
     prefix_offset: int = 0
     read_offset: int = 0
 
-    def detokenize(self, tokenizer: Any) -> None:
-        """Set ``text`` to the decoded output (``skip_special_tokens``), equal to decoding it whole: the window from
-        ``prefix_offset`` decodes with the tokens before the new ones as context (a SentencePiece leading space, a
-        character split across tokens), and becomes final once it ends with a whole character."""
+    def detokenize(self, decode: Callable[[list[int]], str]) -> None:
+        """Set ``text`` to the decoded output (``decode``: ids to text without special tokens, :func:`text_decoder`),
+        equal to decoding it whole: the window from ``prefix_offset`` decodes with the tokens before the new ones as
+        context (a SentencePiece leading space, a character split across tokens), and becomes final once it ends
+        with a whole character."""
         window = self.output[self.prefix_offset :]
-        context = tokenizer.decode(window[: self.read_offset - self.prefix_offset], skip_special_tokens=True)
-        text = tokenizer.decode(window, skip_special_tokens=True)
+        context = decode(window[: self.read_offset - self.prefix_offset])
+        text = decode(window)
         if not text.startswith(context):  # the new tokens changed how the context decodes: start over (rare)
             self.final_text, self.prefix_offset, self.read_offset = "", 0, 0
-            context, text = "", tokenizer.decode(self.output, skip_special_tokens=True)
+            context, text = "", decode(self.output)
         self.text = self.final_text + text[len(context) :]
         if len(text) > len(context) and not text.endswith("\ufffd"):
             self.final_text, self.prefix_offset, self.read_offset = self.text, self.read_offset, len(self.output)
@@ -195,6 +196,7 @@ class Engine:
         if self.tp_size > 1:
             self.model = self.model.shard(self.rank, self.tp_size)
         self.tokenizer = tokenizer
+        self._decode_text = text_decoder(tokenizer) if tokenizer is not None else None
         config = model.config.get_text_config(decoder=True)
         if profile is not None:
             profile = resolve_profile(profile, overrides)
@@ -744,7 +746,7 @@ class Engine:
         request.output.append(token)
         previous = len(request.text)
         if self.tokenizer is not None:
-            request.detokenize(self.tokenizer)
+            request.detokenize(self._decode_text)
         # vLLM's order: end of sequence, stop tokens, stop strings, length.
         if not p.ignore_eos and token in self.model.eos_token_ids:
             request.finish_reason = "stop"
@@ -816,6 +818,18 @@ def _tensor_parallel_group() -> tuple[int, int, Any]:
                          "torchrun and call torch.distributed.init_process_group() before building the engine")
     size = dist.get_world_size()
     return dist.get_rank(), size, dist.new_group(backend="gloo") if size > 1 else None
+
+
+def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
+    """Token ids to text without special tokens, as ``tokenizer.decode(ids, skip_special_tokens=True)``.
+
+    For a fast tokenizer that cleans up no spaces, transformers' ``decode`` is its Rust tokenizer's ``decode`` behind
+    a few layers of Python (input conversion, option handling) that cost several times the decoding itself; the
+    engine decodes twice per running request per step, so it calls the Rust tokenizer directly there."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
+        return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -51,7 +51,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     candidates' own r); a candidate's score is its mean over them, since a profile is used at other r than the one
     it was made with (``Profile.with_adaptive_ratio``) and a setting that wins at one r can lose at another. Head
     maps that coincide are scored once. The table (one row per candidate: k, alpha, adaptive heads, per-task and
-    mean score, the mean at each r; and full attention's) goes into ``Profile.calibration`` with the seed, tasks,
+    mean score, the mean at each r, and the standard error of its paired per-sample difference to the chosen one,
+    which says whether the choice stands out of the sampling noise; and full attention's) goes into ``Profile.calibration`` with the seed, tasks,
     samples, ratios and context length, so the profile says how its k and alpha were chosen.
     """
     if not candidates:
@@ -65,6 +66,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     full = Full().resolve(candidates[0], context_length)
     configs = {("full", None): full, **{("map", key): profile for key, profile in distinct.items()}}
     per_task: dict[tuple[str, Any], dict[str, float]] = {config: {} for config in configs}
+    per_sample: dict[tuple[str, Any], list[float]] = {config: [] for config in configs}  # in (task, sample) order
     ck.apply(model, candidates[0])  # the attention function; every cache is made explicitly
     try:
         for task in tasks:
@@ -73,6 +75,7 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
             results = run_batches(model, tokenizer, candidates[0], samples, configs, new, batch_size)
             for config, (answers, *_) in results.items():
                 per_task[config][task] = round(score(task, answers, samples), 2)
+                per_sample[config] += [score(task, [a], [s]) for a, s in zip(answers, samples)]
     finally:
         ck.remove(model)
 
@@ -94,6 +97,12 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         abs(rows[i]["k"] - _PAPER_DEFAULT[0]) + abs(rows[i]["alpha"] - _PAPER_DEFAULT[1]),
         -rows[i]["k"],
     ))
+    # How far each setting is from the chosen one beyond the sampling noise: the standard error of their paired
+    # per-sample differences (same samples, same ratios), next to the difference of their scores.
+    samples_of = [[x for r in ratios for x in per_sample["map", _head_map_key(scored[i, r])]]
+                  for i in range(len(candidates))]
+    for i, row in enumerate(rows):
+        row["se_vs_chosen"] = round(paired_standard_error(samples_of[best], samples_of[i]), 2)
     calibration = {
         "seed": str(seed),
         "tasks": ",".join(tasks),
@@ -107,6 +116,16 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         "table": json.dumps(rows),
     }
     return dataclasses.replace(candidates[best], calibration=calibration)
+
+
+def paired_standard_error(a: Sequence[float], b: Sequence[float]) -> float:
+    """Standard error of the mean of the paired differences ``a - b`` (0 for fewer than two pairs)."""
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
+    n = len(diffs)
+    if n < 2:
+        return 0.0
+    mean = sum(diffs) / n
+    return (sum((d - mean) ** 2 for d in diffs) / (n - 1) / n) ** 0.5
 
 
 def _head_map_key(profile: Profile) -> bytes:

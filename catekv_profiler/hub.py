@@ -25,7 +25,7 @@ from catekv_runtime.files import markdown_table
 from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, load_profile
 
 from . import __version__
-from .report import plot_profile, summarize
+from .report import below_chosen, plot_profile, summarize
 
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"
@@ -273,6 +273,7 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
         return ["k and alpha were set by hand (not calibrated with `catekv-profile --calibrate`)."]
     chosen = calibration["chosen"]
     by_ratio = calibration["ratios"] if len(calibration["ratios"]) > 1 else []  # a column per r when scored at several
+    noise = all("se_vs_chosen" in row for row in calibration["rows"])  # calibrations since the paired errors
     return [
         f"k = {chosen['k']:g} and alpha = {chosen['alpha']:g} were chosen by `catekv-profile --calibrate`: every "
         "setting below was measured in the same pass over the reference samples, and its head map (at "
@@ -282,9 +283,12 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
         f"seed {calibration['seed']} (not the evaluation's). Full attention scored "
         f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting.",
         "",
-        *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio], "chosen"],
+        *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio],
+                 *(["below the chosen (± standard error)"] if noise else []), "chosen"],
                 [[row["k"], row["alpha"], row["adaptive_heads"], f"{row['score']:.2f}",
                   *[f"{row['by_ratio'][f'{r:g}']:.2f}" for r in by_ratio],
+                  *([below_chosen(row, calibration["rows"], chosen).removesuffix(" below the chosen")]
+                    if noise else []),
                   "yes" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""]
                  for row in calibration["rows"]]),
     ]

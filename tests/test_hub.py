@@ -618,6 +618,13 @@ def test_model_card_calibration_section() -> None:
     assert "(at r = 0.2 and 0.4; the mean over them)" in section
     assert [line for line in section.splitlines() if line.startswith("| 0.")] == [
         "| 0.99 | 1 | 4 | 62.50 | 57.50 | 67.50 | yes |", "| 0.9 | 1 | 4 | 50.00 | 45.00 | 55.00 | - |"]
+    # With the paired standard errors (calibrations since they are recorded): how far below the chosen, +- noise.
+    rows = [dict(row, se_vs_chosen=0.0 if row["k"] == 0.99 else 3.25) for row in rows]
+    card = model_card(dataclasses.replace(plain, calibration=dict(calibration, table=json.dumps(rows))), "org/x",
+                      image=None)
+    section = card[card.index("## Calibration"):card.index("## Accuracy")]
+    assert [line for line in section.splitlines() if line.startswith("| 0.")] == [
+        "| 0.99 | 1 | 4 | 62.50 | - | yes |", "| 0.9 | 1 | 4 | 50.00 | 12.50 ± 3.25 | - |"]
 
 
 def test_push_refuses_bad_repo_ids_before_the_network(tmp_path: Path) -> None:

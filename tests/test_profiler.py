@@ -315,6 +315,8 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
         # The score is the mean over the ratios of the mean over the tasks (each rounded to 0.01).
         assert row["score"] == pytest.approx(sum(row["by_ratio"].values()) / 2, abs=0.01)
         assert row["score"] == pytest.approx(sum(row["tasks"].values()) / 2, abs=0.02)
+        assert row["se_vs_chosen"] >= 0
+    assert chosen["se_vs_chosen"] == 0  # its differences to itself
     # The chosen setting's head map is the one a plain profiling run with that k and alpha writes.
     plain = tmp_path / "plain.safetensors"
     k, alpha = profile.params.percentile, profile.params.alpha
@@ -323,6 +325,7 @@ def test_cli_calibrate_picks_the_best_scored_setting(tmp_path, smollm2):
     assert torch.equal(ck.load_profile(plain).cv, profile.cv)
     shown = CliRunner().invoke(main, ["show", str(out)])
     assert "Calibration" in shown.output and "<- chosen" in shown.output and "at r=0.2" in shown.output
+    assert "below the chosen" in shown.output
 
 
 @pytest.mark.parametrize(
@@ -454,3 +457,17 @@ def test_cli_show_refuses_a_context_length_below_one(length):
 def test_cli_show_a_directory(tmp_path):
     result = CliRunner().invoke(main, ["show", str(tmp_path)])
     assert result.exit_code == 1 and "is a directory, not a profile file" in result.output, result.output
+
+
+def test_paired_standard_error_is_that_of_the_mean_difference():
+    """calibrate's noise figure: the standard error of the mean of paired differences, against statistics'."""
+    import statistics
+
+    from catekv_eval.calibrate import paired_standard_error
+
+    a, b = [100, 0, 100, 100, 0, 50], [100, 100, 0, 100, 0, 25]
+    diffs = [x - y for x, y in zip(a, b)]
+    assert paired_standard_error(a, b) == pytest.approx(statistics.stdev(diffs) / len(diffs) ** 0.5)
+    assert paired_standard_error(a, a) == 0 and paired_standard_error([1.0], [0.0]) == 0
+    with pytest.raises(ValueError):
+        paired_standard_error(a, b[:-1])  # unpaired

@@ -182,6 +182,19 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def add_step_arguments(parser: argparse.ArgumentParser, smoke: str, *, steps: bool = True) -> None:
+    """The options of an engine benchmark on random Llama-3-8B shapes, arms ``catekv`` and ``full``
+    (``engine_decode.py``, ``tp_engine.py``; ``prefill.py`` without ``--steps``)."""
+    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
+    parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
+    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
+    parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
+    if steps:
+        parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--smoke", action="store_true", help=smoke)
+
+
 GREEDY = dict(temperature=0, ignore_eos=True)
 
 

@@ -95,21 +95,10 @@ def capacity(cap_gib: float | None, batch: int, ms: float) -> dict:
     return dict(memory_cap_gib=cap_gib, tokens_per_s=round(batch * 1e3 / ms, 1), peak_gib=bench.peak_gib())
 
 
-def add_step_arguments(parser: argparse.ArgumentParser, smoke: str) -> None:
-    """The options of a decode-step benchmark on random Llama-3-8B shapes (this one and ``tp_engine.py``)."""
-    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
-    parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
-    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
-    parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
-    parser.add_argument("--steps", type=int, default=200, help="timed steps per arm and context")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--smoke", action="store_true", help=smoke)
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_step_arguments(parser, smoke="CPU, Triton's interpreter, a tiny model, context 200, 2 steps (figures mean "
-                                     "nothing)")
+    bench.add_step_arguments(parser, smoke="CPU, Triton's interpreter, a tiny model, context 200, 2 steps "
+                                           "(figures mean nothing)")
     parser.add_argument("--batches", type=int, nargs="+", default=[1],
                         help="requests decoding together, each of the whole context")
     parser.add_argument("--memory-cap-gib", type=float, default=None,

@@ -36,6 +36,7 @@ from benchmarks.decode import (  # noqa: E402
     emit,
     engine_memory,
     random_profile,
+    sync,
     write_records,
 )
 from catekv_runtime.engine import Engine, SamplingParams  # noqa: E402
@@ -54,11 +55,6 @@ def make_prompts(lengths: list[int], count: int, vocab: int, seed: int = 0) -> l
             for n, _ in zip(itertools.cycle(lengths), range(count))]
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, output_tokens: int) -> dict:
     """The closed loop on the engine: returns output tokens, wall seconds, TTFTs (s) and ITLs (ms)."""
     params = SamplingParams(max_tokens=output_tokens, temperature=0, ignore_eos=True)
@@ -70,7 +66,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, outpu
         if queue:
             live[engine.add_request(queue.pop(0), params)] = {"arrival": time.perf_counter(), "seen": 0, "last": None}
 
-    sync(engine.model.device)
+    sync()
     start = time.perf_counter()
     for _ in range(concurrency):
         send()
@@ -94,7 +90,7 @@ def run_engine(engine: Engine, prompts: list[list[int]], concurrency: int, outpu
                 produced += len(output.token_ids)
                 del live[request_id]
                 send()
-    sync(engine.model.device)
+    sync()
     return {"tokens": produced, "seconds": time.perf_counter() - start, "ttft": ttft, "itl": itl}
 
 
@@ -105,7 +101,7 @@ def run_transformers(model, prompts: list[list[int]], concurrency: int, output_t
     queue = list(prompts)
     waiting = [time.perf_counter() for _ in range(min(concurrency, len(queue)))]  # arrivals of the clients' requests
     ttft, itl, produced = [], [], 0
-    sync(device)
+    sync()
     start = time.perf_counter()
     while waiting:
         arrivals, waiting = waiting[:batch], waiting[batch:]
@@ -118,7 +114,7 @@ def run_transformers(model, prompts: list[list[int]], concurrency: int, output_t
         with torch.inference_mode():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=output_tokens, min_new_tokens=output_tokens,
                                  do_sample=False, pad_token_id=0, stopping_criteria=[timer])
-        sync(device)
+        sync()
         began = timer.walls[0]
         marks = [began + sum(timer.intervals_ms()[: i + 1]) / 1e3 for i in range(len(timer.intervals_ms()))]
         produced += (out.shape[1] - width) * len(chunk)

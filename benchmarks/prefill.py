@@ -43,8 +43,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.decode import TINY, GiB, build_model, emit, random_profile, write_records  # noqa: E402
-from benchmarks.engine_throughput import sync  # noqa: E402
+from benchmarks.decode import (  # noqa: E402
+    TINY,
+    add_step_arguments,
+    build_model,
+    emit,
+    peak_gib,
+    random_profile,
+    sync,
+    write_records,
+)
 from catekv_runtime.attention import PREFILL_BACKENDS, chunk_attention, resolve_prefill_backend  # noqa: E402
 from catekv_runtime.engine import Engine, SamplingParams  # noqa: E402
 
@@ -54,12 +62,12 @@ def sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def seconds(fn: Callable[[], object], device: torch.device) -> float:
+def seconds(fn: Callable[[], object]) -> float:
     """Wall seconds of one call of ``fn``, the device synchronised before and after."""
-    sync(device)
+    sync()
     start = time.perf_counter()
     fn()
-    sync(device)
+    sync()
     return time.perf_counter() - start
 
 
@@ -83,7 +91,7 @@ def attention_rate(model, n: int, backend: str) -> float:
     k = torch.randn(1, config.num_key_value_heads, n, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
     chunk_attention(q, k, v, 0, scale, backend=backend)
-    elapsed = seconds(lambda: chunk_attention(q, k, v, 0, scale, backend=backend), device)
+    elapsed = seconds(lambda: chunk_attention(q, k, v, 0, scale, backend=backend))
     return attention_flops(model, n) / elapsed
 
 
@@ -93,7 +101,7 @@ def gemm_rate(model, rows: int, repeats: int = 10) -> float:
     x = torch.randn(rows, config.hidden_size, device=device, dtype=dtype)
     w = torch.randn(2 * config.intermediate_size, config.hidden_size, device=device, dtype=dtype)
     x @ w.T
-    best = min(seconds(lambda: x @ w.T, device) for _ in range(repeats))
+    best = min(seconds(lambda: x @ w.T) for _ in range(repeats))
     return 2.0 * rows * config.hidden_size * 2 * config.intermediate_size / best
 
 
@@ -124,14 +132,9 @@ def merge_records(path: Path, records: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--contexts", type=int, nargs="+", default=[131072, 524288])
-    parser.add_argument("--arms", nargs="+", choices=["catekv", "full"], default=["catekv", "full"])
+    add_step_arguments(parser, smoke="CPU, a tiny model, context 200 (figures mean nothing)", steps=False)
     parser.add_argument("--backends", nargs="+", choices=PREFILL_BACKENDS, default=["fa4", "flash2", "sdpa"])
-    parser.add_argument("--budget", type=int, default=2048, help="CateKV budget B of the random profile")
-    parser.add_argument("--ratio", type=float, default=0.4, help="adaptive-head ratio r of the random profile")
     parser.add_argument("--prefill-chunk", type=int, default=8192, help="the engine's prefill_chunk")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--smoke", action="store_true", help="CPU, a tiny model, context 200 (figures mean nothing)")
     parser.add_argument("--out", type=Path, default=None, help="merge the records into this JSON file, e.g. "
                         "docs/results/prefill.json")
     args = parser.parse_args(argv)
@@ -162,15 +165,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
                             prefill_chunk=chunk, prefill_backend=backend)
             params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
             if backend not in warmed:
-                warmed[backend] = arm, seconds(partial(engine.generate, prompt.tolist(), params), device)
+                warmed[backend] = arm, seconds(partial(engine.generate, prompt.tolist(), params))
+            # Not decode.reset_peak(): emptying the allocator's cache would add allocations to the timing.
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
-            prefill = seconds(partial(engine.generate, prompt.tolist(), params), device)
-            peak = torch.cuda.max_memory_allocated(device) / GiB if device.type == "cuda" else None
+            prefill = seconds(partial(engine.generate, prompt.tolist(), params))
+            peak = peak_gib()
             floor = floor_attention + floor_linear
             emit(results, arm=arm, context=context, backend=engine.prefill_backend, prefill_s=sig(prefill),
                  floor_s=sig(floor), ratio_to_floor=round(prefill / floor, 3),
-                 peak_gib=None if peak is None else round(peak, 2), warmup_s=sig(warmed[backend][1]),
+                 peak_gib=peak, warmup_s=sig(warmed[backend][1]),
                  warmed_by=warmed[backend][0], requested=backends[backend],
                  attention_tflops=sig(rates[backend] / 1e12), best_attention_backend=best,
                  gemm_tflops=sig(gemm / 1e12), floor_attention_s=sig(floor_attention),

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 # tp_decode's import turns NVLink multicast off for NCCL (the GPU machines have none); before NCCL starts.
 from benchmarks import tp_decode  # noqa: E402, I001
 from benchmarks import decode as bench  # noqa: E402
-from benchmarks.engine_decode import add_step_arguments, filled_engine, time_step_ms  # noqa: E402
+from benchmarks.engine_decode import filled_engine, time_step_ms  # noqa: E402
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -69,7 +69,8 @@ def merged(path: Path, tp: int, records: list[dict]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_step_arguments(parser, smoke="CPU and gloo, a tiny model, context 200, 2 steps (the figures mean nothing)")
+    bench.add_step_arguments(parser, smoke="CPU and gloo, a tiny model, context 200, 2 steps (the figures mean "
+                                           "nothing)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args(argv)
     rank, tp, device = start(args.smoke)

@@ -25,20 +25,24 @@ from catekv_runtime.files import markdown_table, write_atomically
 MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
 
 
-def load_runs(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
-    """Runs merged per model: ``{model_id: {"records": [...], "commands": [...], "dates": {...}, ...}}``."""
-    runs: dict[str, dict[str, Any]] = {}
+def load_runs(paths: Sequence[Path], by: str = "model") -> dict[Any, dict[str, Any]]:
+    """Runs merged per model (``by="model"``: ``{model_id: {"records": [...], "commands": [...], "dates": {...},
+    ...}}``) or per model and profile (``by="profile"``: keyed ``(model_id, profile)``); ``notes`` are ``(file name,
+    note)`` pairs. A task, method, length and r held twice under one key is refused."""
+    runs: dict[Any, dict[str, Any]] = {}
     seen: dict[tuple, Path] = {}
     for path in paths:
         run = json.loads(Path(path).read_text())
-        merged = runs.setdefault(run["model_id"], {"records": [], "commands": [], "dates": set(), "devices": set(),
-                                                   "dtypes": set(), "profiles": set(), "notes": []})
+        key = run["model_id"] if by == "model" else (run["model_id"], run["profile"])
+        merged = runs.setdefault(key, {"records": [], "commands": [], "dates": set(), "devices": set(),
+                                       "dtypes": set(), "profiles": set(), "notes": []})
         for r in run["records"]:  # a task run twice would be averaged twice: refuse it
-            key = (run["model_id"], r["context_length"], r["adaptive_ratio"], r["task"], r["method"])
-            if key in seen:
-                raise ValueError(f"{path} and {seen[key]} both hold {r['task']} / {r['method']} at "
-                                 f"{r['context_length']} tokens, r = {r['adaptive_ratio']}: keep one of them")
-            seen[key] = path
+            held = (key, r["context_length"], r["adaptive_ratio"], r["task"], r["method"])
+            if held in seen:
+                raise ValueError(f"{path} and {seen[held]} both hold {r['task']} / {r['method']} at "
+                                 f"{r['context_length']} tokens, r = {r['adaptive_ratio']} with one {by}: keep one "
+                                 "of them")
+            seen[held] = path
         merged["records"] += run["records"]
         merged["commands"].append(run["command"])
         merged["dates"].add(run["date"])
@@ -46,7 +50,7 @@ def load_runs(paths: Sequence[Path]) -> dict[str, dict[str, Any]]:
         merged["dtypes"].add(run["dtype"])
         merged["profiles"].add(run["profile"])
         if run.get("note"):
-            merged["notes"].append(f"`{Path(path).name}`: {run['note']}")
+            merged["notes"].append((Path(path).name, run["note"]))
     return runs
 
 
@@ -127,28 +131,18 @@ def profile_label(path: str) -> str:
 def comparison(paths: Sequence[Path]) -> list[str]:
     """Per model and length, one row per profile and method: the average at each r (KV kept).
 
-    Files with the same model and profile are one run split between processes: their records are merged (as
-    :func:`load_runs` does). At each length the averages cover only the tasks that every compared profile ran
+    Files with the same model and profile are one run split between processes: their records are merged
+    (:func:`load_runs` by profile). At each length the averages cover only the tasks that every compared profile ran
     there, so that a profile run on fewer tasks is compared on those tasks alone (the ``tasks`` column).
     """
-    runs: dict[tuple[str, str], dict[str, Any]] = {}  # (model, profile) -> merged records
+    runs = load_runs(paths, by="profile")
     commands: dict[str, list[str]] = defaultdict(list)
     notes: dict[str, dict[str, list[str]]] = defaultdict(dict)  # model -> note -> the files that carry it
-    for path in paths:
-        run = json.loads(Path(path).read_text())
-        commands[run["model_id"]].append(run["command"])
-        if run.get("note"):
-            notes[run["model_id"]].setdefault(run["note"], []).append(f"`{Path(path).name}`")
-        merged = runs.setdefault((run["model_id"], run["profile"]), {"records": [], "seen": {}})
-        for r in run["records"]:
-            key = (r["context_length"], r["adaptive_ratio"], r["task"], r["method"])
-            if key in merged["seen"]:
-                raise ValueError(f"{path} and {merged['seen'][key]} both hold {r['task']} / {r['method']} at "
-                                 f"{r['context_length']} tokens, r = {r['adaptive_ratio']} with one profile: keep one")
-            merged["seen"][key] = path
-        merged["records"] += run["records"]
-    tasks_at: dict[tuple[str, int], set[str]] = {}
+    tasks_at: dict[tuple[str, int], set[str]] = {}  # the tasks every profile ran, per model and length
     for (model_id, _), run in runs.items():
+        commands[model_id] += run["commands"]
+        for name, note in run["notes"]:
+            notes[model_id].setdefault(note, []).append(f"`{name}`")
         for length in {r["context_length"] for r in run["records"]}:
             ran = {r["task"] for r in run["records"] if r["context_length"] == length}
             key = (model_id, length)
@@ -196,7 +190,7 @@ def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequenc
                 f"{', '.join(sorted(run['dtypes']))}; {', '.join(map(str, samples))} samples per task; "
                 f"profile {', '.join(sorted(run['profiles']))}.", "", "Commands:", "", "```bash"]
         out += run["commands"] + ["```", ""]
-        out += [f"Note: {note}" for note in run["notes"]] + ([""] if run["notes"] else [])
+        out += [f"Note: `{name}`: {note}" for name, note in run["notes"]] + ([""] if run["notes"] else [])
         out += ["Targets (CateKV <= 45% KV, within 1 point of full, >= 5 points above "
                                   "SnapKV and StreamingLLM):", ""]
         out += target_lines(run["records"]) + [""]

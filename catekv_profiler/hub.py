@@ -287,8 +287,7 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
                  *(["below the chosen (± standard error)"] if noise else []), "chosen"],
                 [[row["k"], row["alpha"], row["adaptive_heads"], f"{row['score']:.2f}",
                   *[f"{row['by_ratio'][f'{r:g}']:.2f}" for r in by_ratio],
-                  *([below_chosen(row, calibration["rows"], chosen).removesuffix(" below the chosen")]
-                    if noise else []),
+                  *([below_chosen(row, calibration["rows"], chosen)] if noise else []),
                   "yes" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""]
                  for row in calibration["rows"]]),
     ]

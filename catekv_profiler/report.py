@@ -285,12 +285,12 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def below_chosen(row: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, float]) -> str:
-    """"1.58 ± 2.10 below the chosen": a setting's score less the chosen one's, with the standard error of their
-    paired per-sample differences; "" for the chosen row and for calibrations that did not record it."""
+    """"1.58 ± 2.10": how far a setting's score is below the chosen one's, with the standard error of their paired
+    per-sample differences; "" for the chosen row and for calibrations that did not record it."""
     if "se_vs_chosen" not in row or (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]):
         return ""
     best = next(r for r in rows if (r["k"], r["alpha"]) == (chosen["k"], chosen["alpha"]))
-    return f"{best['score'] - row['score']:.2f} ± {row['se_vs_chosen']:.2f} below the chosen"
+    return f"{best['score'] - row['score']:.2f} ± {row['se_vs_chosen']:.2f}"
 
 
 def format_calibration(calibration: dict[str, Any]) -> list[str]:
@@ -306,8 +306,9 @@ def format_calibration(calibration: dict[str, Any]) -> list[str]:
         mark = "  <- chosen" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""
         at = "".join(f", {score:.2f} at r={r}" for r, score in row.get("by_ratio", {}).items())
         below = below_chosen(row, calibration["rows"], chosen)
+        below = f"  {below} below the chosen" if below else ""
         lines.append(f"  k={row['k']:<6g} alpha={row['alpha']:<4g} score {row['score']:6.2f}  "
-                     f"({row['adaptive_heads']} adaptive heads{at}){mark}{'  ' + below if below else ''}")
+                     f"({row['adaptive_heads']} adaptive heads{at}){mark}{below}")
     return lines
 
 

@@ -153,21 +153,6 @@ class CateKVLayer(DynamicLayer):
         if self.eager:
             self.compress()
 
-    def select_from(self, keys: torch.Tensor, values: torch.Tensor, last_queries: torch.Tensor, scale: float) -> None:
-        """Select from a whole prompt's K/V ``[batch, kv_heads, n, d]`` computed outside the model's forward
-        (a layer-by-layer prefill); ``last_queries`` are the prompt's last query states.
-        Unpadded sequences only. The full K/V is released when this returns (if the caller holds no reference).
-        A layer can select again for another prompt: the previous selection is dropped."""
-        b, h, n, d = keys.shape
-        self.groups = []
-        self._check_head_count(h)
-        self.dtype, self.device, self.is_initialized = keys.dtype, keys.device, True
-        self.keys, self.values = keys, values
-        self.seen, self.token_bytes = n, 2 * b * h * d * keys.element_size()
-        self.obs_queries = last_queries[:, :, -self.params.obs_window :]
-        self.scale, self.valid_start = scale, None
-        self.compress()
-
     def compress(self) -> None:
         """Select each head's tokens from the full prompt KV and release the full KV."""
         keys, values, queries = self.keys, self.values, self.obs_queries

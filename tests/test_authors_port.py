@@ -159,18 +159,19 @@ def test_kept_tokens_equal_the_authors(seed, n, eta, reserve):
     p = params(reserve=reserve, eta=eta)
     adaptive = torch.tensor([False, True, False, True])
     budgets = torch.where(adaptive, UNLIMITED_BUDGET, p.budget)
-    # Values carry their own position, so the kept slots say which tokens each head kept.
-    values = torch.arange(n, dtype=torch.float32)[None, :, None].expand(NUM_KV, n, HEAD_DIM).contiguous()
     layer = CateKVLayer(budgets, p, reserve=0, eager=True)
-    layer.select_from(keys[None], values[None], queries[None, :, -OBS:], HEAD_DIM**-0.5)
+    # What the engine's prefill copies into its slots: per head group, its heads and the positions each keeps.
+    selections = layer.select_heads(keys, queries[:, -OBS:], HEAD_DIM**-0.5)
     kept, sizes = authors_kept_positions(
         queries, keys, chunk_size=CHUNK, init_tokens=INIT, recent_tokens=RECENT, last_q=OBS, sparse_budget=p.budget,
         full_fraction=eta, sparse_heads=[0, 2], full_heads=[1, 3], reserve=reserve)
-    for group in layer.groups:
-        assert group.length == sizes["full" if group.kv_heads[0] in (1, 3) else "sparse"]
-        for row, head in enumerate(group.kv_heads.tolist()):
-            mine = group.values[0, row, : group.length, 0].long().tolist()
-            assert mine == sorted(kept[head]), f"head {head}"
+    assert len(selections) == 2
+    for heads, positions in selections:
+        if positions is None:  # every token, in order
+            positions = torch.arange(n).expand(heads.numel(), n)
+        assert positions.shape[1] == sizes["full" if heads[0] in (1, 3) else "sparse"]
+        for row, head in enumerate(heads.tolist()):
+            assert positions[row].tolist() == sorted(kept[head]), f"head {head}"
     if reserve == 32:  # a consistent head holds B + 32 + n mod c tokens
         assert sizes["sparse"] == p.budget + 32 + n % CHUNK
 

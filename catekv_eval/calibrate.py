@@ -6,8 +6,13 @@ in one pass over the reference samples (one softmax and one sort per head, ``cat
 setting votes its own head map at the profile's r. This module scores those head maps: RULER-style tasks
 generated with :data:`CALIBRATION_SEED` (``catekv-eval`` draws its samples with seed 1000 by default, so the
 tasks differ from any reported evaluation), at the target context length, every batch prefilled once and
-forked per head map (:meth:`CateKVCache.fork`), full attention alongside as the ceiling. The best mean score
-wins; ties go to the setting nearest the paper's default (k = 0.99, alpha = 1), then to the larger k.
+forked per head map (:meth:`CateKVCache.fork`), full attention alongside as the ceiling.
+
+Which setting wins (:func:`choose_setting`): by default the one-standard-error rule. The paper's default
+(k = 0.99, alpha = 1) stays unless the best-scoring setting beats it by more than the standard error of their
+paired per-sample differences: a few samples per task cannot tell settings apart by less, and choices made
+inside that margin evaluated below the default (docs/accuracy.md, "Profiles compared"). ``rule="best"`` takes
+the best mean score; ties go to the setting nearest the default, then to the larger k.
 
 The ``catekv-profile`` command is put together here (:func:`main`): the profiler's command line with this
 scoring behind ``--calibrate`` (:data:`CALIBRATOR`), since the profiler does not import the evaluation.
@@ -43,8 +48,8 @@ MAX_NEW_TOKENS = 48
 def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profile], *, context_length: int,
               tasks: Sequence[str] = DEFAULT_TASKS, num_samples: int = 10, seed: int = CALIBRATION_SEED,
               ratios: Sequence[float] | None = None, max_new_tokens: int | None = MAX_NEW_TOKENS,
-              batch_size: int = 8) -> Profile:
-    """The candidate with the best mean score, its ``calibration`` metadata holding the whole table.
+              batch_size: int = 8, rule: str = "one-se") -> Profile:
+    """The candidate that ``rule`` picks (:func:`choose_setting`), its ``calibration`` metadata holding the table.
 
     ``candidates``: profiles of one model that differ in k and alpha (``catekv_profiler.profiler.
     profile_candidates``). ``ratios``: the adaptive ratios r each candidate's head map is scored at (default: the
@@ -57,6 +62,8 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     """
     if not candidates:
         raise ValueError("no candidate profiles to calibrate")
+    if rule not in profiler_cli.CALIBRATION_RULES:
+        raise ValueError(f"unknown calibration rule {rule!r}; use one of {', '.join(profiler_cli.CALIBRATION_RULES)}")
     ratios = tuple(float(r) for r in ratios) if ratios else (candidates[0].params.adaptive_ratio,)
     scored = {(i, r): candidate.with_adaptive_ratio(r) for i, candidate in enumerate(candidates) for r in ratios}
     distinct: dict[bytes, Profile] = {}
@@ -92,15 +99,12 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         if len(ratios) > 1:
             row["by_ratio"] = {f"{r:g}": mean(list(scores.values())) for r, scores in zip(ratios, at)}
         rows.append(row)
-    best = min(range(len(rows)), key=lambda i: (
-        -rows[i]["score"],
-        abs(rows[i]["k"] - _PAPER_DEFAULT[0]) + abs(rows[i]["alpha"] - _PAPER_DEFAULT[1]),
-        -rows[i]["k"],
-    ))
-    # How far each setting is from the chosen one beyond the sampling noise: the standard error of their paired
-    # per-sample differences (same samples, same ratios), next to the difference of their scores.
+    # Per-sample scores of each setting (same samples, same ratios): paired, for the noise of a difference.
     samples_of = [[x for r in ratios for x in per_sample["map", _head_map_key(scored[i, r])]]
                   for i in range(len(candidates))]
+    best = choose_setting(rows, samples_of, rule)
+    # How far each setting is from the chosen one beyond the sampling noise: the standard error of their paired
+    # per-sample differences, next to the difference of their scores.
     for i, row in enumerate(rows):
         row["se_vs_chosen"] = round(paired_standard_error(samples_of[best], samples_of[i]), 2)
     calibration = {
@@ -113,9 +117,30 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         "full_attention_score": str(mean(list(per_task["full", None].values()))),
         "full_attention_tasks": json.dumps(per_task["full", None]),
         "chosen": json.dumps({"k": rows[best]["k"], "alpha": rows[best]["alpha"]}),
+        "rule": rule,
         "table": json.dumps(rows),
     }
     return dataclasses.replace(candidates[best], calibration=calibration)
+
+
+def choose_setting(rows: Sequence[dict[str, Any]], samples_of: Sequence[Sequence[float]], rule: str = "one-se") -> int:
+    """Index of the winning row. ``rows[i]["score"]``, ``["k"]``, ``["alpha"]``: a setting's mean score and values;
+    ``samples_of[i]``: its per-sample scores, paired across settings.
+
+    ``"best"``: the highest score; ties to the setting nearest the paper's default, then to the larger k.
+    ``"one-se"``: that setting only if it beats the paper's default (k 0.99, alpha 1) by more than the standard
+    error of their paired differences, else the default; the best when the default was not among the settings.
+    """
+    best = min(range(len(rows)), key=lambda i: (
+        -rows[i]["score"],
+        abs(rows[i]["k"] - _PAPER_DEFAULT[0]) + abs(rows[i]["alpha"] - _PAPER_DEFAULT[1]),
+        -rows[i]["k"],
+    ))
+    default = next((i for i, row in enumerate(rows) if (row["k"], row["alpha"]) == _PAPER_DEFAULT), None)
+    if rule == "best" or default is None or default == best:
+        return best
+    margin = rows[best]["score"] - rows[default]["score"]
+    return best if margin > paired_standard_error(samples_of[best], samples_of[default]) else default
 
 
 def paired_standard_error(a: Sequence[float], b: Sequence[float]) -> float:

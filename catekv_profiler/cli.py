@@ -26,14 +26,16 @@ DEFAULTS = ProfileParams()
 # The (k, alpha) settings --calibrate measures by default: around the paper's k = 0.99 and its two alphas.
 GRID_K = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
 GRID_ALPHA = (0.8, 1.0)
+# How --calibrate picks among the settings it scored (the first is the default; catekv_eval.calibrate.choose_setting).
+CALIBRATION_RULES = ("one-se", "best")
 
 
 @dataclasses.dataclass(frozen=True)
 class Calibrator:
     """How ``--calibrate`` picks k and alpha among candidate profiles that differ only in them.
 
-    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed)`` returns the best
-    candidate with its ``calibration`` metadata (the table), or raises ``ValueError`` saying why the tasks cannot
+    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed, rule)`` returns the
+    candidate that ``rule`` (one of :data:`CALIBRATION_RULES`) picks, with its ``calibration`` metadata (the table), or raises ``ValueError`` saying why the tasks cannot
     be run (e.g. a length too short for one). ``tasks`` are the names it can score on, ``default_tasks`` and
     ``default_seed`` what it uses when ``--calibration-tasks`` / ``--calibration-seed`` are not given.
     """
@@ -109,6 +111,10 @@ def main() -> None:
 @click.option("--calibration-ratios", default=None,
               help="Comma-separated adaptive ratios r at which each setting's head map is scored, its score the mean "
                    "over them; name the r you will run the profile at, e.g. 0.2,0.4  [default: -r]")
+@click.option("--calibration-rule", type=click.Choice(CALIBRATION_RULES), default=CALIBRATION_RULES[0],
+              show_default=True,
+              help="one-se: keep the paper's k 0.99 / alpha 1 unless a setting beats it by more than one standard "
+                   "error of their paired per-sample differences; best: the best mean score.")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
 @click.option("--context-length", "-L", type=int, default=None,
               help="Tokens per reference sample  [default: the model's maximum, at most 131072]")
@@ -133,7 +139,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
                     recent_tokens: int | None, reserve_tokens: int, tie_rule: str, calibrate: bool, grid_k: str,
                     grid_alpha: str, calibration_tasks: str | None, calibration_samples: int,
                     calibration_seed: int | None, calibration_length: int | None,
-                    calibration_ratios: str | None, num_samples: int,
+                    calibration_ratios: str | None, calibration_rule: str, num_samples: int,
                     context_length: int | None,
                     reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
                     revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
@@ -240,7 +246,7 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         try:
             result = calibrator.choose(
                 model_obj, tokenizer, candidates, context_length=calibration_length or context_length, tasks=tasks,
-                num_samples=calibration_samples, ratios=ratios,
+                num_samples=calibration_samples, ratios=ratios, rule=calibration_rule,
                 seed=calibrator.default_seed if calibration_seed is None else calibration_seed,
             )
         except ValueError as e:

@@ -25,7 +25,7 @@ from catekv_runtime.files import markdown_table
 from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, load_profile
 
 from . import __version__
-from .report import below_chosen, plot_profile, summarize
+from .report import RULE_TEXT, below_chosen, plot_profile, summarize
 
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"
@@ -281,7 +281,8 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
         f"scored on {', '.join(calibration['tasks'])}, "
         f"{calibration['samples_per_task']} samples each of {calibration['context_length']:,} tokens generated with "
         f"seed {calibration['seed']} (not the evaluation's). Full attention scored "
-        f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting.",
+        f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting. "
+        f"The rule that chose: {RULE_TEXT[calibration['rule']]}.",
         "",
         *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio],
                  *(["below the chosen (± standard error)"] if noise else []), "chosen"],

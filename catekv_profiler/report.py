@@ -214,6 +214,8 @@ def calibration_summary(profile: Profile) -> dict[str, Any] | None:
         "ratios": [float(r) for r in c.get("ratios", c["adaptive_ratio"]).split(",")],
         "full_attention_score": float(c["full_attention_score"]),
         "chosen": json.loads(c["chosen"]),
+        # Profiles calibrated before the one-standard-error rule took the best mean score.
+        "rule": c.get("rule", "best"),
         "rows": sorted(json.loads(c["table"]), key=lambda row: -row["score"]),
     }
 
@@ -293,13 +295,20 @@ def below_chosen(row: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[s
     return f"{best['score'] - row['score']:.2f} ± {row['se_vs_chosen']:.2f}"
 
 
+# How each calibration rule chose (catekv_profiler.cli.CALIBRATION_RULES), in words for `show` and the card.
+RULE_TEXT = {
+    "one-se": "the paper's k 0.99 / alpha 1 unless a setting scores more than one standard error above it",
+    "best": "the best mean score",
+}
+
+
 def format_calibration(calibration: dict[str, Any]) -> list[str]:
     """Terminal lines of a :func:`calibration_summary`: the settings tried, best first, the chosen one marked."""
     lines = [
         f"Calibration: k and alpha chosen on {', '.join(calibration['tasks'])} ({calibration['samples_per_task']} "
         f"samples each, {calibration['context_length']} tokens, seed {calibration['seed']}, "
         f"r={','.join(f'{r:g}' for r in calibration['ratios'])}); full attention scores "
-        f"{calibration['full_attention_score']:.2f}"
+        f"{calibration['full_attention_score']:.2f}; rule: {RULE_TEXT[calibration['rule']]}"
     ]
     chosen = calibration["chosen"]
     for row in calibration["rows"]:

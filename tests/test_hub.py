@@ -610,6 +610,9 @@ def test_model_card_calibration_section() -> None:
     lines = [line for line in section.splitlines() if line.startswith("| 0.")]
     assert lines == ["| 0.99 | 1 | 4 | 62.50 | yes |", "| 0.9 | 1 | 4 | 50.00 | - |"]  # best first
     assert "(at r = 0.4) scored on vt" in section  # calibrated before --calibration-ratios: its own r
+    assert "The rule that chose: the best mean score." in section  # calibrated before the one-SE rule
+    card = model_card(dataclasses.replace(plain, calibration=dict(calibration, rule="one-se")), "org/x", image=None)
+    assert "The rule that chose: the paper's k 0.99 / alpha 1 unless a setting scores more than one standard " in card
     # Scored at two ratios: a column per r, the score their mean.
     rows = [dict(row, by_ratio={"0.2": row["score"] - 5, "0.4": row["score"] + 5}) for row in rows]
     card = model_card(dataclasses.replace(plain, calibration=dict(calibration, ratios="0.2,0.4", table=json.dumps(rows))),

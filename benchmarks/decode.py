@@ -127,9 +127,12 @@ class StepTimer:
 
 
 def decode_floor_ms(model, kv_bytes: int, bandwidth: float) -> float:
-    # The embedding table is read one row per token, not in full.
+    # The embedding table is read one row per token, not in full, unless the output head shares it (tied
+    # embeddings, e.g. Qwen2.5-0.5B): model.parameters() counts a shared table once, and the head reads all of it.
     embed = model.get_input_embeddings().weight
-    read = weight_bytes(model) - embed.numel() * embed.element_size() + kv_bytes
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
+    read = weight_bytes(model) - (0 if tied else embed.numel() * embed.element_size()) + kv_bytes
     return 1e3 * read / bandwidth
 
 

@@ -15,7 +15,12 @@ line; all of them to ``--out``.
     python benchmarks/engine_decode.py --contexts 24576 --batches 1 8 16 32 --out docs/results/engine_decode_batch.json
     python benchmarks/engine_decode.py --contexts 40960 --budget 256 --memory-cap-gib 80 \
         --out docs/results/engine_decode_capacity.json      # the paper's throughput setting (budget 256: init 8, recent 32)
+    python benchmarks/engine_decode.py --model qwen2.5-coder-0.5b --profile qwen2.5-coder-0.5b-instruct-32k \
+        --contexts 32000 --out docs/results/engine_decode_qwen.json    # a real model (any MODEL catekv-profile takes)
     python benchmarks/engine_decode.py --smoke      # CPU, Triton's interpreter, a tiny model: checks the script
+
+With ``--model`` the arms run that model's weights (bfloat16 on the GPU) and the ``catekv`` arm its ``--profile``
+(a shipped name, file or Hub id) as it is: ``--budget``, ``--ratio`` and ``--layers`` then do not apply.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ if not torch.cuda.is_available():  # before anything imports triton: the smoke r
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import decode as bench  # noqa: E402
+import catekv_runtime as ck  # noqa: E402
 from catekv_runtime.engine import Engine  # noqa: E402
 from catekv_runtime.engine.engine import _Request  # noqa: E402
 from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
@@ -103,9 +109,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="requests decoding together, each of the whole context")
     parser.add_argument("--memory-cap-gib", type=float, default=None,
                         help="instead of --batches: as many requests as fit this much memory in all (GiB)")
+    parser.add_argument("--model", default=None,
+                        help="a real model instead of random Llama-3-8B shapes: an embedded name, .gguf, folder or "
+                             "Hub id (needs --profile)")
+    parser.add_argument("--profile", default=None, help="with --model: the catekv arm's profile (name, file, Hub id)")
     parser.add_argument("--out", type=Path, default=None, help="write every record to this JSON file")
     args = parser.parse_args(argv)
-    if args.smoke:
+    if (args.model is None) != (args.profile is None):
+        parser.error("--model and --profile go together")
+    if args.model is not None:
+        from catekv_models import load_model
+
+        device = "cpu" if args.smoke else "cuda"
+        if device == "cuda" and not torch.cuda.is_available():
+            parser.error("needs a CUDA GPU (or --smoke)")
+        model = load_model(args.model, device=device, dtype="float32" if args.smoke else "bfloat16", progress=False)[0]
+        loaded = ck.load_profile(args.profile)
+        contexts, steps = ([200], 2) if args.smoke else (args.contexts, args.steps)
+        budget, bandwidth = loaded.params.budget, bench.host_copy_bandwidth() if args.smoke else bench.copy_bandwidth()
+        engine_args = {}  # the engine's own choice: plain PyTorch on the CPU (a smoke run checks the script only)
+    elif args.smoke:
         model = bench.build_model(2, device="cpu", **bench.TINY)
         contexts, steps, budget, bandwidth = [200], 2, 64, bench.host_copy_bandwidth()
         engine_args = dict(attention="triton", projections="triton")
@@ -120,11 +143,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         batches = [None]
         engine_args.update(bench.engine_memory(model, args.memory_cap_gib))
     results: list[dict] = []
-    bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device),
-               layers=model.config.num_hidden_layers, copy_gbps=round(bandwidth / 1e9, 1), budget=budget,
-               ratio=args.ratio)
+    ratio = loaded.params.adaptive_ratio if args.model else args.ratio
+    bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device), model=args.model or "random",
+               profile=args.profile or "random", layers=model.config.num_hidden_layers,
+               copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=ratio)
     for context, batch, arm in itertools.product(contexts, batches, args.arms):
-        profile = bench.random_profile(model, budget, args.ratio) if arm == "catekv" else None
+        catekv = loaded if args.model else bench.random_profile(model, budget, args.ratio)
+        profile = catekv if arm == "catekv" else None
         bench.reset_peak()
         engine = filled_engine(model, profile, context, steps + 2, batch, **engine_args)
         batch = engine.num_running

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import requires_smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -68,6 +69,35 @@ def test_engine_decode_smoke(tmp_path):
     # CateKV's consistent heads keep less than the full cache of the same context: a lower floor.
     assert steps[0]["floor_ms"] < steps[1]["floor_ms"]
 
+
+
+@requires_smollm2
+def test_engine_decode_runs_a_real_model_with_its_profile(tmp_path):
+    """--model / --profile: the real SmolLM2 with its shipped profile instead of random Llama-3-8B shapes."""
+    from benchmarks import engine_decode
+
+    records = engine_decode.main(["--smoke", "--model", "smollm2-135m", "--profile", "smollm2-135m-instruct"])
+    setup, catekv, full = records
+    assert setup["model"] == "smollm2-135m" and setup["layers"] == 30 and setup["budget"] == 512
+    assert catekv["arm"] == "engine-catekv" and full["arm"] == "engine-full"
+    assert catekv["decode_ms_per_step"] > 0 and catekv["floor_ms"] > 0
+    with pytest.raises(SystemExit):
+        engine_decode.main(["--smoke", "--model", "smollm2-135m"])  # a real model needs its profile
+
+
+def test_the_floor_reads_a_tied_embedding_table_once_in_full():
+    """decode_floor_ms: the embedding table is read a row per token, but an output head that shares it reads all
+    of it, so a tied model's floor counts the table once and an untied one's counts only the head."""
+    from benchmarks import decode as bench
+
+    tiny = dict(bench.TINY, vocab_size=512)
+    tied = bench.build_model(1, device="cpu", tie_word_embeddings=True, **tiny)
+    untied = bench.build_model(1, device="cpu", tie_word_embeddings=False, **tiny)
+    table = 512 * tiny["hidden_size"] * 2  # bf16
+    assert bench.weight_bytes(untied) - bench.weight_bytes(tied) == table
+    # Both read the same bytes: the body and one full table (the head's).
+    assert bench.decode_floor_ms(tied, 0, 1e9) == pytest.approx(bench.decode_floor_ms(untied, 0, 1e9))
+    assert bench.decode_floor_ms(tied, 0, 1e9) == pytest.approx(bench.weight_bytes(tied) / 1e6)
 
 
 def test_engine_decode_at_a_memory_cap_fills_every_slot():

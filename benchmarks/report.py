@@ -5,8 +5,8 @@
 The page is hand-written: its prose, each table's provenance (the commit and the command that measured it) and the
 targets' discussion are edited in docs/benchmarks.md itself. What lies between ``<!-- generated: NAME -->`` and
 ``<!-- end generated -->`` is :data:`TABLES` ``[NAME]``'s table of the JSON records, replaced on every run; the plots
-(docs/benchmarks.png, docs/serve_load.png) are drawn from the same records. Every block of the page must name a table
-here and every table must have its block, so a table cannot go stale or be lost unnoticed.
+(docs/benchmarks.png, docs/serve_load.png, docs/serve_load_llama8b.png) are drawn from the same records. Every block of
+the page must name a table here and every table must have its block, so a table cannot go stale or be lost unnoticed.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ BLOCK = re.compile(r"(<!-- generated: (\S+) -->\n).*?(<!-- end generated -->)", 
 # BASE (CURRENT less it).
 CURRENT = "464a20c"
 BASE = "ef0e77f"
+# The commit whose code the engine's runs of 2026-12-01 measured (decode_real_engine.json).
+ENGINE = "5653efa"
 
 
 def load(name: str) -> list[dict]:
@@ -50,8 +52,8 @@ def kib(n: int) -> str:
 
 
 def arm(record: dict) -> str:
-    """An archived run's arm without the prefix of the retired decode path's name (``lean-catekv`` -> ``catekv``)."""
-    return record["arm"].removeprefix("lean-")
+    """A run's arm without the prefix of its decode path's name (``lean-catekv``, ``engine-catekv`` -> ``catekv``)."""
+    return record["arm"].removeprefix("lean-").removeprefix("engine-")
 
 
 def real_runs() -> list[dict]:
@@ -62,6 +64,11 @@ def real_runs() -> list[dict]:
     runs += [dict(r, code=BASE) for r in rows(load("decode_real_512k_layered.json"), suite="real")]
     runs += [dict(r, code="earlier") for r in rows(load("decode_real_512k.json"), suite="real")]
     return sorted(runs, key=lambda r: (r["context"], r["code"] != "earlier"))
+
+
+def engine_real_runs() -> list[dict]:
+    """The real runs of the engine, against transformers' ``generate``, on ENGINE."""
+    return [dict(r, code=ENGINE) for r in rows(load("decode_real_engine.json"), suite="real")]
 
 
 def kernel_copy_gbps() -> float:
@@ -82,10 +89,10 @@ def kernel_table() -> str:
     return table(["context", "batch", "Triton GB/s", "of copy", "SDPA GB/s", "of copy", "rel. err vs fp32"], body)
 
 
-def real_table() -> str:
+def real_table(runs: list[dict]) -> str:
     body = [[kib(r["context"]), arm(r), r["code"], f"{r['decode_ms_per_step']:.2f}", f"{r['floor_ms']:.2f}",
              f"{r['decode_ms_per_step'] / r['floor_ms']:.2f}", f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}",
-             r.get("kv_gib", "")] for r in real_runs()]
+             r.get("kv_gib", "")] for r in runs]
     return table(["context", "arm", "code", "ms/step", "floor ms", "x floor", "prefill s", "peak GiB", "KV GiB"], body)
 
 
@@ -102,9 +109,10 @@ def tile_table() -> str:
     return table(["context", "arm", "kernel tile", "ms/step", "floor ms", "x floor", "KV GiB"], body)
 
 
-def batch_table() -> str:
+def batch_table(name: str) -> str:
+    """The largest batch of each arm under a memory cap (the records with tokens/s) of the results file ``name``."""
     body = [[arm(r), r["batch"], f"{r['decode_ms_per_step']:.2f}", f"{r['tokens_per_s']:.0f}", r["kv_gib"],
-             r["peak_gib"]] for r in rows(load("decode_batch.json"), suite="batch") if "tokens_per_s" in r]
+             r["peak_gib"]] for r in load(name) if "tokens_per_s" in r]
     return table(["arm", "largest batch", "ms/step", "tokens/s", "KV GiB", "peak GiB"], body)
 
 
@@ -112,6 +120,14 @@ def prefill_table() -> str:
     body = [[kib(r["context"]), arm(r), r["code"], f"{r['prefill_s']:.1f}", f"{r['peak_gib']:.1f}"]
             for r in real_runs()]
     return table(["context", "arm", "code", "prefill s", "peak GiB"], body)
+
+
+def engine_prefill_table() -> str:
+    body = [[kib(r["context"]), r["backend"], r["arm"], r["prefill_s"], r["floor_s"], r["ratio_to_floor"],
+             r["peak_gib"], f"{r['warmup_s']} ({r['warmed_by']})", r["attention_tflops"]]
+            for r in rows(load("prefill.json"), smoke=False)]
+    return table(["context", "backend", "arm", "prefill s", "floor s", "x floor", "peak GiB", "warm-up s (arm)",
+                  "attention TFLOP/s"], body)
 
 
 def profiler_table() -> str:
@@ -227,11 +243,25 @@ def plain_table() -> str:
 
 
 def engine_step_table() -> str:
-    body = [[kib(r["context"]), r["batch"], r["arm"].removeprefix("engine-"), r["decode_ms_per_step"], r["floor_ms"],
+    body = [[kib(r["context"]), r["batch"], arm(r), r["decode_ms_per_step"], r["floor_ms"],
              r["ratio_to_floor"], r["kv_gib"]]
             for name in ("engine_decode.json", "engine_decode_batch.json")
             for r in rows(load(name), suite="engine-step")]
     return table(["context", "batch", "arm", "ms/step", "floor ms", "x floor", "KV read GiB"], body)
+
+
+def row_kernels_table() -> str:
+    """The batched engine steps before the row kernels of ``kernels/triton_norm.py`` and with them."""
+    def step_ms(name: str) -> dict[tuple, float]:
+        return {(r["context"], r["batch"], arm(r)): r["decode_ms_per_step"]
+                for r in rows(load(name), suite="engine-step")}
+
+    before, after = step_ms("engine_decode_batch_pre_c49546b.json"), step_ms("engine_decode_batch.json")
+    body = []
+    for (context, batch, name), ms in after.items():
+        old = before[context, batch, name]
+        body.append([kib(context), batch, name, old, ms, f"{old / ms:.2f}x"])
+    return table(["context", "batch", "arm", "ms/step before", "ms/step with them", "speed-up"], body)
 
 
 def engine_load_table() -> str:
@@ -304,17 +334,103 @@ def targets_table() -> str:
                   f"{r512['peak_gib']:.2f} GiB against {bound(r512):.2f} GiB ({BASE}, layer-by-layer prefill; "
                   f"{one(real, arm='lean-catekv', context=524288, code='earlier')['peak_gib']:.1f} GiB with "
                   "transformers' forward as prefill, earlier code)", r512["peak_gib"] <= bound(r512)])
-    return table(["target", "measured", ""], [[name, measured, "met" if ok else "**missed**"]
-                                              for name, measured, ok in lines])
+    return verdicts(lines)
+
+
+VERDICTS = {True: "met", False: "**missed**", None: "not measured"}
+
+
+def verdicts(lines: list[list]) -> str:
+    """A targets table of ``[target, measured, ok]`` rows; ``ok`` None: not measured."""
+    return table(["target", "measured", ""], [[name, measured, VERDICTS[ok]] for name, measured, ok in lines])
+
+
+def step_targets() -> list[list]:
+    """#15's batch-1 step against its floor, and the archived target of the speed-up over full attention at 512K."""
+    step = {(arm(r), r["context"]): r for r in rows(load("engine_decode.json"), suite="engine-step")}
+    real = one(engine_real_runs(), arm="engine-catekv", context=131072)
+    lines = []
+    for context, target in ((131072, 1.10), (524288, 1.05)):
+        r = step["catekv", context]
+        loop = f"; {real['ratio_to_floor']:.3f}x through the public loop (b)" if context == real["context"] else ""
+        lines.append([f"#15: CateKV step <= {target:.2f}x the floor at {kib(context)}",
+                      f"{r['ratio_to_floor']:.3f}x ({r['decode_ms_per_step']} ms, floor {r['floor_ms']} ms){loop}",
+                      r["ratio_to_floor"] <= target])
+    catekv, full = step["catekv", 524288]["decode_ms_per_step"], step["full", 524288]["decode_ms_per_step"]
+    lines.append(["archived target: >= 1.8x faster than full attention on the same engine at 512K",
+                  f"{full / catekv:.2f}x ({catekv} vs {full} ms)", full / catekv >= 1.8])
+    return lines
+
+
+def generate_target() -> list[list]:
+    """The archived target of the step's speed-up over transformers' ``generate`` at 128K, on the engine."""
+    runs = engine_real_runs()
+    catekv = one(runs, arm="engine-catekv", context=131072)["decode_ms_per_step"]
+    generate = one(runs, arm="transformers-generate", context=131072)["decode_ms_per_step"]
+    return [["archived target: >= 10x faster per step than transformers generate at 128K",
+             f"{generate / catekv:.1f}x ({catekv} vs {generate} ms, one run)", generate / catekv >= 10]]
+
+
+def throughput_targets() -> list[list]:
+    """Decode tokens/s at the memory cap: the archived target and #15's."""
+    capacity = load("engine_decode_capacity.json")
+    catekv, full = (one(capacity, arm=name, suite="engine-step") for name in ("engine-catekv", "engine-full"))
+    ratio = catekv["tokens_per_s"] / full["tokens_per_s"]
+    kv = (catekv["kv_gib"] / catekv["batch"]) / (full["kv_gib"] / full["batch"])
+    measured = f"{ratio:.2f}x (batch {catekv['batch']} vs {full['batch']}; KV per request {kv:.2f}x full attention's)"
+    at = f"{kib(catekv['context'])} under {catekv['memory_cap_gib']:.0f} GiB"
+    return [[f"{name}: decode tokens/s >= {target}x full attention at {at}", measured, ratio >= target]
+            for name, target in (("archived target", 2.3), ("#15", 2.5))]
+
+
+def serve_targets() -> list[list]:
+    """#16: twice the requests running at the same memory, with p99 inter-token latency no worse."""
+    records = load("serve_load_llama8b.json")
+    pairs = [(one(records, label="catekv", concurrency=c), one(records, label="full", concurrency=c))
+             for c in sorted({r["concurrency"] for r in records})]
+    catekv, full = pairs[-1]
+    running, slots = catekv["peak_running"] / full["peak_running"], catekv["slots"] / full["slots"]
+    itl = [c["itl_p99_ms"] / f["itl_p99_ms"] for c, f in pairs]
+    return [["#16: catekv-serve runs >= 2x the requests of full attention at the same memory",
+             f"{catekv['peak_running']:.0f} vs {full['peak_running']:.0f} running at {catekv['concurrency']} clients "
+             f"({running:.2f}x); slots {catekv['slots']:.0f} vs {full['slots']:.0f} ({slots:.2f}x)", running >= 2],
+            ["#16: ... with p99 inter-token latency no worse",
+             "; ".join(f"{c['itl_p99_ms']:.0f} vs {f['itl_p99_ms']:.0f} ms at {c['concurrency']} clients ({x:.2f}x)"
+                       for (c, f), x in zip(pairs, itl)), max(itl) <= 1]]
+
+
+def prefill_targets() -> list[list]:
+    """#17 at 128K, on the best attention backend of the run; 512K, not run, against its attention's floor."""
+    records = rows(load("prefill.json"), smoke=False)
+    catekv = [r for r in rows(records, arm="catekv", context=131072) if r["backend"] == r["best_attention_backend"]][0]
+    full = one(records, arm="full", context=131072, backend=catekv["backend"])
+    on = f"on {catekv['backend']} (floor {catekv['floor_s']} s)"
+    attention_512k = catekv["floor_attention_s"] * (524288 / catekv["context"]) ** 2
+    return [["#17: CateKV prefill <= 10.5 s at 128K", f"{catekv['prefill_s']} s {on}", catekv["prefill_s"] <= 10.5],
+            ["#17: ... and <= full attention's in the same run",
+             f"{catekv['prefill_s']} vs {full['prefill_s']} s {on}", catekv["prefill_s"] <= full["prefill_s"]],
+            ["#17: CateKV prefill <= 100 s at 512K",
+             f"not run; at the {catekv['attention_tflops']} TFLOP/s {catekv['backend']} reached at 128K its attention "
+             f"alone is {attention_512k:.0f} s of floor", None]]
+
+
+def engine_targets_table() -> str:
+    """The targets of issues #15 to #17, and the archived ones, against the engine's runs: computed, not typed."""
+    return verdicts(step_targets() + generate_target() + throughput_targets() + serve_targets() + prefill_targets())
 
 
 TABLES: dict[str, Callable[[], str]] = {
-    "kernel": kernel_table, "real": real_table, "step-summary": step_summary_table, "tiles": tile_table,
-    "batch": batch_table, "prefill": prefill_table, "profiler": profiler_table, "stages": stages_table,
-    "streams": streams_table, "splits": splits_table, "projections": projections_table, "tp-tokens": tp_tokens_table,
+    "kernel": kernel_table, "real-engine": lambda: real_table(engine_real_runs()),
+    "real": lambda: real_table(real_runs()), "step-summary": step_summary_table, "tiles": tile_table,
+    "batch-engine": lambda: batch_table("engine_decode_capacity.json"),
+    "batch": lambda: batch_table("decode_batch.json"), "prefill-engine": engine_prefill_table,
+    "prefill": prefill_table, "profiler": profiler_table, "stages": stages_table, "streams": streams_table,
+    "splits": splits_table, "projections": projections_table, "tp-tokens": tp_tokens_table,
     "tp-decode": tp_decode_table, "plain": plain_table, "engine-step": engine_step_table,
-    "engine-load": engine_load_table, "serve": lambda: serve_table("serve_load.json"),
+    "row-kernels": row_kernels_table, "engine-load": engine_load_table,
+    "serve-llama8b": lambda: serve_table("serve_load_llama8b.json"), "serve": lambda: serve_table("serve_load.json"),
     "serve-before": lambda: serve_table("serve_load_pre506fef5.json"), "targets": targets_table,
+    "engine-targets": engine_targets_table,
 }
 
 
@@ -357,11 +473,12 @@ def plot_decode(path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def plot_serve(path: Path) -> None:
+def plot_serve(path: Path, name: str, title: str) -> None:
+    """catekv-serve under load, both servers against the number of clients, from the results file ``name``."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    records = load("serve_load.json")
+    records = load(name)
     fig = Figure(figsize=(10, 3.4))
     FigureCanvasAgg(fig)
     panels = (("output_tokens_per_s", "output tokens / s"), ("peak_running", "requests running (peak)"),
@@ -375,7 +492,7 @@ def plot_serve(path: Path) -> None:
         ax.set_title(label, fontsize=9)
         ax.grid(True, alpha=0.3)
     fig.axes[0].legend()
-    fig.suptitle("catekv-serve, SmolLM2-135M, 6144-token prompts, same KV memory (H200)", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -383,7 +500,10 @@ def plot_serve(path: Path) -> None:
 def main() -> None:
     write_atomically(PAGE, render(PAGE.read_text()))
     plot_decode(ROOT / "docs" / "benchmarks.png")
-    plot_serve(ROOT / "docs" / "serve_load.png")
+    plot_serve(ROOT / "docs" / "serve_load.png", "serve_load.json",
+               "catekv-serve, SmolLM2-135M, 6144-token prompts, same KV memory (H200)")
+    plot_serve(ROOT / "docs" / "serve_load_llama8b.png", "serve_load_llama8b.json",
+               "catekv-serve, random Llama-3-8B weights, 16384-token prompts, same memory (H200)")
     print(f"wrote {PAGE}")
 
 

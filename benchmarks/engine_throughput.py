@@ -39,14 +39,17 @@ from benchmarks.decode import (  # noqa: E402
     sync,
     write_records,
 )
+from benchmarks.serve_load import percentile  # noqa: E402
 from catekv_runtime.engine import Engine, SamplingParams  # noqa: E402
 
 RECORD_FIELDS = ("arm", "concurrency", "memory_cap_gib", "output_tokens_per_s", "ttft_p50_s", "ttft_p99_s",
                  "itl_p50_ms", "itl_p99_ms")
 
 
-def percentile(values: list[float], q: float) -> float:
-    return float(torch.tensor(values, dtype=torch.float64).quantile(q / 100)) if values else float("nan")
+def rounded_percentile(values: list[float], q: float, digits: int) -> float | None:
+    """serve_load's percentile (linear between ranks; None, JSON's null, for no values), rounded."""
+    value = percentile(values, q)
+    return None if value is None else round(value, digits)
 
 
 def make_prompts(lengths: list[int], count: int, vocab: int, seed: int = 0) -> list[list[int]]:
@@ -172,8 +175,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 torch.cuda.empty_cache()
             emit(results, arm=arm, concurrency=n, memory_cap_gib=cap,
                  output_tokens_per_s=round(run["tokens"] / run["seconds"], 3),
-                 ttft_p50_s=round(percentile(run["ttft"], 50), 4), ttft_p99_s=round(percentile(run["ttft"], 99), 4),
-                 itl_p50_ms=round(percentile(run["itl"], 50), 3), itl_p99_ms=round(percentile(run["itl"], 99), 3),
+                 ttft_p50_s=rounded_percentile(run["ttft"], 50, 4), ttft_p99_s=rounded_percentile(run["ttft"], 99, 4),
+                 itl_p50_ms=rounded_percentile(run["itl"], 50, 3), itl_p99_ms=rounded_percentile(run["itl"], 99, 3),
                  requests=len(prompts), output_tokens=run["tokens"], seconds=round(run["seconds"], 3),
                  prompt_lengths=lengths, budget=budget if arm == "catekv" else None, smoke=args.smoke, **extra)
     if args.out is not None:

@@ -32,7 +32,6 @@ __all__ = [
     "ReferenceSetError",
     "ReferenceSample",
     "TextEncoder",
-    "check_min_length",
     "load_reference_jsonl",
     "reference_hash",
     "variable_tracking_samples",
@@ -298,21 +297,6 @@ def load_reference_jsonl(
             f"reference file {os.fspath(path)!r} has no samples. Add at least one JSON object per line."
         )
     return samples
-
-
-def check_min_length(samples: Sequence[ReferenceSample], min_tokens: int) -> None:
-    """Raise ReferenceSetError for the first sample shorter than ``min_tokens`` tokens.
-
-    The profiler needs at least the initial, recent, observation and some middle
-    tokens in every sample; the caller passes that minimum.
-    """
-    for i, sample in enumerate(samples):
-        if len(sample.input_ids) < min_tokens:
-            raise ReferenceSetError(
-                f"reference sample {i} has {len(sample.input_ids)} tokens, fewer than the minimum of "
-                f"{min_tokens}. Use longer reference texts (or a larger context length), "
-                "or a smaller --obs-window/--budget."
-            )
 
 
 def reference_hash(samples: Sequence[ReferenceSample]) -> str:

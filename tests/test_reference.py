@@ -9,7 +9,6 @@ import pytest
 from catekv_profiler.reference import (
     ReferenceSetError,
     ReferenceSample,
-    check_min_length,
     load_reference_jsonl,
     reference_hash,
     variable_tracking_samples,
@@ -196,14 +195,7 @@ def test_jsonl_missing_file(tmp_path):
         load_reference_jsonl(tmp_path / "nope.jsonl", CharTokenizer(), context_length=16)
 
 
-# --- minimum length and hash -------------------------------------------------
-
-
-def test_check_min_length():
-    samples = [ReferenceSample("a", [1] * 10, []), ReferenceSample("b", [1] * 5, [])]
-    check_min_length(samples, 5)
-    with pytest.raises(ReferenceSetError, match=r"sample 1 has 5 tokens, fewer than the minimum of 6.*--obs-window/--budget"):
-        check_min_length(samples, 6)
+# --- hash -------------------------------------------------
 
 
 def test_reference_hash_is_the_documented_digest():

@@ -99,8 +99,9 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         if len(ratios) > 1:
             row["by_ratio"] = {f"{r:g}": mean(list(scores.values())) for r, scores in zip(ratios, at)}
         rows.append(row)
-    # Per-sample scores of each setting (same samples, same ratios): paired, for the noise of a difference.
-    samples_of = [[x for r in ratios for x in per_sample["map", _head_map_key(scored[i, r])]]
+    # Each setting's score per sample, its mean over the ratios (the score is their mean): paired across settings,
+    # for the noise of a difference. The sample is the unit: its scores at several r are not independent draws.
+    samples_of = [[sum(at) / len(at) for at in zip(*(per_sample["map", _head_map_key(scored[i, r])] for r in ratios))]
                   for i in range(len(candidates))]
     best = choose_setting(rows, samples_of, rule)
     # How far each setting is from the chosen one beyond the sampling noise: the standard error of their paired

@@ -35,9 +35,10 @@ class Calibrator:
     """How ``--calibrate`` picks k and alpha among candidate profiles that differ only in them.
 
     ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed, rule)`` returns the
-    candidate that ``rule`` (one of :data:`CALIBRATION_RULES`) picks, with its ``calibration`` metadata (the table), or raises ``ValueError`` saying why the tasks cannot
-    be run (e.g. a length too short for one). ``tasks`` are the names it can score on, ``default_tasks`` and
-    ``default_seed`` what it uses when ``--calibration-tasks`` / ``--calibration-seed`` are not given.
+    candidate that ``rule`` (one of :data:`CALIBRATION_RULES`) picks, with its ``calibration`` metadata (the
+    table), or raises ``ValueError`` saying why the tasks cannot be run (e.g. a length too short for one).
+    ``tasks`` are the names it can score on, ``default_tasks`` and ``default_seed`` what it uses when
+    ``--calibration-tasks`` / ``--calibration-seed`` are not given.
     """
 
     choose: Callable[..., Profile]

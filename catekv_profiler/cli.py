@@ -27,7 +27,7 @@ DEFAULTS = ProfileParams()
 GRID_K = (0.9, 0.95, 0.98, 0.99, 0.995, 0.998)
 GRID_ALPHA = (0.8, 1.0)
 # How --calibrate picks among the settings it scored (the first is the default; catekv_eval.calibrate.choose_setting).
-CALIBRATION_RULES = ("one-se", "best")
+CALIBRATION_RULES = ("best", "one-se")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,8 +114,8 @@ def main() -> None:
                    "over them; name the r you will run the profile at, e.g. 0.2,0.4  [default: -r]")
 @click.option("--calibration-rule", type=click.Choice(CALIBRATION_RULES), default=CALIBRATION_RULES[0],
               show_default=True,
-              help="one-se: keep the paper's k 0.99 / alpha 1 unless a setting beats it by more than one standard "
-                   "error of their paired per-sample differences; best: the best mean score.")
+              help="best: the best mean score; one-se: keep the paper's k 0.99 / alpha 1 unless a setting beats it "
+                   "by more than one standard error of their paired per-sample differences.")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
 @click.option("--context-length", "-L", type=int, default=None,
               help="Tokens per reference sample  [default: the model's maximum, at most 131072]")

@@ -25,7 +25,7 @@ from catekv_runtime.files import markdown_table
 from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, load_profile
 
 from . import __version__
-from .report import RULE_TEXT, below_chosen, plot_profile, summarize
+from .report import RULE_TEXT, plot_profile, summarize, versus_chosen
 
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"
@@ -285,10 +285,10 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
         f"The rule that chose: {RULE_TEXT[calibration['rule']]}.",
         "",
         *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio],
-                 *(["below the chosen (± standard error)"] if noise else []), "chosen"],
+                 *(["against the chosen (± standard error)"] if noise else []), "chosen"],
                 [[row["k"], row["alpha"], row["adaptive_heads"], f"{row['score']:.2f}",
                   *[f"{row['by_ratio'][f'{r:g}']:.2f}" for r in by_ratio],
-                  *([below_chosen(row, calibration["rows"], chosen)] if noise else []),
+                  *([versus_chosen(row, calibration["rows"], chosen)] if noise else []),
                   "yes" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""]
                  for row in calibration["rows"]]),
     ]

@@ -286,13 +286,15 @@ def format_summary(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def below_chosen(row: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, float]) -> str:
-    """"1.58 ± 2.10": how far a setting's score is below the chosen one's, with the standard error of their paired
-    per-sample differences; "" for the chosen row and for calibrations that did not record it."""
+def versus_chosen(row: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[str, float]) -> str:
+    """"1.58 ± 2.10 below" (or "above"): how far a setting's score is from the chosen one's, with the standard
+    error of their paired per-sample differences; "" for the chosen row and for calibrations that did not record
+    it. Under the one-standard-error rule a setting can score above the chosen one."""
     if "se_vs_chosen" not in row or (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]):
         return ""
     best = next(r for r in rows if (r["k"], r["alpha"]) == (chosen["k"], chosen["alpha"]))
-    return f"{best['score'] - row['score']:.2f} ± {row['se_vs_chosen']:.2f}"
+    gap = best["score"] - row["score"]
+    return f"{abs(gap):.2f} ± {row['se_vs_chosen']:.2f} {'above' if gap < 0 else 'below'}"
 
 
 # How each calibration rule chose (catekv_profiler.cli.CALIBRATION_RULES), in words for `show` and the card.
@@ -314,10 +316,10 @@ def format_calibration(calibration: dict[str, Any]) -> list[str]:
     for row in calibration["rows"]:
         mark = "  <- chosen" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""
         at = "".join(f", {score:.2f} at r={r}" for r, score in row.get("by_ratio", {}).items())
-        below = below_chosen(row, calibration["rows"], chosen)
-        below = f"  {below} below the chosen" if below else ""
+        versus = versus_chosen(row, calibration["rows"], chosen)
+        versus = f"  {versus} the chosen" if versus else ""
         lines.append(f"  k={row['k']:<6g} alpha={row['alpha']:<4g} score {row['score']:6.2f}  "
-                     f"({row['adaptive_heads']} adaptive heads{at}){mark}{below}")
+                     f"({row['adaptive_heads']} adaptive heads{at}){mark}{versus}")
     return lines
 
 

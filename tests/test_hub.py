@@ -627,7 +627,11 @@ def test_model_card_calibration_section() -> None:
                       image=None)
     section = card[card.index("## Calibration"):card.index("## Accuracy")]
     assert [line for line in section.splitlines() if line.startswith("| 0.")] == [
-        "| 0.99 | 1 | 4 | 62.50 | - | yes |", "| 0.9 | 1 | 4 | 50.00 | 12.50 ± 3.25 | - |"]
+        "| 0.99 | 1 | 4 | 62.50 | - | yes |", "| 0.9 | 1 | 4 | 50.00 | 12.50 ± 3.25 below | - |"]
+    # Under the one-SE rule the chosen setting need not score best: a setting above it says so.
+    chosen_default = dict(calibration, table=json.dumps(rows), rule="one-se", chosen=json.dumps({"k": 0.9, "alpha": 1.0}))
+    card = model_card(dataclasses.replace(plain, calibration=chosen_default), "org/x", image=None)
+    assert "| 0.99 | 1 | 4 | 62.50 | 12.50 ± 0.00 above | - |" in card
 
 
 def test_push_refuses_bad_repo_ids_before_the_network(tmp_path: Path) -> None:

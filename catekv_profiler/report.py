@@ -292,8 +292,8 @@ def versus_chosen(row: dict[str, Any], rows: list[dict[str, Any]], chosen: dict[
     it. Under the one-standard-error rule a setting can score above the chosen one."""
     if "se_vs_chosen" not in row or (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]):
         return ""
-    best = next(r for r in rows if (r["k"], r["alpha"]) == (chosen["k"], chosen["alpha"]))
-    gap = best["score"] - row["score"]
+    chosen_row = next(r for r in rows if (r["k"], r["alpha"]) == (chosen["k"], chosen["alpha"]))
+    gap = chosen_row["score"] - row["score"]
     return f"{abs(gap):.2f} ± {row['se_vs_chosen']:.2f} {'above' if gap < 0 else 'below'}"
 
 

@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         model = load_model(args.model, device=device, dtype="float32" if args.smoke else "bfloat16", progress=False)[0]
         loaded = ck.load_profile(args.profile)
         contexts, steps = ([200], 2) if args.smoke else (args.contexts, args.steps)
-        budget, bandwidth = loaded.params.budget, bench.host_copy_bandwidth() if args.smoke else bench.copy_bandwidth()
+        budget = loaded.params.budget
+        bandwidth = bench.host_copy_bandwidth() if args.smoke else bench.copy_bandwidth()
         engine_args = {}  # the engine's own choice: plain PyTorch on the CPU (a smoke run checks the script only)
     elif args.smoke:
         model = bench.build_model(2, device="cpu", **bench.TINY)
@@ -147,8 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     bench.emit(results, suite="setup", smoke=args.smoke, device=str(model.device), model=args.model or "random",
                profile=args.profile or "random", layers=model.config.num_hidden_layers,
                copy_gbps=round(bandwidth / 1e9, 1), budget=budget, ratio=ratio)
+    catekv = loaded if args.model else bench.random_profile(model, budget, args.ratio)
     for context, batch, arm in itertools.product(contexts, batches, args.arms):
-        catekv = loaded if args.model else bench.random_profile(model, budget, args.ratio)
         profile = catekv if arm == "catekv" else None
         bench.reset_peak()
         engine = filled_engine(model, profile, context, steps + 2, batch, **engine_args)

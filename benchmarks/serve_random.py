@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import decode as bench  # noqa: E402
+from catekv_runtime.attention import PREFILL_BACKENDS  # noqa: E402
 
 
 def word_tokenizer(vocab_size: int):
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--prefill-chunk", type=int, default=8192)
-    parser.add_argument("--prefill-backend", default="auto", help="the engine's prefill attention (auto, fa4, sdpa, ...)")
+    parser.add_argument("--prefill-backend", choices=PREFILL_BACKENDS, default="auto", help="the engine's prefill attention")
     parser.add_argument("--smoke", action="store_true", help="a tiny model on the CPU (the figures mean nothing)")
     args = parser.parse_args(argv)
 

@@ -14,6 +14,7 @@ from typing import Any
 import click
 
 from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
+from catekv_runtime.attention import PREFILL_BACKENDS, resolve_prefill_backend
 
 
 class BadInput(click.ClickException):
@@ -41,7 +42,7 @@ class BadInput(click.ClickException):
               help="Fraction of the GPU's memory the engine may hold; it bounds the slots  [default: 0.9 on CUDA]")
 @click.option("--prefill-chunk", type=click.IntRange(min=1), default=8192, show_default=True,
               help="Tokens per prefill chunk, and the prefill work between two decode steps.")
-@click.option("--prefill-backend", type=click.Choice(["auto", "fa4", "flash2", "sdpa"]), default="auto",
+@click.option("--prefill-backend", type=click.Choice(PREFILL_BACKENDS), default="auto",
               show_default=True,
               help="Prefill attention: FlashAttention-4 (`catekv[flash4]`, Hopper and newer), flash-attn 2 (`catekv[flash]`) "
                    "or SDPA; auto picks the fastest installed one that runs on the device.")
@@ -86,8 +87,6 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
         torch_dtype = resolve_dtype(dtype, device)
     except ModelError as error:
         raise BadInput(f"--dtype: {error}") from None
-    from catekv_runtime.attention import resolve_prefill_backend
-
     try:  # before the model loads; the engine checks again with the model's head_dim (64 passes every backend)
         resolve_prefill_backend(prefill_backend, torch.device(device), torch_dtype, 64)
     except ValueError as error:

@@ -54,6 +54,15 @@ def load_runs(paths: Sequence[Path], by: str = "model") -> dict[Any, dict[str, A
     return runs
 
 
+def note_lines(notes: Sequence[tuple[str, str]]) -> list[str]:
+    """``(file name, note)`` pairs as lines, one per distinct note naming the files that carry it, and a blank line
+    after them (none without notes)."""
+    files: dict[str, list[str]] = {}
+    for name, note in notes:
+        files.setdefault(note, []).append(f"`{name}`")
+    return [f"Note ({', '.join(names)}): {note}" for note, names in files.items()] + ([""] if notes else [])
+
+
 def averages(records: Sequence[dict[str, Any]]) -> dict[tuple[int, float, str], tuple[float, float, int]]:
     """``{(length, r, method): (mean score over tasks, mean KV kept %, tasks)}``."""
     cells: dict[tuple[int, float, str], list[dict[str, Any]]] = defaultdict(list)
@@ -137,12 +146,11 @@ def comparison(paths: Sequence[Path]) -> list[str]:
     """
     runs = load_runs(paths, by="profile")
     commands: dict[str, list[str]] = defaultdict(list)
-    notes: dict[str, dict[str, list[str]]] = defaultdict(dict)  # model -> note -> the files that carry it
+    notes: dict[str, list[tuple[str, str]]] = defaultdict(list)  # model -> (file name, note)
     tasks_at: dict[tuple[str, int], set[str]] = {}  # the tasks every profile ran, per model and length
     for (model_id, _), run in runs.items():
         commands[model_id] += run["commands"]
-        for name, note in run["notes"]:
-            notes[model_id].setdefault(note, []).append(f"`{name}`")
+        notes[model_id] += run["notes"]
         for length in {r["context_length"] for r in run["records"]}:
             ran = {r["task"] for r in run["records"] if r["context_length"] == length}
             key = (model_id, length)
@@ -150,24 +158,27 @@ def comparison(paths: Sequence[Path]) -> list[str]:
     rows: dict[tuple[str, int], list[list[str]]] = defaultdict(list)
     for (model_id, profile), run in runs.items():
         common = [r for r in run["records"] if r["task"] in tasks_at[model_id, r["context_length"]]]
-        avg = averages(common)
+        avg, own = averages(common), averages(run["records"])
         for length in sorted({k[0] for k in avg}):
             for method in dict.fromkeys(k[2] for k in avg if k[0] == length):
-                entries = [avg[key] for key in sorted(k for k in avg if k[0] == length and k[2] == method)]
-                cells = [f"{score:.1f} ({kept:.1f}%)" for score, kept, _ in entries]
-                rows[model_id, length].append([profile_label(profile), method, *cells, str(entries[0][2])])
+                keys = sorted(k for k in avg if k[0] == length and k[2] == method)
+                cells = [f"{avg[k][0]:.1f} ({avg[k][1]:.1f}%)" for k in keys]
+                everything = f"{' / '.join(f'{own[k][0]:.1f}' for k in keys)} ({own[keys[0]][2]})"
+                rows[model_id, length].append([profile_label(profile), method, *cells, str(avg[keys[0]][2]),
+                                               everything])
     out = ["## Profiles compared: regions and calibration", "",
            "The same model and tasks with profiles that differ in how they were made. Cells: average score over "
            "the tasks (KV kept, % of full, measured) at r = 0.2 and r = 0.4; full attention keeps everything. "
-           "At each length only the tasks every profile there ran are averaged (the tasks column).", ""]
+           "At each length only the tasks every profile there ran are averaged (the tasks column); the last "
+           "column averages every task the profile ran there, at r = 0.2 and 0.4.", ""]
     for model in dict.fromkeys(k[0] for k in rows):
         out += [f"### {model}", "", "Commands:", "", "```bash", *commands[model], "```", ""]
-        out += [f"Note ({', '.join(files)}): {note}" for note, files in notes[model].items()]
-        out += [""] if notes[model] else []
+        out += note_lines(notes[model])
         for (m, length), body in rows.items():
             if m == model:
                 out += [f"{length} tokens:", "",
-                        *markdown_table(["profile", "method", "r = 0.2", "r = 0.4", "tasks"], body), ""]
+                        *markdown_table(["profile", "method", "r = 0.2", "r = 0.4", "tasks",
+                                         "r = 0.2 / 0.4 on all its tasks (tasks)"], body), ""]
     return out
 
 
@@ -190,7 +201,7 @@ def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequenc
                 f"{', '.join(sorted(run['dtypes']))}; {', '.join(map(str, samples))} samples per task; "
                 f"profile {', '.join(sorted(run['profiles']))}.", "", "Commands:", "", "```bash"]
         out += run["commands"] + ["```", ""]
-        out += [f"Note: `{name}`: {note}" for name, note in run["notes"]] + ([""] if run["notes"] else [])
+        out += note_lines(run["notes"])
         out += ["Targets (CateKV <= 45% KV, within 1 point of full, >= 5 points above "
                                   "SnapKV and StreamingLLM):", ""]
         out += target_lines(run["records"]) + [""]

@@ -264,3 +264,22 @@ def test_fused_projections_only_for_a_lone_row(fused_calls, row_kernel_calls):
     layers = model.config.num_hidden_layers
     assert len(fused_calls) == 3 * (4 * layers + 1)
     assert row_kernel_calls.count("rms_norm") == 2 * layers + 1 and row_kernel_calls.count("silu_mul") == layers
+
+
+@pytest.mark.parametrize("slots", [1, 2, 3, 5, 8, 13, 33])
+def test_the_start_up_capture_covers_every_window_a_step_can_run(slots):
+    """With CUDA graphs the engine captures decode_windows(slots) at start-up: whichever rows are running,
+    Engine._window (what a step runs) must be one of them, or serving would stall to capture it."""
+    from types import SimpleNamespace
+
+    from catekv_runtime.engine.engine import decode_windows
+
+    windows = decode_windows(slots)
+    assert len(set(windows)) == len(windows) and (0, slots) in windows
+    gen = torch.Generator().manual_seed(slots)
+    running_sets = [{s} for s in range(slots)] + [set(range(slots))]
+    running_sets += [set(torch.randperm(slots, generator=gen)[:int(torch.randint(2, slots + 1, (1,), generator=gen))]
+                         .tolist()) for _ in range(50)] if slots > 1 else []
+    for running in running_sets:
+        engine = SimpleNamespace(_running=dict.fromkeys(running), cuda_graphs=True, slots=slots)
+        assert Engine._window(engine) in windows, running

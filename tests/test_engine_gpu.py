@@ -11,6 +11,8 @@ from test_runtime import make_profile
 import catekv_runtime as ck
 from catekv_runtime.attention import resolve_prefill_backend
 from catekv_runtime.engine import Engine, SamplingParams
+from catekv_runtime.engine.engine import decode_windows
+from catekv_runtime.engine.sampling import Filters
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 
@@ -44,14 +46,18 @@ def reference_with_logits(model, prompt, steps, profile):
 @pytest.mark.parametrize("family", ENGINE_FAMILIES)
 @pytest.mark.parametrize("ratio", [0.5, None])
 def test_graphs_and_kernel_equal_apply_and_generate_on_gpu(family, ratio):
-    """Staggered arrivals over three slots with CUDA graphs (several batch sizes captured): each request's greedy
-    tokens equal apply + generate alone, up to near ties of the random tiny model (assert_same_up_to_ties)."""
+    """Staggered arrivals over three slots with CUDA graphs (every window captured at start-up, on free rows): each
+    request's greedy tokens equal apply + generate alone, up to near ties of the random tiny model
+    (assert_same_up_to_ties)."""
     model = tiny(family).cuda()
     profile = make_profile(model, ratio) if ratio is not None else None
     batch = prompts([900, 333, 611, 120, 700], seed=4)
     steps = [20, 9, 14, 24, 6]
     engine = Engine(model, profile, max_batch_size=3, max_model_len=1024, prefill_chunk=256)
     assert engine.attention == "triton" and engine.cuda_graphs
+    # Captured at start-up, while every row was free: greedy's and plain sampling's windows, and greedy needs no more.
+    captured = set(engine._graphs)
+    assert captured == {(lo, rows, f) for f in (Filters(), Filters(random=True)) for lo, rows in decode_windows(3)}
     params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
     ids, done, step = {}, {}, 0
     arrivals = {0: [0, 1], 3: [2], 5: [3, 4]}
@@ -61,7 +67,7 @@ def test_graphs_and_kernel_equal_apply_and_generate_on_gpu(family, ratio):
         for completion in engine.step():
             done[ids[completion.request_id]] = completion
         step += 1
-    assert len(engine._graphs) >= 2
+    assert set(engine._graphs) == captured
     for k, (prompt, count) in enumerate(zip(batch, steps)):
         tokens, logits = reference_with_logits(model, prompt, count, profile)
         assert_same_up_to_ties(torch.tensor([done[k].token_ids], device="cuda"), tokens, logits)

@@ -166,8 +166,9 @@ class Engine:
             capability 9.0+), ``"flash2"`` (flash-attn 2, the ``flash`` extra), ``"sdpa"`` or ``"auto"`` (the fastest
             that runs here, :func:`catekv_runtime.attention.resolve_prefill_backend`); the attribute of the same name
             holds the one chosen.
-        cuda_graphs: replay each decode step as a CUDA graph, one per decode batch size (rounded up to a power of
-            two) and set of sampling filters in use, captured when first needed. Default: on CUDA.
+        cuda_graphs: replay each decode step as a CUDA graph, one per decode window (one row, or a batch size
+            rounded up to a power of two) and set of sampling filters in use: those of greedy and plain sampling
+            captured at start-up, others when first needed. Default: on CUDA.
         projections: how a decode step runs its projections and the small ops around them: ``"triton"`` (CUDA, or
             CPU under ``TRITON_INTERPRET=1``: a single row's projections one kernel each,
             ``kernels.triton_linear.fused_linear``, with the RMSNorms, SiLU x up and the residual adds fused in;
@@ -280,6 +281,8 @@ class Engine:
         # Under TP, on rank 0: what the other ranks replay at the next step (see follow()); None elsewhere.
         self._commands: list[tuple] | None = [] if self._control is not None and self.rank == 0 else None
         self._shut_down = False
+        if self.cuda_graphs:
+            self._capture_windows()
 
     # ------------------------------------------------------------------------------------------ requests
 
@@ -639,6 +642,15 @@ class Engine:
         event.record()
         return _Readback(event, host, lo, dict(self._running))
 
+    @torch.inference_mode()
+    def _capture_windows(self) -> None:
+        """Capture the decode graph of every window (:func:`decode_windows`) for greedy and for plain sampling, as
+        vLLM captures its batch sizes at start-up: a graph first captured while serving stalls that step by an eager
+        step and the capture, which shows in the inter-token latency. Other filter sets are captured when needed."""
+        for filters in (Filters(), Filters(random=True)):
+            for lo, rows in decode_windows(self.slots):
+                self._graphs[lo, rows, filters] = self._capture(lo, rows, filters)
+
     def _window(self) -> tuple[int, int]:
         """The rows a decode step runs, ``(first, count)``: the one running row alone (batch 1, the fused
         projections), else rows ``[0, last running + 1)``, with CUDA graphs rounded up to a power of two (the extra
@@ -830,6 +842,13 @@ def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
     if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", True):
         return lambda ids: backend.decode(ids, skip_special_tokens=True)
     return lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def decode_windows(slots: int) -> list[tuple[int, int]]:
+    """Every window ``(first row, rows)`` a decode step over ``slots`` rows can run with CUDA graphs
+    (``Engine._window``): each row alone, and rows ``[0, 2^k)`` (the last window all ``slots``)."""
+    spans = sorted({min(slots, 1 << k) for k in range(1, (slots - 1).bit_length() + 1)})
+    return [(slot, 1) for slot in range(slots)] + [(0, rows) for rows in spans]
 
 
 def _check_positive(name: str, value: Any) -> None:

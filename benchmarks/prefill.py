@@ -22,7 +22,8 @@ The floor is the prefill's FLOPs at the rates measured in the same run:
 layer's shape over the whole context (``[1, Hq, n, d]`` queries, ``Hkv`` K/V heads; its own rate is the record's
 ``attention_tflops``); ``gemm_rate`` is that of the MLP's gate/up GEMM over one chunk (``[chunk, hidden] x [hidden,
 2 * intermediate]``). Each record ``{"arm", "context", "backend", "prefill_s", "floor_s", "peak_gib", ...}`` replaces
-the one of the same arm, context, backend and smoke flag in ``--out`` (the others are kept), written atomically.
+the one of the same arm, context, backend, prefill chunk and smoke flag in ``--out`` (the others are kept), written
+atomically.
 
     python benchmarks/prefill.py --contexts 131072 524288 --backends auto sdpa --out docs/results/prefill.json
     python benchmarks/prefill.py --smoke      # CPU, a tiny model: checks the script (figures mean nothing)
@@ -120,10 +121,10 @@ def usable_backends(model, requested: list[str]) -> dict[str, str]:
 
 
 def merge_records(path: Path, records: list[dict]) -> None:
-    """Write ``records`` into the JSON list at ``path``, replacing those of the same arm, context, backend and
-    smoke flag (atomically)."""
+    """Write ``records`` into the JSON list at ``path``, replacing those of the same arm, context, backend, prefill
+    chunk and smoke flag (atomically)."""
     def key(r: dict) -> tuple:
-        return r.get("arm"), r.get("context"), r.get("backend"), r.get("smoke")
+        return r.get("arm"), r.get("context"), r.get("backend"), r.get("prefill_chunk"), r.get("smoke")
 
     old = json.loads(path.read_text()) if path.exists() else []
     new = {key(r) for r in records}

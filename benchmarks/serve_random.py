@@ -8,7 +8,7 @@ generated text is those names. Speed does not depend on the weights or the token
 
     python benchmarks/serve_random.py --port 8011 --max-model-len 33024 --gpu-memory-utilization 0.56 &
     python benchmarks/serve_load.py --port 8011 --label catekv --concurrency 4,16,32 --prompt-tokens 16384 \\
-        --out docs/results/serve_load_llama8b.json
+        --out docs/results/serve_load.json
     # the same with `serve_random.py --profile none` and --label full
 
 ``--smoke`` serves a tiny model on the CPU (CI checks the script with it).

@@ -44,7 +44,6 @@ import catekv_runtime as ck  # noqa: E402
 from catekv_runtime.engine import Engine  # noqa: E402
 from catekv_runtime.engine.engine import _Request  # noqa: E402
 from catekv_runtime.engine.sampling import Filters, SamplingParams  # noqa: E402
-from catekv_runtime.profile import UNLIMITED_BUDGET  # noqa: E402
 
 
 MAX_SLOTS = 256  # the most slots of an engine sized by a memory cap (filled_engine with batch=None)
@@ -59,8 +58,7 @@ def filled_engine(model, profile, context: int, steps: int, batch: int | None = 
     if engine.slots < batch:
         raise SystemExit(f"{batch} requests of {context} tokens do not fit in the device's memory "
                          f"({engine.slots} slots); lower --batches or --contexts")
-    counts = [engine.params.kept_tokens(context, UNLIMITED_BUDGET if g.adaptive else engine.params.budget)
-              for g in engine.kv.groups]
+    counts = [engine.params.kept_tokens(context, g.budget) for g in engine.kv.groups]
     for slot in range(batch):
         request = _Request(-1 - slot, [0] * context, SamplingParams(max_tokens=steps, temperature=0, ignore_eos=True),
                            0)

@@ -473,7 +473,7 @@ def prefill_targets() -> list[list]:
              f"{big['prefill_s']} s ({on(big)}, its attention {big['floor_attention_s']} s at "
              f"{big['attention_tflops']} TFLOP/s): the target lies {'under' if big['floor_s'] > 100 else 'over'} "
              "the floor", big["prefill_s"] <= 100],
-            ["archived target: peak memory at 512K <= weights + retained KV + one layer's full KV + 6 GiB",
+            ["#17: ... its peak memory at 512K <= weights + retained KV + one layer's full KV + 6 GiB",
              f"{big['peak_gib']:.2f} GiB against {bound:.2f} GiB (that 512K prefill; retained KV {kv} GiB, what "
              "the step of section i reads)", big["peak_gib"] <= bound]]
 

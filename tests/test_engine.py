@@ -3,6 +3,8 @@ CateKV cache, full attention, and each request run alone."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from conftest import make_tiny_model
@@ -283,3 +285,30 @@ def test_the_start_up_capture_covers_every_window_a_step_can_run(slots):
     for running in running_sets:
         engine = SimpleNamespace(_running=dict.fromkeys(running), cuda_graphs=True, slots=slots)
         assert Engine._window(engine) in windows, running
+
+
+@pytest.mark.parametrize("attention", ["torch", "triton"])
+def test_per_head_budgets_equal_apply_and_generate(attention):
+    """A profile with budgets set per head (consistent heads of 32 and 96 tokens, some layers holding both): the
+    engine keeps one head group per budget and gives each request apply + generate's tokens with that profile,
+    which differ from those of one budget for every head (so an engine that ignored the budgets would fail)."""
+    model = tiny("llama")
+    base = make_profile(model, 0.25)
+    consistent = (~base.head_map).nonzero()
+    budgets = torch.full(base.head_map.shape, -1, dtype=torch.int64)
+    for i, (layer, head) in enumerate(consistent.tolist()):
+        budgets[layer, head] = 32 if i % 2 else 96
+    profile = base.with_budgets(budgets)
+    batch, steps = prompts([230, 150], seed=5), [10, 7]
+    params = [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps]
+    engine = Engine(model, profile, max_batch_size=2, max_model_len=512, prefill_chunk=64, attention=attention)
+    assert sorted({g.budget for g in engine.kv.groups}) == [-1, 32, 96]
+    assert any(len({g.budget for g in layer} - {-1}) == 2 for layer in engine.kv.layers)
+    for layer, groups in enumerate(engine.kv.layers):  # each group holds its budget's heads, and room for them
+        for g in groups:
+            assert g.kv_heads.tolist() == (budgets[layer] == g.budget).nonzero().flatten().tolist()
+            assert g.kv.shape[3] == 1 + engine.capacities[g.budget]
+    expected = [reference(model, p, s, profile) for p, s in zip(batch, steps)]
+    assert [o.token_ids for o in engine.generate(batch, params)] == expected
+    uniform = base.replace_params(dataclasses.replace(base.params, budget=64))
+    assert expected != [reference(model, p, s, uniform) for p, s in zip(batch, steps)]

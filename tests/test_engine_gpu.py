@@ -13,6 +13,7 @@ from catekv_runtime.attention import resolve_prefill_backend
 from catekv_runtime.engine import Engine, SamplingParams
 from catekv_runtime.engine.engine import decode_windows
 from catekv_runtime.engine.sampling import Filters
+from catekv_runtime.params import UNLIMITED_BUDGET
 
 pytestmark = [requires_cuda, pytest.mark.gpu]
 
@@ -103,8 +104,8 @@ def test_memory_budget_sizes_the_slots_on_gpu():
     engine = Engine(model, make_profile(model, 0.5), max_batch_size=64, max_model_len=4096,
                     gpu_memory_utilization=0.9)
     assert engine.slots == 64
-    full = torch.ones(engine.model.num_layers, engine.model.kv_heads, dtype=torch.bool)
-    per_slot = SlotKV.bytes_per_slot(engine.model, full, 4096, 0)
+    full = torch.full((engine.model.num_layers, engine.model.kv_heads), UNLIMITED_BUDGET)
+    per_slot = SlotKV.bytes_per_slot(engine.model, full, {UNLIMITED_BUDGET: 4096})
     small = Engine(model, None, max_batch_size=64, max_model_len=4096, kv_cache_memory=per_slot * 11 // 2)
     assert small.slots == 5
 

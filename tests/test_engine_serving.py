@@ -311,7 +311,7 @@ def test_max_new_tokens_is_the_room_add_request_allows(model):
         engine = Engine(model, prof, max_batch_size=1, max_model_len=256, max_decode_len=decode_len)
         prompt = prompts([150], seed=2)[0]
         room = engine.max_new_tokens(len(prompt))
-        assert room == (256 - 150 if prof is None else engine.consistent_capacity
+        assert room == (256 - 150 if prof is None else engine.capacities[profile.params.budget]
                         - profile.params.kept_tokens(150, profile.params.budget))
         engine.add_request(prompt, SamplingParams(max_tokens=room))
         with pytest.raises(ValueError, match=field):

@@ -40,7 +40,8 @@ import torch
 import torch.distributed as dist
 
 from ..attention import resolve_prefill_backend
-from ..profile import Profile, ProfileParams, resolve_profile, uniform_budgets
+from ..params import UNLIMITED_BUDGET
+from ..profile import Profile, ProfileParams, resolve_profile
 from .config import default_kernel_config
 from .kv import SlotKV, decode_attention_torch, layer_selectors, prefill
 from .model import DecoderModel
@@ -143,8 +144,9 @@ class Engine:
 
     Args:
         model: a transformers causal LM of the Llama family (see :mod:`.model`); its weights are shared, not copied.
-        profile: a CateKV profile, or None for full attention on the same engine. ``overrides`` (budget, eta, ...)
-            apply to it as in :func:`catekv_runtime.apply`.
+        profile: a CateKV profile, or None for full attention on the same engine. Its per-head budgets are kept
+            (each layer's consistent heads of one budget are one head group); ``overrides`` (budget, eta, ...) apply
+            to it as in :func:`catekv_runtime.apply`, and give every consistent head one budget.
         tokenizer: needed for string prompts, text outputs, stop strings and chat.
         max_batch_size: the most requests decoding at once (slots).
         max_model_len: the most tokens (prompt + output) of one request; default the model's
@@ -202,9 +204,6 @@ class Engine:
         if profile is not None:
             profile = resolve_profile(profile, overrides)
             profile.check_model(dataclasses.replace(model_spec(model), model_id=""))
-            if not torch.equal(profile.budgets, uniform_budgets(profile.head_map, profile.params.budget)):
-                raise ValueError("profile: the engine keeps one budget for every consistent head, and this profile "
-                                 "sets budgets per head; pass budget=... to give every consistent head one budget")
         elif overrides:
             raise TypeError(f"overrides {sorted(overrides)} need a profile")
         self.profile = profile
@@ -212,14 +211,19 @@ class Engine:
         _check_positive("prefill_chunk", prefill_chunk)
         self.max_model_len = max_model_len if max_model_len is not None else int(config.max_position_embeddings)
         _check_positive("max_model_len", self.max_model_len)
-        if profile is not None:
-            self.head_map, self.params = profile.head_map.bool(), profile.params
+        if profile is not None:  # the profile's budgets, per head (an override has made them one budget)
+            self.budgets, self.params = profile.budgets.to(torch.int64), profile.params
         else:
-            self.head_map = torch.ones(self.model.num_layers, self.model.kv_heads * self.tp_size, dtype=torch.bool)
+            self.budgets = torch.full((self.model.num_layers, self.model.kv_heads * self.tp_size), UNLIMITED_BUDGET)
             self.params = ProfileParams(adaptive_ratio=1.0, eta=1.0)
+        self.head_map = self.budgets == UNLIMITED_BUDGET
         self.max_decode_len = min(self.max_model_len, 4096) if max_decode_len is None else max_decode_len
         _check_positive("max_decode_len", self.max_decode_len)
-        self.consistent_capacity = _max_consistent_tokens(self.params, self.max_model_len) + self.max_decode_len
+        # Tokens a row of each budget's heads holds: an adaptive head every position; a consistent head the most it
+        # keeps of any prompt, plus max_decode_len.
+        self.capacities = {b: self.max_model_len if b == UNLIMITED_BUDGET
+                           else _max_consistent_tokens(self.params, b, self.max_model_len) + self.max_decode_len
+                           for b in torch.unique(self.budgets).tolist()}
         self.prefill_chunk = prefill_chunk
         device = self.model.device
         self.attention = _kernel_kind("attention", attention, device, "triton" if device.type == "cuda" else "torch")
@@ -233,8 +237,8 @@ class Engine:
             raise ValueError("cuda_graphs needs the model on a CUDA device")
         self._graphs: dict[tuple[int, int, Filters], Any] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
-        local_heads = rank_heads(self.head_map, self.rank, self.tp_size)  # the whole map without TP
-        per_slot = SlotKV.bytes_per_slot(self.model, local_heads, self.max_model_len, self.consistent_capacity)
+        local_budgets = rank_heads(self.budgets, self.rank, self.tp_size)  # every head without TP
+        per_slot = SlotKV.bytes_per_slot(self.model, local_budgets, self.capacities)
         budget = _kv_budget(kv_cache_memory, gpu_memory_utilization, device, self._prefill_bytes())
         slots = max_batch_size if budget is None else min(max_batch_size, budget // per_slot)
         if self._control is not None:  # ranks hold different heads (and memory): every rank takes the fewest slots
@@ -244,8 +248,8 @@ class Engine:
         if slots < 1:
             raise ValueError(f"kv_cache_memory: one slot needs {per_slot} bytes of KV, the budget is {budget}; "
                              "lower max_model_len (or max_decode_len) or give more memory")
-        self.kv = SlotKV(self.model, local_heads, slots, self.max_model_len, self.consistent_capacity)
-        self._selectors = layer_selectors(local_heads, self.params)
+        self.kv = SlotKV(self.model, local_budgets, slots, self.capacities)
+        self._selectors = layer_selectors(local_budgets, self.params)
         self.slots = slots
         # Per-row decode state, in device memory; rows of free slots hold harmless values (token 0, length 1).
         self._tokens = torch.zeros(slots, dtype=torch.long, device=device)
@@ -309,8 +313,9 @@ class Engine:
         leaves, and (CateKV) what the consistent heads' buffers leave after what they keep of the prompt. A server's
         default ``max_tokens``; below 1 when the prompt is too long."""
         room = self.max_model_len - prompt_tokens
-        if self._has_consistent_heads():
-            room = min(room, self.consistent_capacity - self.params.kept_tokens(prompt_tokens, self.params.budget))
+        for budget, capacity in self.capacities.items():
+            if budget != UNLIMITED_BUDGET:
+                room = min(room, capacity - self.params.kept_tokens(prompt_tokens, budget))
         return room
 
     def _checked(self, prompt: Prompt, params: SamplingParams) -> tuple[list[int], SamplingParams]:
@@ -403,9 +408,6 @@ class Engine:
             held += request.kv_kept + heads * generated
             full += heads * (len(request.prompt) + generated)
         return held * token_bytes, full * token_bytes
-
-    def _has_consistent_heads(self) -> bool:
-        return not bool(self.head_map.all())
 
     def has_unfinished(self) -> bool:
         """Whether any request is waiting, prefilling or decoding, or finished without :meth:`step` having returned
@@ -867,12 +869,13 @@ def _kernel_kind(name: str, value: str, device: torch.device, auto: str) -> str:
     return kind
 
 
-def _max_consistent_tokens(params: ProfileParams, max_model_len: int) -> int:
-    """The most prompt tokens a consistent head keeps for any prompt up to ``max_model_len``. Past one chunk beyond
-    the budget's chunks the kept count repeats with period ``chunk_size``, so a short scan covers every length."""
+def _max_consistent_tokens(params: ProfileParams, budget: int, max_model_len: int) -> int:
+    """The most prompt tokens a consistent head of ``budget`` keeps for any prompt up to ``max_model_len``. Past one
+    chunk beyond the budget's chunks the kept count repeats with period ``chunk_size``, so a short scan covers every
+    length."""
     c = params.chunk_size
-    horizon = params.init_tokens + params.recent_tokens + params.reserve_tokens + (params.budget_chunks() + 2) * c
-    return max(params.kept_tokens(n, params.budget) for n in range(1, min(max_model_len, horizon) + 1))
+    horizon = params.init_tokens + params.recent_tokens + params.reserve_tokens + (params.budget_chunks(budget) + 2) * c
+    return max(params.kept_tokens(n, budget) for n in range(1, min(max_model_len, horizon) + 1))
 
 
 def _kv_budget(kv_cache_memory: int | None, utilization: float | None, device: torch.device,

@@ -1,7 +1,7 @@
 """Static per-slot KV: each layer's head groups in preallocated buffers, one row per slot, written in place.
 
-A layer has one buffer per head group (CateKV: adaptive and consistent heads; full attention: one group of every
-head), ``[2, slots, heads, capacity, head_dim]``. Row ``s`` holds slot ``s``'s sequence. Slot index 0 of every row
+A layer has one buffer per head group (CateKV: its adaptive heads, and its consistent heads of each budget; full
+attention: one group of every head), ``[2, slots, heads, capacity, head_dim]``. Row ``s`` holds slot ``s``'s sequence. Slot index 0 of every row
 is a sink: a row without a running request has length 1, so the decode step (which writes each row's new K/V at
 index ``length - 1`` and attends to ``[1, length)``) writes its throwaway K/V there and reads nothing. That keeps
 a row that is being prefilled, or is free, intact while the other rows decode, with no host-side branching. A
@@ -20,19 +20,24 @@ import torch
 
 from ..attention import chunk_attention
 from ..cache import CateKVLayer
-from ..profile import ProfileParams, uniform_budgets
+from ..params import UNLIMITED_BUDGET
+from ..profile import ProfileParams
 from .model import DecoderModel
 
 
 @dataclass
 class GroupKV:
-    """One head group of one layer across all slots."""
+    """One head group of one layer across all slots: the layer's heads of one budget."""
 
     kv_heads: torch.Tensor  # [h] int64 on the device: the model's KV heads in this group
     q_heads: torch.Tensor  # [h * G] int64: their query heads, in cache order
     kv: torch.Tensor  # [2, slots, h, capacity, D]
     row: int  # this group's row in SlotKV.lengths
-    adaptive: bool
+    budget: int  # the heads' budget, UNLIMITED_BUDGET for adaptive heads
+
+    @property
+    def adaptive(self) -> bool:
+        return self.budget == UNLIMITED_BUDGET
 
 
 class SlotKV:
@@ -40,40 +45,36 @@ class SlotKV:
 
     Args:
         model: the decode model (heads, dtype, device).
-        head_map: bool ``[layers, kv_heads]``, True for heads that keep every token (all True: full attention).
+        budgets: int ``[layers, kv_heads]``, each head's budget (``UNLIMITED_BUDGET``: an adaptive head, which keeps
+            every token; all of them: full attention). A layer has one group per distinct budget, in ascending
+            order (adaptive heads first), the order of ``CateKVLayer.select_heads``.
         slots: rows of every buffer.
-        adaptive_capacity / consistent_capacity: tokens a row of an adaptive / consistent group can hold (the
-            sink slot is added on top).
+        capacities: the tokens a row of each budget's group can hold (the sink slot is added on top).
     """
 
-    def __init__(self, model: DecoderModel, head_map: torch.Tensor, slots: int, adaptive_capacity: int,
-                 consistent_capacity: int):
+    def __init__(self, model: DecoderModel, budgets: torch.Tensor, slots: int, capacities: dict[int, int]):
         self.slots = slots
         device, dtype, dim = model.device, model.dtype, model.head_dim
         group = model.q_heads // model.kv_heads
         self.layers: list[list[GroupKV]] = []
         row = 0
-        for adaptive in head_map.bool().cpu():
+        for layer in budgets.cpu():
             groups = []
-            for is_adaptive, heads in ((True, adaptive.nonzero().flatten()), (False, (~adaptive).nonzero().flatten())):
-                if heads.numel() == 0:
-                    continue
-                capacity = 1 + (adaptive_capacity if is_adaptive else consistent_capacity)
+            for budget in torch.unique(layer).tolist():
+                heads = (layer == budget).nonzero().flatten()
                 q_heads = (heads[:, None] * group + torch.arange(group)).flatten()
-                kv = torch.zeros(2, slots, heads.numel(), capacity, dim, dtype=dtype, device=device)
-                groups.append(GroupKV(heads.to(device), q_heads.to(device), kv, row, is_adaptive))
+                kv = torch.zeros(2, slots, heads.numel(), 1 + capacities[budget], dim, dtype=dtype, device=device)
+                groups.append(GroupKV(heads.to(device), q_heads.to(device), kv, row, budget))
                 row += 1
             self.layers.append(groups)
         self.lengths = torch.ones(row, slots, dtype=torch.int32, device=device)
         self.starts = torch.ones(slots, dtype=torch.int32, device=device)
 
     @staticmethod
-    def bytes_per_slot(model: DecoderModel, head_map: torch.Tensor, adaptive_capacity: int,
-                       consistent_capacity: int) -> int:
+    def bytes_per_slot(model: DecoderModel, budgets: torch.Tensor, capacities: dict[int, int]) -> int:
         """Bytes one slot takes in every buffer (to size the slot count from a memory budget)."""
-        adaptive = int(head_map.bool().sum())
-        consistent = head_map.numel() - adaptive
-        tokens = adaptive * (1 + adaptive_capacity) + consistent * (1 + consistent_capacity)
+        values, counts = torch.unique(budgets.cpu(), return_counts=True)
+        tokens = sum(int(c) * (1 + capacities[int(b)]) for b, c in zip(values, counts))
         return 2 * tokens * model.head_dim * model.embed.element_size()
 
     @property
@@ -115,10 +116,10 @@ class SlotKV:
         self.lengths[:, slot] = 1
 
 
-def layer_selectors(head_map: torch.Tensor, params: ProfileParams) -> list[CateKVLayer]:
-    """One selector per layer for :func:`prefill` (made once per engine, so that what they copy to the device
-    is copied once)."""
-    return [CateKVLayer(uniform_budgets(layer, params.budget), params, 0, True) for layer in head_map]
+def layer_selectors(budgets: torch.Tensor, params: ProfileParams) -> list[CateKVLayer]:
+    """One selector per layer (``budgets`` ``[layers, kv_heads]``) for :func:`prefill` (made once per engine, so
+    that what they copy to the device is copied once)."""
+    return [CateKVLayer(layer, params, 0, True) for layer in budgets]
 
 
 def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, selectors: list[CateKVLayer],

@@ -252,7 +252,7 @@ def test_fused_projections_only_for_a_lone_row(fused_calls, row_kernel_calls):
     """Two requests decode together through cuBLAS projections with the Triton row kernels around them (per layer
     two RMSNorms, the second with the residual add, and SiLU x up; the final norm); once the one in row 0 has
     finished, the one in row 1 decodes alone (a batch-1 step at row 1, with the Triton attention kernel) through
-    the fused projections. Both get apply + generate's tokens."""
+    the fused projections; the prefills use the row kernels too. Both get apply + generate's tokens."""
     model = tiny("llama")
     profile = make_profile(model, 0.5)
     batch = prompts([70, 50], seed=8)
@@ -265,7 +265,10 @@ def test_fused_projections_only_for_a_lone_row(fused_calls, row_kernel_calls):
     # Steps of both rows: 1 (the first request's last); then row 1 alone: 3 steps of 4 kernels per layer + 1.
     layers = model.config.num_hidden_layers
     assert len(fused_calls) == 3 * (4 * layers + 1)
-    assert row_kernel_calls.count("rms_norm") == 2 * layers + 1 and row_kernel_calls.count("silu_mul") == layers
+    # The row kernels: that step's (two RMSNorms per layer and the final one, SiLU x up per layer), and each prompt's
+    # prefill in one chunk per layer (its two RMSNorms and SiLU x up).
+    assert row_kernel_calls.count("rms_norm") == 2 * layers + 1 + 2 * 2 * layers
+    assert row_kernel_calls.count("silu_mul") == layers + 2 * layers
 
 
 @pytest.mark.parametrize("slots", [1, 2, 3, 5, 8, 13, 33])

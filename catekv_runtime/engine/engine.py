@@ -592,7 +592,7 @@ class Engine:
         request.slot = free[0]  # the lowest free row: the decode batch stays as short as it can
         ids = torch.tensor(request.prompt, dtype=torch.long, device=self.model.device)
         request.prefill = prefill(self.model, self.kv, request.slot, ids, self._selectors, self.params,
-                                  self.prefill_chunk, self.prefill_backend)
+                                  self.prefill_chunk, self.prefill_backend, triton=self.projections == "triton")
         self._prefilling = request
         return True
 

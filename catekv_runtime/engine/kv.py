@@ -123,9 +123,11 @@ def layer_selectors(budgets: torch.Tensor, params: ProfileParams) -> list[CateKV
 
 
 def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor, selectors: list[CateKVLayer],
-            params: ProfileParams, chunk: int, backend: str) -> Iterator[int]:
+            params: ProfileParams, chunk: int, backend: str, triton: bool = False) -> Iterator[int]:
     """Prefill one prompt (``token_ids`` ``[n]``) into row ``slot``, layer by layer, ``chunk`` tokens at a time, the
-    chunks' attention on prefill backend ``backend`` (``attention.chunk_attention``).
+    chunks' attention on prefill backend ``backend`` (``attention.chunk_attention``); ``triton``: the RMSNorms (with
+    their residual add) and SiLU x up of each chunk in the Triton row kernels, as a decode step's rows
+    (``DecoderModel.qkv``), each one pass over the chunk where PyTorch's ops make several.
 
     A generator: it yields the number of tokens it just processed after every chunk of every layer but the last
     (whose work ends with the return), so that the engine can run decode steps in between, and returns the last
@@ -147,7 +149,7 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
         last_queries = None
         for start, end in spans:
             x = hidden[start:end]
-            q, k, v = model.qkv(weights, x)  # [m, H, D]
+            q, k, v = model.qkv(weights, x, triton=triton)  # [m, H, D]
             cos, sin = model.rope_tables(positions[start:end])
             q, k = model.rope(q, cos, sin), model.rope(k, cos, sin)
             keys[0, :, start:end] = k.transpose(0, 1)
@@ -156,7 +158,7 @@ def prefill(model: DecoderModel, kv: SlotKV, slot: int, token_ids: torch.Tensor,
             tail = q[:, :, -window:]
             last_queries = tail if last_queries is None else torch.cat([last_queries, tail], dim=2)[:, :, -window:]
             out = chunk_attention(q, keys, values, start, model.scale, backend=backend)
-            hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1))
+            hidden[start:end] = model.attention_out(weights, x, out[0].transpose(0, 1), triton=triton)
             if index < model.num_layers - 1 or end < n:  # the last chunk's work goes with the return
                 yield end - start
         selections = selectors[index].select_heads(keys[0], last_queries[0], model.scale)

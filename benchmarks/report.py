@@ -138,13 +138,14 @@ def prefill_table() -> str:
     return table(["context", "arm", "code", "prefill s", "peak GiB"], body)
 
 
-def engine_prefill_table() -> str:
-    """The engine's prefill runs, sorted by context and chunk size (each run's records in the order it wrote them)."""
-    records = sorted(rows(load("prefill.json"), smoke=False), key=lambda r: (r["context"], r["prefill_chunk"]))
-    body = [[kib(r["context"]), r["prefill_chunk"], r["backend"], r["arm"], r["prefill_s"], r["floor_s"],
+def engine_prefill_table(name: str) -> str:
+    """The engine's prefill runs in ``name``, sorted by context, chunk size and backend (each run's records in the
+    order it wrote them); ``code`` is the commit that ran."""
+    records = sorted(rows(load(name), smoke=False), key=lambda r: (r["context"], r["prefill_chunk"], r["backend"]))
+    body = [[kib(r["context"]), r["prefill_chunk"], r["backend"], r["arm"], r["code"], r["prefill_s"], r["floor_s"],
              r["ratio_to_floor"], r["peak_gib"], f"{r['warmup_s']} ({r['warmed_by']})", r["attention_tflops"]]
             for r in records]
-    return table(["context", "chunk", "backend", "arm", "prefill s", "floor s", "x floor", "peak GiB",
+    return table(["context", "chunk", "backend", "arm", "code", "prefill s", "floor s", "x floor", "peak GiB",
                   "warm-up s (arm)", "attention TFLOP/s"], body)
 
 
@@ -488,7 +489,8 @@ TABLES: dict[str, Callable[[], str]] = {
     "real": lambda: real_table(real_runs()), "step-summary": step_summary_table, "tiles": tile_table,
     "batch-engine": lambda: batch_table("engine_decode_capacity.json"),
     "batch-engine-r02": lambda: batch_table("engine_decode_capacity_r02.json"),
-    "batch": lambda: batch_table("decode_batch.json"), "prefill-engine": engine_prefill_table,
+    "batch": lambda: batch_table("decode_batch.json"), "prefill-engine": lambda: engine_prefill_table("prefill.json"),
+    "prefill-engine-before": lambda: engine_prefill_table("prefill_pre_24e7d21.json"),
     "prefill": prefill_table, "profiler": profiler_table, "stages": stages_table, "streams": streams_table,
     "splits": splits_table, "projections": projections_table, "tp-tokens": tp_tokens_table,
     "tp-decode": tp_decode_table, "plain": plain_table,

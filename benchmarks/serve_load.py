@@ -12,7 +12,7 @@ server's ``/tokenize``, each request starting at another offset of it, sent as t
 tokens generated (``ignore_eos``, greedy), streamed. Per concurrency level one record: requests/s and output
 tokens/s over the level's wall time, time to first token and inter-chunk latency p50/p99 (the engine streams one
 chunk per step and token, fewer where it holds text back: a partial character or a stop string's start), errors,
-and from the server's ``/metrics`` the slots, the most KV held and what full attention would have held (sampled
+and from the server's ``/metrics`` the slots, its engine's prefill chunk and backend, the most KV held and what full attention would have held (sampled
 every ``--metrics-interval`` s), and peak GPU memory (on CUDA).
 
 Loopback only (``127.0.0.1:PORT``), and bounded: a level ends after ``--duration`` s or ``--max-requests`` requests
@@ -48,6 +48,16 @@ def percentile(values: list[float], q: float) -> float | None:
     low = int(rank)
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def engine_info(text: str) -> dict[str, str]:
+    """The labels of the server's ``catekv_engine_info`` sample (its engine's settings); {} if it has none."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for family in text_string_to_metric_families(text):
+        if family.name == "catekv_engine_info":
+            return dict(family.samples[0].labels)
+    return {}
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -147,7 +157,8 @@ class Load:
         finally:
             sampler.cancel()
         wall = time.perf_counter() - start
-        final = parse_metrics((await self.client.get("/metrics")).text)
+        exposition = (await self.client.get("/metrics")).text
+        final, engine = parse_metrics(exposition), engine_info(exposition)
         done = [r for r in results if "error" not in r]
         ttft = [r["ttft"] for r in done if r["ttft"] is not None]
         gaps = [g for r in done for g in r["gaps"]]
@@ -161,6 +172,8 @@ class Load:
             "ttft_p50_ms": _scaled(percentile(ttft, 50), ms), "ttft_p99_ms": _scaled(percentile(ttft, 99), ms),
             "itl_p50_ms": _scaled(percentile(gaps, 50), ms), "itl_p99_ms": _scaled(percentile(gaps, 99), ms),
             "slots": final.get("catekv_kv_cache_slots"),
+            "prefill_chunk": int(engine["prefill_chunk"]) if "prefill_chunk" in engine else None,
+            "prefill_backend": engine.get("prefill_backend"),
             "kv_allocated_bytes": final.get("catekv_kv_cache_allocated_bytes"),
             "peak_kv_bytes": peaks["catekv_kv_cache_bytes"],
             "peak_kv_full_attention_bytes": peaks["catekv_kv_cache_full_attention_bytes"],

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from prometheus_client import CONTENT_TYPE_LATEST as CONTENT_TYPE  # noqa: F401 (re-exported for the app)
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 
 # Seconds. Time to first token spans a short prompt on a GPU (ms) to a long prompt queued behind others (minutes);
 # inter-token latency a GPU decode step (ms) to a CPU one (tenths of a second).
@@ -41,6 +41,11 @@ class Metrics:
         allocated.set(sum(g.kv.nbytes for g in engine.kv.groups))
         slots = Gauge("catekv_kv_cache_slots", "Slots: the most requests running at once.", registry=r)
         slots.set(engine.slots)
+        # What a load test needs to tell runs apart, in the exposition (vLLM exposes its config the same way).
+        Info("catekv_engine", "The engine's settings.", registry=r).info({
+            "prefill_chunk": str(engine.prefill_chunk), "prefill_backend": engine.prefill_backend,
+            "max_model_len": str(engine.max_model_len), "cuda_graphs": str(engine.cuda_graphs).lower(),
+            "compressed": str(engine.profile is not None).lower()})
         self.prompt_tokens = Counter("catekv_prompt_tokens", "Prompt tokens prefilled.", registry=r)
         self.generation_tokens = Counter("catekv_generation_tokens", "Tokens generated.", registry=r)
         self.finished = Counter("catekv_request_finished", "Requests that ended, by finish reason (stop, length, "

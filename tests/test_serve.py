@@ -443,8 +443,11 @@ def test_metrics_are_prometheus_text_and_count_what_ran(server):
                          "catekv_request_rejected"), "counter"),
         **dict.fromkeys(("catekv_time_to_first_token_seconds", "catekv_inter_token_latency_seconds",
                          "catekv_e2e_request_latency_seconds"), "histogram")}
+    assert types["catekv_engine_info"] == "gauge"  # an Info metric, in the text format
     before = wait_idle(server)
     assert value(before, "catekv_kv_cache_slots") == SLOTS and value(before, "catekv_kv_cache_bytes") == 0
+    assert value(before, "catekv_engine_info", prefill_chunk="8192", prefill_backend="sdpa", max_model_len=str(MAX_LEN),
+                 cuda_graphs="false", compressed="true") == 1
     ids = tokens(server, "Once upon a time, in a small village by the sea,")[:10]
     r = client(server).completions.create(model=NAME, prompt=ids, max_tokens=6, temperature=0,
                                           extra_body={"ignore_eos": True})
@@ -496,6 +499,7 @@ def test_load_generator_smoke(server, tmp_path):
         ("smoke", 1, 3, 0), ("smoke", 2, 3, 0)]
     for r in records:
         assert r["model"] == NAME and r["slots"] == SLOTS and r["prompt_tokens"] == 24
+        assert (r["prefill_chunk"], r["prefill_backend"]) == (8192, "sdpa")  # the server's defaults, on CPU
         assert r["output_tokens_per_s"] > 0 and r["requests_per_s"] > 0
         assert 0 < r["ttft_p50_ms"] <= r["ttft_p99_ms"] and 0 < r["itl_p50_ms"] <= r["itl_p99_ms"]
         assert r["peak_gpu_memory_bytes"] is None  # CPU: no GPU gauges

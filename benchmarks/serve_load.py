@@ -12,8 +12,8 @@ server's ``/tokenize``, each request starting at another offset of it, sent as t
 tokens generated (``ignore_eos``, greedy), streamed. Per concurrency level one record: requests/s and output
 tokens/s over the level's wall time, time to first token and inter-chunk latency p50/p99 (the engine streams one
 chunk per step and token, fewer where it holds text back: a partial character or a stop string's start), errors,
-and from the server's ``/metrics`` the slots, its engine's prefill chunk and backend, the most KV held and what full attention would have held (sampled
-every ``--metrics-interval`` s), and peak GPU memory (on CUDA).
+and from the server's ``/metrics`` the slots, its engine's prefill chunk and backend, the most KV held and what full
+attention would have held (sampled every ``--metrics-interval`` s), and peak GPU memory (on CUDA).
 
 Loopback only (``127.0.0.1:PORT``), and bounded: a level ends after ``--duration`` s or ``--max-requests`` requests
 (those under way finish), each request after ``--timeout`` s. The records are appended to ``--out`` (a JSON list),

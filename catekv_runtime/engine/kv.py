@@ -1,11 +1,11 @@
 """Static per-slot KV: each layer's head groups in preallocated buffers, one row per slot, written in place.
 
 A layer has one buffer per head group (CateKV: its adaptive heads, and its consistent heads of each budget; full
-attention: one group of every head), ``[2, slots, heads, capacity, head_dim]``. Row ``s`` holds slot ``s``'s sequence. Slot index 0 of every row
-is a sink: a row without a running request has length 1, so the decode step (which writes each row's new K/V at
-index ``length - 1`` and attends to ``[1, length)``) writes its throwaway K/V there and reads nothing. That keeps
-a row that is being prefilled, or is free, intact while the other rows decode, with no host-side branching. A
-request's tokens live at ``[1, 1 + kept + decoded)``.
+attention: one group of every head), ``[2, slots, heads, capacity, head_dim]``. Row ``s`` holds slot ``s``'s
+sequence. Slot index 0 of every row is a sink: a row without a running request has length 1, so the decode step
+(which writes each row's new K/V at index ``length - 1`` and attends to ``[1, length)``) writes its throwaway K/V
+there and reads nothing. That keeps a row that is being prefilled, or is free, intact while the other rows decode,
+with no host-side branching. A request's tokens live at ``[1, 1 + kept + decoded)``.
 
 The lengths ``[groups, slots]`` int32 live in device memory, one row per (layer, group), read by the decode
 attention; a decode step adds ``active`` to all of them at once.

@@ -181,9 +181,10 @@ class DecoderModel:
     def qkv(self, layer: LayerWeights, x: torch.Tensor, *, triton: bool = False
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Norm, the fused projection and (Qwen3) the head norms of hidden states ``x`` ``[..., hidden]``: q
-        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``triton`` (a decode step's rows or a prefill chunk,
-        ``[rows, hidden]``): one row through one Triton kernel (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`,
-        the norm inside); several rows through the Triton RMSNorm and cuBLAS; the same math."""
+        ``[..., Hq, D]``, k and v ``[..., Hkv, D]``, before RoPE. ``triton`` (a decode step's rows or a prefill
+        chunk, ``[rows, hidden]``): one row through one Triton kernel
+        (:func:`~catekv_runtime.kernels.triton_linear.fused_linear`, the norm inside); several rows through the
+        Triton RMSNorm and cuBLAS; the same math."""
         if triton and x.shape[0] == 1:
             from ..kernels.triton_linear import fused_linear
 
@@ -205,9 +206,9 @@ class DecoderModel:
     def attention_out(self, layer: LayerWeights, x: torch.Tensor, attn: torch.Tensor, *,
                       triton: bool = False) -> torch.Tensor:
         """The rest of the layer after attention: ``x + o(attn)`` then the MLP block; ``attn`` ``[..., Hq, D]``.
-        ``triton`` (a decode step's rows or a prefill chunk): one row in three Triton kernels (o with the residual add; the norm,
-        gate/up and SiLU x up; down with the residual add); several rows with the residual add and the norm in one
-        Triton kernel and SiLU x up in another, around cuBLAS; the same math."""
+        ``triton`` (a decode step's rows or a prefill chunk): one row in three Triton kernels (o with the residual
+        add; the norm, gate/up and SiLU x up; down with the residual add); several rows with the residual add and the
+        norm in one Triton kernel and SiLU x up in another, around cuBLAS; the same math."""
         if triton and x.shape[0] == 1:
             from ..kernels.triton_linear import fused_linear
 

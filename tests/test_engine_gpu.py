@@ -74,6 +74,24 @@ def test_graphs_and_kernel_equal_apply_and_generate_on_gpu(family, ratio):
         assert_same_up_to_ties(torch.tensor([done[k].token_ids], device="cuda"), tokens, logits)
 
 
+def test_per_head_budgets_on_gpu():
+    """A profile with budgets set per head (32 and 96 tokens) through the Triton kernel and CUDA graphs, two requests
+    decoding together: each one's greedy tokens are apply + generate's, up to near ties."""
+    model = tiny("llama").cuda()
+    base = make_profile(model, 0.25)
+    budgets = torch.full(base.head_map.shape, -1, dtype=torch.int64)
+    for i, (layer, head) in enumerate((~base.head_map).nonzero().tolist()):
+        budgets[layer, head] = 32 if i % 2 else 96
+    profile = base.with_budgets(budgets)
+    batch, steps = prompts([700, 300], seed=5), [16, 12]
+    engine = Engine(model, profile, max_batch_size=2, max_model_len=1024, prefill_chunk=256)
+    assert engine.cuda_graphs and sorted({g.budget for g in engine.kv.groups}) == [-1, 32, 96]
+    outputs = engine.generate(batch, [SamplingParams(max_tokens=s, temperature=0, ignore_eos=True) for s in steps])
+    for output, prompt, count in zip(outputs, batch, steps):
+        tokens, logits = reference_with_logits(model, prompt, count, profile)
+        assert_same_up_to_ties(torch.tensor([output.token_ids], device="cuda"), tokens, logits)
+
+
 def test_graph_sampling_equals_eager_sampling_on_gpu():
     """Seeded sampling with top-k/top-p/min-p inside the graph gives the same tokens as the eager step."""
     model = tiny("llama").cuda()

@@ -15,6 +15,9 @@ chunk per step and token, fewer where it holds text back: a partial character or
 and from the server's ``/metrics`` the slots, its engine's prefill chunk and backend, the most KV held and what full
 attention would have held (sampled every ``--metrics-interval`` s), and peak GPU memory (on CUDA).
 
+``--ramp S`` leaves out of a level's figures the requests started in its first S seconds (the burst of N prompts a
+closed loop starts with; they still count towards ``--max-requests``), for steady-state figures.
+
 Loopback only (``127.0.0.1:PORT``), and bounded: a level ends after ``--duration`` s or ``--max-requests`` requests
 (those under way finish), each request after ``--timeout`` s. The records are appended to ``--out`` (a JSON list),
 so that runs against several servers gather in one file.
@@ -126,7 +129,7 @@ class Load:
                         last = now
         except httpx.HTTPError as error:
             return {"error": f"{type(error).__name__}: {error}"}
-        return {"ttft": first, "gaps": gaps, "tokens": tokens, "latency": time.perf_counter() - start}
+        return {"ttft": first, "gaps": gaps, "tokens": tokens, "start": start, "end": time.perf_counter()}
 
     async def level(self, concurrency: int) -> dict[str, Any]:
         """``concurrency`` clients in a closed loop until the level's time or request budget is spent."""
@@ -156,21 +159,11 @@ class Load:
             await asyncio.gather(*(client() for _ in range(concurrency)))
         finally:
             sampler.cancel()
-        wall = time.perf_counter() - start
         exposition = (await self.client.get("/metrics")).text
         final, engine = parse_metrics(exposition), engine_info(exposition)
-        done = [r for r in results if "error" not in r]
-        ttft = [r["ttft"] for r in done if r["ttft"] is not None]
-        gaps = [g for r in done for g in r["gaps"]]
-        ms = 1000.0
         return {
             "concurrency": concurrency, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
-            "requests": len(done), "errors": len(results) - len(done),
-            "first_error": next((r["error"] for r in results if "error" in r), None),
-            "wall_s": wall, "requests_per_s": len(done) / wall,
-            "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
-            "ttft_p50_ms": _scaled(percentile(ttft, 50), ms), "ttft_p99_ms": _scaled(percentile(ttft, 99), ms),
-            "itl_p50_ms": _scaled(percentile(gaps, 50), ms), "itl_p99_ms": _scaled(percentile(gaps, 99), ms),
+            **level_stats(results, start, time.perf_counter(), args.ramp),
             "slots": final.get("catekv_kv_cache_slots"),
             "prefill_chunk": int(engine["prefill_chunk"]) if "prefill_chunk" in engine else None,
             "prefill_backend": engine.get("prefill_backend"),
@@ -180,6 +173,28 @@ class Load:
             "peak_running": peaks["catekv_num_requests_running"],
             "peak_gpu_memory_bytes": final.get("catekv_gpu_memory_peak_bytes"),
         }
+
+
+def level_stats(results: list[dict[str, Any]], start: float, end: float, ramp: float) -> dict[str, Any]:
+    """A level's figures from its requests (``request``'s results, in ``time.perf_counter`` seconds), the level
+    having run from ``start`` to ``end``. Requests started in its first ``ramp`` seconds are left out, and the rates
+    are over ``[start + ramp, end]``: a closed loop of N clients begins with N prompts to prefill at once, which
+    says more about a burst than about the steady state that follows. Tokens of the left-out requests that arrive
+    after the ramp are not counted, so with a ramp the rates are a lower bound, close when the level is long
+    against one request's latency."""
+    measured = [r for r in results if r.get("start", start) >= start + ramp]
+    done = [r for r in measured if "error" not in r]
+    ttft = [r["ttft"] for r in done if r["ttft"] is not None]
+    gaps = [g for r in done for g in r["gaps"]]
+    wall = end - start - ramp
+    ms = 1000.0
+    return {
+        "ramp_s": ramp, "requests": len(done), "errors": len(measured) - len(done),
+        "first_error": next((r["error"] for r in measured if "error" in r), None),
+        "wall_s": wall, "requests_per_s": len(done) / wall, "output_tokens_per_s": sum(r["tokens"] for r in done) / wall,
+        "ttft_p50_ms": _scaled(percentile(ttft, 50), ms), "ttft_p99_ms": _scaled(percentile(ttft, 99), ms),
+        "itl_p50_ms": _scaled(percentile(gaps, 50), ms), "itl_p99_ms": _scaled(percentile(gaps, 99), ms),
+    }
 
 
 def _scaled(value: float | None, factor: float) -> float | None:
@@ -224,12 +239,16 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--max-requests", type=int, default=1000, help="requests per level at most")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per request at most")
     parser.add_argument("--warmup", type=int, default=1, help="requests before the first level")
+    parser.add_argument("--ramp", type=float, default=0.0,
+                        help="seconds at the start of each level whose requests run but are not measured")
     parser.add_argument("--metrics-interval", type=float, default=1.0)
     parser.add_argument("--out", type=Path, default=None, help="append the records to this JSON list")
     args = parser.parse_args(argv)
     for name in ("prompt_tokens", "output_tokens", "max_requests"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
+    if not 0 <= args.ramp < args.duration:
+        parser.error("--ramp must be >= 0 and shorter than --duration")
     words, hide = [], False
     for word in sys.argv[1:] if argv is None else argv:  # the API key stays out of the records
         words.append("***" if hide else "--api-key=***" if word.startswith("--api-key=") else word)

@@ -134,8 +134,10 @@ def serve(model: str, profile_name: str, host: str, port: int, max_batch_size: i
 def _describe(profile: Any, name: str) -> str:
     if profile is None:
         return "full attention (no profile)"
-    return (f"profile {name} ({int(profile.head_map.sum())}/{profile.head_map.numel()} "
-            f"adaptive heads, budget {profile.params.budget})")
+    consistent = profile.budgets[~profile.head_map.bool()].unique().tolist()
+    budget = (f"budget {consistent[0]}" if len(consistent) == 1 else
+              f"budgets {min(consistent)}-{max(consistent)} per head" if consistent else "no consistent heads")
+    return f"profile {name} ({int(profile.head_map.sum())}/{profile.head_map.numel()} adaptive heads, {budget})"
 
 
 def _kv_gib(engine: Any) -> float:

@@ -532,3 +532,21 @@ def test_random_weight_server_serves_the_load_generator(tmp_path):
         assert len(words) == 3 and all(w.startswith("t") and w[1:].isdigit() for w in words), reply
     finally:
         stop(process)
+
+
+def test_the_start_up_line_describes_the_profiles_budgets():
+    """The line catekv-serve prints at start: one budget, budgets set per head, or full attention."""
+    import torch
+    from conftest import make_tiny_model
+    from test_runtime import make_profile
+
+    from catekv_serve.cli import _describe
+
+    profile = make_profile(make_tiny_model("llama"), 0.5)
+    adaptive = f"{int(profile.head_map.sum())}/{profile.head_map.numel()} adaptive heads"
+    assert _describe(profile, "p") == f"profile p ({adaptive}, budget 64)"
+    budgets = torch.where(profile.head_map, -1, 32)
+    layer, head = (~profile.head_map).nonzero()[0].tolist()
+    budgets[layer, head] = 96
+    assert _describe(profile.with_budgets(budgets), "p") == f"profile p ({adaptive}, budgets 32-96 per head)"
+    assert _describe(None, "none") == "full attention (no profile)"

@@ -14,7 +14,7 @@ import hmac
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -101,34 +101,39 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         if room < 1:
             raise context_length_error(len(ids), engine.max_model_len, prompt_field)
         requested = body.requested_max_tokens
-        params = body.sampling_params(room if requested is None else requested)
+        handles: list[RequestHandle] = []  # one engine request per choice
         try:
-            handle = worker.submit(ids, params, stream=body.stream, arrival=arrival)
+            for params in body.choice_params(room if requested is None else requested):
+                handles.append(worker.submit(ids, params, stream=body.stream, arrival=arrival))
+            for handle in handles:
+                event = await handle.next()
+                if event[0] == "error":
+                    raise invalid_request(event[1], prompt_field)
+                if event[0] == "failed":
+                    raise ApiError(503, event[1], code="engine_stopped")
         except (QueueFull, EngineDead) as error:
+            close(handles)
             code = "queue_full" if isinstance(error, QueueFull) else "engine_stopped"
             raise ApiError(503, str(error), code=code) from None
-        try:
-            event = await handle.next()
-            if event[0] == "error":
-                raise invalid_request(event[1], prompt_field)
-            if event[0] == "failed":
-                raise ApiError(503, event[1], code="engine_stopped")
         except BaseException:
-            handle.close()
+            close(handles)
             raise
         if body.stream:
             include_usage = body.stream_options is not None and body.stream_options.include_usage
-            # The generator closes the handle when it ends or is cancelled; the background task covers a stream
+            # The generator closes the handles when it ends or is cancelled; the background task covers a stream
             # cancelled before the generator started.
-            return StreamingResponse(events(handle, reply, include_usage), media_type="text/event-stream",
-                                     background=BackgroundTask(handle.close))
+            return StreamingResponse(events(handles, reply, include_usage), media_type="text/event-stream",
+                                     background=BackgroundTask(close, handles))
+        waits = [asyncio.ensure_future(result(handle, request)) for handle in handles]
         try:
-            completion = await result(handle, request)
-        finally:
-            handle.close()
-        if completion is None:  # the client went away; nobody reads this
+            completions = await asyncio.gather(*waits)
+        finally:  # one choice's error ends them all
+            for wait in waits:
+                wait.cancel()
+            close(handles)
+        if any(c is None for c in completions):  # the client went away; nobody reads this
             return Response(status_code=499)
-        return JSONResponse(reply.body(completion))
+        return JSONResponse(reply.body(completions))
 
     async def result(handle: RequestHandle, request: Request) -> Completion | None:
         """Wait for a plain request's completion; None if its client disconnects first."""
@@ -146,26 +151,28 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
         finally:
             waiting.cancel()
 
-    async def events(handle: RequestHandle, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    async def events(handles: list[RequestHandle], reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+        """The stream of every choice's chunks, as each choice's text grows, then the usage and the end."""
         try:
-            for chunk in reply.opening():
+            for chunk in reply.opening(len(handles)):
                 yield _sse(chunk)
-            while True:
-                event = await handle.next()
-                if event[0] == "delta":
-                    yield _sse(reply.chunk(event[1]))
-                    continue
-                if event[0] == "finished":
-                    completion, rest = event[1], event[2]
-                    yield _sse(reply.chunk(rest, completion))
-                    if include_usage:
-                        yield _sse(reply.usage_chunk(completion))
+            finished: dict[int, Completion] = {}
+            async with aclosing(merged(handles)) as choice_events:
+                async for index, event in choice_events:
+                    if event[0] == "delta":
+                        yield _sse(reply.chunk(event[1], index=index))
+                    elif event[0] == "finished":
+                        finished[index] = event[1]
+                        yield _sse(reply.chunk(event[2], event[1], index=index))
+                    else:
+                        yield _sse(ApiError(503, event[1], code="engine_stopped").body())
+                        break
                 else:
-                    yield _sse(ApiError(503, event[1], code="engine_stopped").body())
-                break
+                    if include_usage:
+                        yield _sse(reply.usage_chunk([finished[i] for i in range(len(handles))]))
             yield "data: [DONE]\n\n"
         finally:
-            handle.close()
+            close(handles)
 
     @app.get("/health")
     async def health() -> Response:
@@ -205,6 +212,33 @@ def build_app(engine: Engine, model_name: str, *, api_key: str | None = None, ma
                               lambda: engine.chat_prompt(body.conversation()), "messages")
 
     return app
+
+
+def close(handles: list[RequestHandle]) -> None:
+    """Abort every request of ``handles`` that has not ended (idempotent)."""
+    for handle in handles:
+        handle.close()
+
+
+async def merged(handles: list[RequestHandle]) -> AsyncIterator[tuple[int, tuple[Any, ...]]]:
+    """``(choice index, event)`` of every handle as the events come, until each has had its final one; one handle
+    is read directly (no task per event)."""
+    if len(handles) == 1:
+        while not handles[0].ended:
+            yield 0, await handles[0].next()
+        return
+    pending = {asyncio.ensure_future(handle.next()): i for i, handle in enumerate(handles)}
+    try:
+        while pending:
+            done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in sorted(done, key=pending.__getitem__):
+                index = pending.pop(task)
+                if not handles[index].ended:
+                    pending[asyncio.ensure_future(handles[index].next())] = index
+                yield index, task.result()
+    finally:
+        for task in pending:
+            task.cancel()
 
 
 def _sse(payload: dict[str, Any]) -> str:

@@ -2,13 +2,15 @@
 and errors.
 
 Field names and defaults follow OpenAI's API and vLLM's extensions (``top_k``, ``min_p``, ``ignore_eos``,
-``stop_token_ids``). Fields this server does not implement (``n`` > 1, log probabilities, penalties, tools, ...) are
-refused with a 400 naming the field when set to anything but their neutral value, rather than silently ignored;
-unknown fields are ignored, as vLLM does.
+``stop_token_ids``). ``n`` choices are ``n`` requests to the engine, the i-th with ``seed + i`` when a seed is given.
+Fields this server does not implement (log probabilities, penalties, tools, ...) are refused with a 400 naming the
+field when set to anything but their neutral value, rather than silently ignored; unknown fields are ignored, as vLLM
+does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import time
 import uuid
@@ -19,6 +21,9 @@ from pydantic import BaseModel, ConfigDict
 from starlette.responses import JSONResponse
 
 from catekv_runtime.engine import Completion, SamplingParams
+
+# The most choices one request may ask for (OpenAI's limit).
+MAX_CHOICES = 128
 
 # OpenAI's error types by status.
 _ERROR_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
@@ -62,8 +67,8 @@ class _GenerationRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
-    # Refused unless neutral (see _NEUTRAL).
     n: int | None = None
+    # Refused unless neutral (see _NEUTRAL).
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
@@ -72,7 +77,6 @@ class _GenerationRequest(BaseModel):
 
     # Field -> (its neutral values, what to do instead).
     _NEUTRAL: ClassVar[dict[str, tuple[tuple[Any, ...], str]]] = {
-        "n": ((None, 1), "one completion per request: send n requests, each with its own seed"),
         "presence_penalty": ((None, 0), "penalties are not implemented"),
         "frequency_penalty": ((None, 0), "penalties are not implemented"),
         "repetition_penalty": ((None, 1), "penalties are not implemented"),
@@ -92,6 +96,8 @@ class _GenerationRequest(BaseModel):
                 raise ApiError(400, f"{name}={value!r} is not supported by catekv-serve: {instead}", param=name)
         if self.stream_options is not None and not self.stream:
             raise ApiError(400, "stream_options: only allowed with stream=true", param="stream_options")
+        if self.n is not None and not 1 <= self.n <= MAX_CHOICES:
+            raise ApiError(400, f"n must be between 1 and {MAX_CHOICES}, got {self.n}", param="n")
 
     def sampling_params(self, max_tokens: int) -> SamplingParams:
         """The engine's sampling parameters (a 400 naming the field for a bad value)."""
@@ -100,6 +106,17 @@ class _GenerationRequest(BaseModel):
             return SamplingParams(max_tokens=max_tokens, stop=self.stop, stop_token_ids=self.stop_token_ids,
                                   seed=self.seed, ignore_eos=self.ignore_eos,
                                   **{k: v for k, v in given.items() if v is not None})
+        except ValueError as error:
+            raise invalid_request(error, "prompt") from None
+
+    def choice_params(self, max_tokens: int) -> list[SamplingParams]:
+        """The sampling parameters of each of the ``n`` choices: the i-th with ``seed + i`` when a seed is given (the
+        choices differ, and each is what a request with that seed alone gives), else each drawn its own seed."""
+        params = self.sampling_params(max_tokens)
+        if params.seed is None:
+            return [params] * (self.n or 1)
+        try:
+            return [dataclasses.replace(params, seed=params.seed + i) for i in range(self.n or 1)]
         except ValueError as error:
             raise invalid_request(error, "prompt") from None
 
@@ -210,9 +227,10 @@ def context_length_error(prompt_tokens: int, max_model_len: int, prompt_field: s
                     param=prompt_field, code="context_length_exceeded")
 
 
-def usage(completion: Completion) -> dict[str, int]:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+def usage(completions: list[Completion]) -> dict[str, int]:
+    """One request's usage: its prompt once, and every choice's completion tokens."""
+    prompt, generated = completions[0].prompt_tokens, sum(c.completion_tokens for c in completions)
+    return {"prompt_tokens": prompt, "completion_tokens": generated, "total_tokens": prompt + generated}
 
 
 @dataclass
@@ -231,35 +249,36 @@ class Reply:
     def _envelope(self, kind: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def _choice(self, text: str | None, completion: Completion | None, streamed: bool) -> dict[str, Any]:
+    def _choice(self, text: str | None, completion: Completion | None, streamed: bool, index: int) -> dict[str, Any]:
         end = {"finish_reason": completion.finish_reason if completion else None,
                "stop_reason": completion.stop_reason if completion else None}
         if not self.chat:
-            return {"index": 0, "text": text or "", "logprobs": None, **end}
+            return {"index": index, "text": text or "", "logprobs": None, **end}
         if streamed:
-            return {"index": 0, "delta": {"content": text} if text else {}, "logprobs": None, **end}
-        return {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None, **end}
+            return {"index": index, "delta": {"content": text} if text else {}, "logprobs": None, **end}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": None, **end}
 
-    def body(self, completion: Completion) -> dict[str, Any]:
-        """The whole (not streamed) response."""
+    def body(self, completions: list[Completion]) -> dict[str, Any]:
+        """The whole (not streamed) response: one choice per completion."""
         kind = "chat.completion" if self.chat else "text_completion"
-        return {**self._envelope(kind, [self._choice(completion.text, completion, False)]),
-                "usage": usage(completion)}
+        choices = [self._choice(c.text, c, False, i) for i, c in enumerate(completions)]
+        return {**self._envelope(kind, choices), "usage": usage(completions)}
 
     def _chunk(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return self._envelope("chat.completion.chunk" if self.chat else "text_completion", choices)
 
-    def opening(self) -> list[dict[str, Any]]:
-        """Chunks sent as soon as the request is accepted: a chat stream opens with the assistant's role."""
+    def opening(self, choices: int = 1) -> list[dict[str, Any]]:
+        """Chunks sent as soon as the request is accepted: a chat stream opens each choice with the assistant's
+        role."""
         if not self.chat:
             return []
-        return [self._chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                              "finish_reason": None}])]
+        return [self._chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                              "finish_reason": None}]) for i in range(choices)]
 
-    def chunk(self, text: str, completion: Completion | None = None) -> dict[str, Any]:
-        """A chunk of new text; the last one (``completion`` given) carries the finish reason."""
-        return self._chunk([self._choice(text, completion, True)])
+    def chunk(self, text: str, completion: Completion | None = None, index: int = 0) -> dict[str, Any]:
+        """A chunk of choice ``index``'s new text; its last one (``completion`` given) carries the finish reason."""
+        return self._chunk([self._choice(text, completion, True, index)])
 
-    def usage_chunk(self, completion: Completion) -> dict[str, Any]:
+    def usage_chunk(self, completions: list[Completion]) -> dict[str, Any]:
         """The chunk of ``stream_options.include_usage``: no choices, the usage."""
-        return {**self._chunk([]), "usage": usage(completion)}
+        return {**self._chunk([]), "usage": usage(completions)}

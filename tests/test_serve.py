@@ -214,6 +214,36 @@ def test_streamed_text_equals_the_plain_greedy_text(server, endpoint):
     assert all(ch.id == chunks[0].id for ch in chunks)
 
 
+def test_n_choices_are_the_requests_of_seed_plus_i(server):
+    """n = 3 sampled choices with a seed: choice i is what one request with seed + i gives (the choices differ), the
+    usage counts the prompt once and every choice's tokens."""
+    c = client(server)
+    args = dict(model=NAME, prompt="Once upon a time", max_tokens=8, temperature=1.0, extra_body={"ignore_eos": True})
+    r = c.completions.create(**args, n=3, seed=7)
+    assert [ch.index for ch in r.choices] == [0, 1, 2]
+    alone = [c.completions.create(**args, seed=7 + i).choices[0].text for i in range(3)]
+    assert [ch.text for ch in r.choices] == alone and len(set(alone)) > 1
+    single = c.completions.create(**args, seed=7)
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (single.usage.prompt_tokens, 3 * 8)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 3 * 8
+
+
+def test_n_streamed_choices_equal_the_plain_ones(server):
+    """A chat stream of n = 2 choices: each choice opens with the assistant's role, its pieces join to the plain
+    response's choice of that index, it ends once with its finish reason, and the usage chunk totals both."""
+    c = client(server)
+    args = dict(model=NAME, messages=chat("Name a colour."), max_tokens=10, temperature=1.0, seed=3, n=2,
+                extra_body={"ignore_eos": True})
+    plain = c.chat.completions.create(**args)
+    chunks = list(c.chat.completions.create(**args, stream=True, stream_options={"include_usage": True}))
+    for i in range(2):
+        mine = [ch.choices[0] for ch in chunks if ch.choices and ch.choices[0].index == i]
+        assert mine[0].delta.role == "assistant"
+        assert "".join(ch.delta.content or "" for ch in mine) == plain.choices[i].message.content
+        assert [ch.finish_reason for ch in mine if ch.finish_reason] == [plain.choices[i].finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage == plain.usage and plain.usage.completion_tokens == 2 * 10
+
+
 def stop_in(text: str) -> tuple[int, str]:
     """A two-character stop string first found at index >= 3 of ``text`` (mid-way through a token, often), and
     that index."""
@@ -306,17 +336,18 @@ def test_eight_concurrent_clients_equal_each_prompt_alone(server):
 
 
 def test_disconnected_streams_free_their_slots_and_a_full_queue_answers_503(server):
-    """4 streams running and 4 waiting fill the server: a 9th request gets a 503 in OpenAI's shape. Closing the 8
-    streams mid-way aborts them (running and waiting back to 0 long before their 900 tokens), and the next request
-    runs at once. A plain request whose client goes away is aborted as well."""
+    """4 streams of 2 choices each (n = 2: 4 requests running and 4 waiting) fill the server: a 9th request gets a
+    503 in OpenAI's shape, and so does one of n = 2. Closing the streams mid-way aborts every choice (running and
+    waiting back to 0 long before their 900 tokens), and the next request runs at once. A plain request of n = 2
+    whose client goes away has both its choices aborted as well."""
     import httpx
     import openai
 
     start = wait_idle(server)
     c = client(server)
-    streams = [c.chat.completions.create(model=NAME, messages=chat(f"Tell a long story number {i}."),
+    streams = [c.chat.completions.create(model=NAME, messages=chat(f"Tell a long story number {i}."), n=2,
                                          max_tokens=900, temperature=0, stream=True, extra_body={"ignore_eos": True})
-               for i in range(SLOTS + WAITING)]
+               for i in range((SLOTS + WAITING) // 2)]
     try:
         next(iter(streams[0]))  # the role chunk
         deadline = time.monotonic() + 60
@@ -331,6 +362,7 @@ def test_disconnected_streams_free_their_slots_and_a_full_queue_answers_503(serv
         assert error["code"] == "queue_full"
         with pytest.raises(openai.InternalServerError):
             c.completions.create(model=NAME, prompt="hi", max_tokens=2)
+        assert is_openai_error(post(server, "/v1/completions", {"prompt": "hi", "n": 2}), 503)["code"] == "queue_full"
     finally:
         for stream in streams:
             stream.close()
@@ -340,11 +372,11 @@ def test_disconnected_streams_free_their_slots_and_a_full_queue_answers_503(serv
     # A plain request whose client gives up (a read timeout closes the connection) is aborted too.
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(server.url + "/v1/completions", json={"prompt": "Once upon a time", "max_tokens": 900,
-                                                         "ignore_eos": True},
+                                                         "ignore_eos": True, "n": 2},
                    headers={"Authorization": f"Bearer {KEY}"}, timeout=httpx.Timeout(60, read=1.0))
     idle = wait_idle(server, timeout=30)
-    assert value(idle, "catekv_request_finished_total", finished_reason="abort") == aborted + 1
-    assert value(idle, "catekv_request_rejected_total") - value(start, "catekv_request_rejected_total") == 2
+    assert value(idle, "catekv_request_finished_total", finished_reason="abort") == aborted + 2
+    assert value(idle, "catekv_request_rejected_total") - value(start, "catekv_request_rejected_total") == 3
     generated = value(idle, "catekv_generation_tokens_total")
     assert generated - value(start, "catekv_generation_tokens_total") < SLOTS * 900
     time.sleep(1)
@@ -374,7 +406,9 @@ BAD = {  # name: (path, body, status, param, code)
                                             "model_not_found"),
     "token id out of vocabulary": ("/v1/completions", {"prompt": [10**9]}, 400, "prompt", None),
     "empty prompt": ("/v1/completions", {"prompt": ""}, 400, "prompt", None),
-    "n > 1": ("/v1/chat/completions", {"messages": chat("hi"), "n": 2}, 400, "n", None),
+    "n 0": ("/v1/chat/completions", {"messages": chat("hi"), "n": 0}, 400, "n", None),
+    "n over 128": ("/v1/completions", {"prompt": "hi", "n": 129}, 400, "n", None),
+    "best_of": ("/v1/completions", {"prompt": "hi", "best_of": 2}, 400, "best_of", None),
     "logprobs": ("/v1/chat/completions", {"messages": chat("hi"), "logprobs": True}, 400, "logprobs", None),
     "completion logprobs": ("/v1/completions", {"prompt": "hi", "logprobs": 1}, 400, "logprobs", None),
     "penalty": ("/v1/completions", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty", None),

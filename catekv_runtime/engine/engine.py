@@ -216,7 +216,6 @@ class Engine:
         else:
             self.budgets = torch.full((self.model.num_layers, self.model.kv_heads * self.tp_size), UNLIMITED_BUDGET)
             self.params = ProfileParams(adaptive_ratio=1.0, eta=1.0)
-        self.head_map = self.budgets == UNLIMITED_BUDGET
         self.max_decode_len = min(self.max_model_len, 4096) if max_decode_len is None else max_decode_len
         _check_positive("max_decode_len", self.max_decode_len)
         # Tokens a row of each budget's heads holds: an adaptive head every position; a consistent head the most it
@@ -289,6 +288,11 @@ class Engine:
             self._capture_windows()
 
     # ------------------------------------------------------------------------------------------ requests
+
+    @property
+    def head_map(self) -> torch.Tensor:
+        """bool ``[layers, kv_heads]``: the heads that keep every token (all of them for full attention)."""
+        return self.budgets == UNLIMITED_BUDGET
 
     def add_request(self, prompt: Prompt, params: SamplingParams | None = None) -> int:
         """Queue one request (a string, with a tokenizer, or token ids); returns its id. Checks everything first:
@@ -660,9 +664,7 @@ class Engine:
         if len(self._running) == 1:
             return next(iter(self._running)), 1
         rows = max(self._running) + 1
-        if self.cuda_graphs:
-            rows = min(self.slots, 1 << (rows - 1).bit_length())
-        return 0, rows
+        return 0, _graph_rows(rows, self.slots) if self.cuda_graphs else rows
 
     def _read(self, readback: _Readback) -> None:
         """Wait for a step's tokens on the host and give each to its request, if it still runs in that row (one
@@ -849,8 +851,13 @@ def text_decoder(tokenizer: Any) -> Callable[[list[int]], str]:
 def decode_windows(slots: int) -> list[tuple[int, int]]:
     """Every window ``(first row, rows)`` a decode step over ``slots`` rows can run with CUDA graphs
     (``Engine._window``): each row alone, and rows ``[0, 2^k)`` (the last window all ``slots``)."""
-    spans = sorted({min(slots, 1 << k) for k in range(1, (slots - 1).bit_length() + 1)})
+    spans = sorted({_graph_rows(rows, slots) for rows in range(2, slots + 1)})
     return [(slot, 1) for slot in range(slots)] + [(0, rows) for rows in spans]
+
+
+def _graph_rows(rows: int, slots: int) -> int:
+    """The rows a graphed step of ``rows`` rows runs: the next power of two, at most ``slots`` (fewer graphs)."""
+    return min(slots, 1 << (rows - 1).bit_length())
 
 
 def _check_positive(name: str, value: Any) -> None:

@@ -44,7 +44,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     names its policy. Every method prefills with full attention and differs only in what it keeps afterwards,
     so each batch of samples is prefilled once and the methods fork its cache (:meth:`CateKVCache.fork`),
     then decode greedily with ``generate``. ``full`` does not depend on r: it runs once and is reported under
-    every r. ``ratios``: adaptive ratios to evaluate (default: the profile's). ``max_new_tokens`` caps RULER's
+    every r. ``ratios``: adaptive ratios to evaluate (default: the profile's); at the profile's own r its per-head
+    budgets are kept, at another r the head map is voted again with uniform budgets. ``max_new_tokens`` caps RULER's
     per-task generation length (for quick runs; answers are short). ``batch_size`` samples are prefilled
     and decoded together, left-padded.
     """
@@ -54,7 +55,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
                + [(m, r) for r in ratios for m in policies if m != Full.name])
 
     def resolve(method: str, ratio: float | None) -> Profile:
-        base = profile.with_adaptive_ratio(ratio) if ratio is not None else profile
+        # The profile's own r keeps its per-head budgets; another r re-votes the head map (uniform budgets).
+        own = ratio is None or ratio == profile.params.adaptive_ratio
+        base = profile if own else profile.with_adaptive_ratio(ratio)
         return policies[method].resolve(base, context_length)
 
     resolved = {config: resolve(*config) for config in configs}

@@ -127,6 +127,26 @@ def test_smoke_on_smollm2(smollm2):
     assert not hasattr(model, "_catekv")
 
 
+def test_evaluate_keeps_the_profiles_per_head_budgets(smollm2):
+    """At the profile's own r the profile's per-head budgets are what is kept, not uniform ones; another r re-votes
+    the head map, with uniform budgets (``Profile.with_adaptive_ratio``)."""
+    model, tokenizer, _ = smollm2
+    uniform = resolve_profile(ck.load_profile(PROFILE), {"budget": 256})
+    small = uniform.with_budgets(torch.where(uniform.head_map, -1, 64))
+    own_ratio = small.params.adaptive_ratio
+    other_ratio = 0.2 if own_ratio != 0.2 else 0.3
+
+    def kept(profile, **kwargs):
+        return evaluate(model, tokenizer, profile, tasks=["niah_single_1"], context_length=1024, num_samples=1,
+                        methods=["catekv"], max_new_tokens=4, **kwargs)[0]["kv_kept_pct"]
+
+    own = kept(small)
+    assert own == kept(small, ratios=[own_ratio])
+    assert abs(own - 100 * small.kv_kept_fraction(1024)) < 3  # measured bytes vs the per-head formula
+    assert own < kept(uniform) - 5
+    assert kept(small, ratios=[other_ratio]) == kept(uniform.with_adaptive_ratio(other_ratio))
+
+
 def test_shared_prefill_equals_a_run_per_method(smollm2):
     """Forking one prefill per batch gives each method the answers of its own plain generate run."""
     model, tokenizer, _ = smollm2

@@ -20,9 +20,11 @@ from pathlib import Path
 from typing import Any
 
 from catekv_runtime.files import markdown_table, write_atomically
+from catekv_runtime.policies import POLICIES
 
 # Issue #5's targets: CateKV at <= 45% KV within 1 point of full, >= 5 points above SnapKV and StreamingLLM.
 MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
+_METHOD_ORDER = {name: i for i, name in enumerate(POLICIES)}  # rows of a comparison table: full first
 
 
 def load_runs(paths: Sequence[Path], by: str = "model") -> dict[Any, dict[str, Any]]:
@@ -128,57 +130,69 @@ def plot(runs: dict[str, dict[str, Any]], path: Path) -> None:
 
 
 def profile_label(path: str) -> str:
-    """``path`` with the parameters that tell profiles of one model apart (k, alpha, reserve, tie rule)."""
+    """``path`` with the parameters that tell profiles of one model apart (k, alpha, reserve, tie rule, budgets)."""
     from catekv_runtime.profile import load_profile
 
     p = load_profile(path)
     calibrated = ", calibrated" if p.calibration else ""
+    per_head = ", per-head budgets" if p.budgets[~p.head_map].unique().numel() > 1 else ""
     return (f"`{Path(path).name}` (k {p.params.percentile:g}, alpha {p.params.alpha:g}, reserve "
-            f"{p.params.reserve_tokens}, {p.params.tie_rule} vote{calibrated})")
+            f"{p.params.reserve_tokens}, {p.params.tie_rule} vote{calibrated}{per_head})")
 
 
 def comparison(paths: Sequence[Path]) -> list[str]:
-    """Per model and length, one row per profile and method: the average at each r (KV kept).
+    """Per model, length and samples per task, one row per profile and method: the average at each r (KV kept).
 
     Files with the same model and profile are one run split between processes: their records are merged
-    (:func:`load_runs` by profile). At each length the averages cover only the tasks that every compared profile ran
-    there, so that a profile run on fewer tasks is compared on those tasks alone (the ``tasks`` column).
+    (:func:`load_runs` by profile). Runs with other numbers of samples per task get tables of their own. In a table
+    the averages cover only the tasks that every compared profile ran there, so that a profile run on fewer tasks
+    is compared on those tasks alone (the ``tasks`` column); a profile not run at an r has a dash there.
     """
     runs = load_runs(paths, by="profile")
     commands: dict[str, list[str]] = defaultdict(list)
     notes: dict[str, list[tuple[str, str]]] = defaultdict(list)  # model -> (file name, note)
-    tasks_at: dict[tuple[str, int], set[str]] = {}  # the tasks every profile ran, per model and length
+    tasks_at: dict[tuple[str, int, int], set[str]] = {}  # the tasks every profile ran, per table
+    ratios_at: dict[tuple[str, int, int], set[float]] = defaultdict(set)
     for (model_id, _), run in runs.items():
         commands[model_id] += run["commands"]
         notes[model_id] += run["notes"]
-        for length in {r["context_length"] for r in run["records"]}:
-            ran = {r["task"] for r in run["records"] if r["context_length"] == length}
-            key = (model_id, length)
+        for length, samples in {(r["context_length"], r["samples"]) for r in run["records"]}:
+            held = [r for r in run["records"] if (r["context_length"], r["samples"]) == (length, samples)]
+            key = (model_id, length, samples)
+            ran = {r["task"] for r in held}
             tasks_at[key] = tasks_at[key] & ran if key in tasks_at else ran
-    rows: dict[tuple[str, int], list[list[str]]] = defaultdict(list)
+            ratios_at[key] |= {r["adaptive_ratio"] for r in held}
+    rows: dict[tuple[str, int, int], list[list[str]]] = defaultdict(list)
     for (model_id, profile), run in runs.items():
-        common = [r for r in run["records"] if r["task"] in tasks_at[model_id, r["context_length"]]]
-        avg, own = averages(common), averages(run["records"])
-        for length in sorted({k[0] for k in avg}):
-            for method in dict.fromkeys(k[2] for k in avg if k[0] == length):
-                keys = sorted(k for k in avg if k[0] == length and k[2] == method)
-                cells = [f"{avg[k][0]:.1f} ({avg[k][1]:.1f}%)" for k in keys]
-                everything = f"{' / '.join(f'{own[k][0]:.1f}' for k in keys)} ({own[keys[0]][2]})"
-                rows[model_id, length].append([profile_label(profile), method, *cells, str(avg[keys[0]][2]),
-                                               everything])
-    out = ["## Profiles compared: regions and calibration", "",
+        for length, samples in sorted({(r["context_length"], r["samples"]) for r in run["records"]}):
+            key = (model_id, length, samples)
+            held = [r for r in run["records"] if (r["context_length"], r["samples"]) == (length, samples)]
+            avg, own = averages([r for r in held if r["task"] in tasks_at[key]]), averages(held)
+            for method in dict.fromkeys(k[2] for k in avg):
+                cells = [(avg.get((length, r, method)), own.get((length, r, method))) for r in sorted(ratios_at[key])]
+                if method == "full":  # r does not change full attention: its one run fills every column
+                    cells = [next(cell for cell in cells if cell[0])] * len(cells)
+                tasks = next(a[2] for a, _ in cells if a)
+                everything = next(o[2] for _, o in cells if o)
+                rows[key].append([profile_label(profile), method,
+                                  *(f"{a[0]:.1f} ({a[1]:.1f}%)" if a else "-" for a, _ in cells), str(tasks),
+                                  f"{' / '.join(f'{o[0]:.1f}' if o else '-' for _, o in cells)} ({everything})"])
+    out = ["## Profiles compared: regions, calibration, budgets", "",
            "The same model and tasks with profiles that differ in how they were made. Cells: average score over "
-           "the tasks (KV kept, % of full, measured) at r = 0.2 and r = 0.4; full attention keeps everything. "
-           "At each length only the tasks every profile there ran are averaged (the tasks column); the last "
-           "column averages every task the profile ran there, at r = 0.2 and 0.4.", ""]
+           "the tasks (KV kept, % of full, measured) at each r; full attention keeps everything. "
+           "In each table only the tasks every profile there ran are averaged (the tasks column); the last "
+           "column averages every task the profile ran there, at each r.", ""]
     for model in dict.fromkeys(k[0] for k in rows):
         out += [f"### {model}", "", "Commands:", "", "```bash", *commands[model], "```", ""]
         out += note_lines(notes[model])
-        for (m, length), body in rows.items():
+        for (m, length, samples), body in sorted(rows.items()):
             if m == model:
-                out += [f"{length} tokens:", "",
-                        *markdown_table(["profile", "method", "r = 0.2", "r = 0.4", "tasks",
-                                         "r = 0.2 / 0.4 on all its tasks (tasks)"], body), ""]
+                body.sort(key=lambda row: _METHOD_ORDER.get(row[1], len(_METHOD_ORDER)))  # stable within a method
+                ratios = sorted(ratios_at[m, length, samples])
+                out += [f"{length} tokens, {samples} samples per task:", "",
+                        *markdown_table(["profile", "method", *(f"r = {r:g}" for r in ratios), "tasks",
+                                         f"r = {' / '.join(f'{r:g}' for r in ratios)} on all its tasks (tasks)"],
+                                        body), ""]
     return out
 
 

@@ -13,8 +13,8 @@ from catekv_eval.report import averages, largest_losses, load_runs, render, targ
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def record(task, method, score, kv, ratio=0.4, length=4096):
-    return {"task": task, "method": method, "context_length": length, "samples": 20, "score": score,
+def record(task, method, score, kv, ratio=0.4, length=4096, samples=20):
+    return {"task": task, "method": method, "context_length": length, "samples": samples, "score": score,
             "kv_kept_pct": kv, "adaptive_ratio": ratio, "max_new_tokens": 8, "seconds": 1.0, "predictions": []}
 
 
@@ -73,6 +73,25 @@ def test_profiles_are_compared_on_the_tasks_they_all_ran(tmp_path):
     assert alone[0].endswith("| catekv | 70.0 (40.0%) | 70.0 (40.0%) | 2 | 70.0 / 70.0 (2) |")
     with pytest.raises(ValueError, match="both hold a / catekv .* with one profile"):
         report.comparison([split[0], split[0]])
+
+
+def test_other_sample_counts_get_their_own_tables_and_a_missing_r_a_dash(tmp_path):
+    both = run_file(tmp_path, "a.json", [record("a", "catekv", 80, 30, ratio=r) for r in (0.2, 0.4)],
+                    "smollm2-135m-instruct")
+    one_ratio = run_file(tmp_path, "b.json", [record("a", "catekv", 60, 28, ratio=0.2)], "smollm2-135m-instruct-4k")
+    forty = run_file(tmp_path, "c.json", [record("a", "catekv", 50, 29, ratio=0.2, samples=40)],
+                     "smollm2-135m-instruct-8k")
+    full = run_file(tmp_path, "f.json", [record("a", "full", 90, 100, ratio=0.4)], "smollm2-135m-instruct")
+    lines = report.comparison([both, one_ratio, forty, full])
+    twenty_at = lines.index("4096 tokens, 20 samples per task:")
+    forty_at = lines.index("4096 tokens, 40 samples per task:")
+    assert lines[twenty_at + 2] == "| profile | method | r = 0.2 | r = 0.4 | tasks | r = 0.2 / 0.4 on all its tasks (tasks) |"
+    # full attention first, and in every column: r does not change it
+    assert lines[twenty_at + 4].endswith("| full | 90.0 (100.0%) | 90.0 (100.0%) | 1 | 90.0 / 90.0 (1) |")
+    assert lines[twenty_at + 5].endswith("| catekv | 80.0 (30.0%) | 80.0 (30.0%) | 1 | 80.0 / 80.0 (1) |")
+    assert lines[twenty_at + 6].endswith("| catekv | 60.0 (28.0%) | - | 1 | 60.0 / - (1) |")
+    assert lines[forty_at + 2] == "| profile | method | r = 0.2 | tasks | r = 0.2 on all its tasks (tasks) |"
+    assert lines[forty_at + 4].endswith("| catekv | 50.0 (29.0%) | 1 | 50.0 (1) |")
 
 
 def test_the_committed_page_is_what_its_command_writes(tmp_path):

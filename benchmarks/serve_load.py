@@ -53,24 +53,20 @@ def percentile(values: list[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def engine_info(text: str) -> dict[str, str]:
-    """The labels of the server's ``catekv_engine_info`` sample (its engine's settings); {} if it has none."""
+def read_metrics(text: str) -> tuple[dict[str, float], dict[str, str]]:
+    """Prometheus text as the server's unlabelled samples by name (its gauges and counters), and the labels of its
+    ``catekv_engine_info`` sample (its engine's settings; {} if it has none)."""
     from prometheus_client.parser import text_string_to_metric_families
 
+    values: dict[str, float] = {}
+    info: dict[str, str] = {}
     for family in text_string_to_metric_families(text):
-        if family.name == "catekv_engine_info":
-            return dict(family.samples[0].labels)
-    return {}
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Unlabelled samples of Prometheus text, by name (the server's gauges and counters)."""
-    values = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#") and "{" not in line:
-            name, _, value = line.partition(" ")
-            values[name] = float(value)
-    return values
+        for sample in family.samples:
+            if sample.name == "catekv_engine_info":
+                info = dict(sample.labels)
+            elif not sample.labels:
+                values[sample.name] = sample.value
+    return values, info
 
 
 class Load:
@@ -149,7 +145,7 @@ class Load:
 
         async def sample() -> None:
             while True:
-                values = parse_metrics((await self.client.get("/metrics")).text)
+                values, _ = read_metrics((await self.client.get("/metrics")).text)
                 for name in peaks:
                     peaks[name] = max(peaks[name], values.get(name, 0.0))
                 await asyncio.sleep(args.metrics_interval)
@@ -160,7 +156,7 @@ class Load:
         finally:
             sampler.cancel()
         exposition = (await self.client.get("/metrics")).text
-        final, engine = parse_metrics(exposition), engine_info(exposition)
+        final, engine = read_metrics(exposition)
         return {
             "concurrency": concurrency, "prompt_tokens": args.prompt_tokens, "output_tokens": args.output_tokens,
             **level_stats(results, start, time.perf_counter(), args.ramp),

@@ -27,7 +27,7 @@ from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.cache import CateKVCache
 from catekv_runtime.files import markdown_table, write_atomically
 from catekv_runtime.policies import Full, Policy, get_policy
-from catekv_runtime.profile import Profile, ProfileError, resolve_profile
+from catekv_runtime.profile import Profile, ProfileError, budget_for_kv_fraction, resolve_profile
 
 from .methods import METHODS
 from .tasks import TASKS, EvalTaskError, make_samples
@@ -37,7 +37,7 @@ from .scoring import score
 def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks: Sequence[str],
              context_length: int, num_samples: int, methods: Sequence[str | Policy] = tuple(METHODS),
              ratios: Sequence[float] | None = None, seed: int = 1000, max_new_tokens: int | None = None,
-             batch_size: int = 8) -> list[dict[str, Any]]:
+             batch_size: int = 8, kv_fraction: float | None = None) -> list[dict[str, Any]]:
     """One record per (task, method, adaptive ratio): score, KV kept (% of full attention's bytes), seconds.
 
     ``methods``: selection policies (:mod:`catekv_runtime.policies`), or their names in ``METHODS``; a record
@@ -47,7 +47,9 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     every r. ``ratios``: adaptive ratios to evaluate (default: the profile's); at the profile's own r its per-head
     budgets are kept, at another r the head map is voted again with uniform budgets. ``max_new_tokens`` caps RULER's
     per-task generation length (for quick runs; answers are short). ``batch_size`` samples are prefilled
-    and decoded together, left-padded.
+    and decoded together, left-padded. ``kv_fraction``: at each r, the budget B that keeps at most this fraction of
+    the KV at ``context_length`` (:func:`~catekv_runtime.profile.budget_for_kv_fraction`), so that several r are
+    compared at one memory budget; each record names its budget.
     """
     ratios = list(ratios or [profile.params.adaptive_ratio])
     policies = {p.name: p for p in (m if isinstance(m, Policy) else get_policy(m) for m in methods)}
@@ -58,6 +60,8 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
         # The profile's own r keeps its per-head budgets; another r re-votes the head map (uniform budgets).
         own = ratio is None or ratio == profile.params.adaptive_ratio
         base = profile if own else profile.with_adaptive_ratio(ratio)
+        if kv_fraction is not None and method != Full.name:
+            base = resolve_profile(base, {"budget": budget_for_kv_fraction(base, kv_fraction, context_length)})
         return policies[method].resolve(base, context_length)
 
     resolved = {config: resolve(*config) for config in configs}
@@ -79,6 +83,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
                 records.append({
                     "task": task, "method": method, "context_length": context_length, "samples": len(samples),
                     "score": scored, "kv_kept_pct": kept, "adaptive_ratio": r,
+                    "budget": None if method == Full.name else resolved[method, ratio].params.budget,
                     "max_new_tokens": new, "seconds": round(seconds[method, ratio], 1),
                     "predictions": predictions[method, ratio],
                 })
@@ -238,6 +243,10 @@ def _is_option(arg: str) -> bool:
 @click.option("--budget", type=click.IntRange(min=1), default=None,
               help="Tokens kept by a consistent head; init and recent tokens become B/32 and B/8  "
                    "[default: the profile's]")
+@click.option("--kv-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Instead of --budget: at each length and r, the largest B that keeps at most this fraction of "
+                   "the KV (by the formula; the measured KV also holds generated tokens), to compare r at one "
+                   "memory budget  [default: the profile's budget]")
 @click.option("--obs-window", type=click.IntRange(min=1), default=None,
               help="Observation window L_obs of the runtime selection  [default: the profile's]")
 @click.option("--samples", type=click.IntRange(min=1), default=20, show_default=True,
@@ -253,7 +262,8 @@ def _is_option(arg: str) -> bool:
               help="JSON results; the markdown table is written beside it (.md).")
 @click.pass_context
 def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...], tasks: tuple[str, ...],
-         methods: tuple[str, ...], ratios: tuple[float, ...], budget: int | None, obs_window: int | None,
+         methods: tuple[str, ...], ratios: tuple[float, ...], budget: int | None, kv_fraction: float | None,
+         obs_window: int | None,
          samples: int, seed: int, max_new_tokens: int | None, batch_size: int, device: str, dtype: str,
          out: Path | None) -> None:
     """Score KV-cache methods on RULER-style tasks: MODEL with PROFILE, at each length, ratio and method.
@@ -265,6 +275,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
 
     \b
     catekv-eval smollm2-135m smollm2-135m-instruct-8k --lengths 4096 8192 --ratios 0.2 0.4 --out r.json
+    catekv-eval smollm2-135m smollm2-135m-instruct-4k --ratios 0.1 0.2 0.3 0.4 --kv-fraction 0.44
     """
     from catekv_models.checks import check_context_length_option, check_output_option
     from catekv_models import ModelError, ModelInfo, load_model, resolve_device
@@ -286,6 +297,15 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
         raise click.UsageError(f"--budget / --obs-window: {e}") from None
     for length in lengths:
         check_context_length_option(length, base.params, "'--lengths'")
+    if kv_fraction is not None:
+        if budget is not None:
+            raise click.UsageError("--budget and --kv-fraction both set the budget: give one of them")
+        try:
+            for length in lengths:
+                for ratio in ratios or [base.params.adaptive_ratio]:
+                    budget_for_kv_fraction(base.with_adaptive_ratio(ratio), kv_fraction, length)
+        except ProfileError as e:
+            raise click.UsageError(f"--kv-fraction: {e}") from None
 
     def check_config(info: ModelInfo) -> None:
         try:
@@ -307,7 +327,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
         for length in lengths:
             records += evaluate(model_obj, tokenizer, base, tasks=tasks, context_length=length, num_samples=samples,
                                 methods=methods, ratios=ratios, seed=seed, max_new_tokens=max_new_tokens,
-                                batch_size=batch_size)
+                                batch_size=batch_size, kv_fraction=kv_fraction)
     except (EvalTaskError, ProfileError) as e:
         raise click.ClickException(str(e)) from None
     table = markdown(records)

@@ -256,6 +256,30 @@ def resolve_profile(profile: Profile, overrides: dict[str, Any]) -> Profile:
     return profile.replace_params(ProfileParams(**values))
 
 
+def budget_for_kv_fraction(profile: Profile, fraction: float, context_length: int) -> int:
+    """The largest budget B whose profile (``resolve_profile(profile, {"budget": B})``: windows B/32 and B/8, every
+    consistent head B) keeps at most ``fraction`` of the KV of a ``context_length``-token prompt, by
+    :meth:`Profile.kv_kept_fraction`; for comparing adaptive ratios r at one memory budget. Raises
+    :class:`ProfileError` when the adaptive heads alone keep more than ``fraction``."""
+    n = int(context_length)
+
+    def kept(budget: int) -> float:  # never falls as B grows: more chunks kept, fewer left in the middle
+        return resolve_profile(profile, {"budget": budget}).kv_kept_fraction(n)
+
+    low, high = 2, max(2, n)  # B = 2: one init and one recent token, the smallest budget_windows allows
+    if kept(low) > fraction:
+        raise ProfileError(
+            f"at r = {profile.params.adaptive_ratio:g} the adaptive heads alone keep {kept(low):.1%} of the KV of a "
+            f"{n}-token prompt, more than the {fraction:.1%} asked for: lower r or allow a larger fraction"
+        )
+    if kept(high) <= fraction:
+        return high
+    while high - low > 1:  # kept(low) <= fraction < kept(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if kept(middle) <= fraction else (low, middle)
+    return low
+
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -271,6 +295,7 @@ __all__ = [
     "ReferenceSpec",
     "adaptive_head_count",
     "adaptive_keep_chunks",
+    "budget_for_kv_fraction",
     "budget_windows",
     "check_budgets",
     "is_hub_id",

@@ -20,7 +20,7 @@ from catekv_eval.run import evaluate, main, markdown
 from catekv_eval.tasks import make_samples
 from catekv_models import ModelInfo
 from catekv_models import load_model as load_model_real
-from catekv_runtime.profile import resolve_profile
+from catekv_runtime.profile import budget_for_kv_fraction, resolve_profile
 from catekv_runtime.policies import CateKV, DuoAttention, Full, SnapKV, StreamingLLM, get_policy
 
 REPO = Path(__file__).resolve().parents[1]
@@ -147,6 +147,24 @@ def test_evaluate_keeps_the_profiles_per_head_budgets(smollm2):
     assert kept(small, ratios=[other_ratio]) == kept(uniform.with_adaptive_ratio(other_ratio))
 
 
+def test_kv_fraction_gives_each_ratio_one_memory_budget(smollm2):
+    """``kv_fraction``: each r gets the budget of ``budget_for_kv_fraction``, larger at a lower r, and the KV measured
+    from the cache's bytes lands at the fraction for CateKV and for SnapKV beside it."""
+    model, tokenizer, _ = smollm2
+    profile = ck.load_profile(PROFILE)
+    records = evaluate(model, tokenizer, profile, tasks=["niah_single_1"], context_length=1024, num_samples=1,
+                       methods=["full", "catekv", "snapkv"], ratios=[0.2, 0.4], kv_fraction=0.5, max_new_tokens=4)
+    catekv = {r["adaptive_ratio"]: r for r in records if r["method"] == "catekv"}
+    for ratio, record in catekv.items():
+        assert record["budget"] == budget_for_kv_fraction(profile.with_adaptive_ratio(ratio), 0.5, 1024)
+    assert catekv[0.2]["budget"] > catekv[0.4]["budget"]
+    for record in records:
+        if record["method"] == "full":
+            assert record["budget"] is None and record["kv_kept_pct"] == 100.0
+        else:  # the formula's 50% at 1024 tokens; a sample is up to 64 tokens shorter, and 4 tokens are generated
+            assert 48 <= record["kv_kept_pct"] <= 54, record
+
+
 def test_shared_prefill_equals_a_run_per_method(smollm2):
     """Forking one prefill per batch gives each method the answers of its own plain generate run."""
     model, tokenizer, _ = smollm2
@@ -259,6 +277,11 @@ def random_bytes_profile(tmp_path) -> str:
         (["smollm2-135m-instruct", "--ratios", "0.2", "2"], 2, "'--ratios': 2.0 is not in the range 0<=x<=1"),
         (["smollm2-135m-instruct", "--ratios", "-0.5"], 2, "'--ratios': -0.5 is not in the range 0<=x<=1"),
         (["smollm2-135m-instruct", "--budget", "1"], 2, "budget (1) must be at least init + recent tokens"),
+        (["smollm2-135m-instruct", "--budget", "256", "--kv-fraction", "0.4"], 2,
+         "--budget and --kv-fraction both set the budget"),
+        (["smollm2-135m-instruct", "--ratios", "0.5", "--kv-fraction", "0.3"], 2,
+         "--kv-fraction: at r = 0.5 the adaptive heads alone keep"),
+        (["smollm2-135m-instruct", "--kv-fraction", "0"], 2, "'--kv-fraction': 0.0 is not in the range 0<x<=1"),
         (["smollm2-135m-instruct", "--batch-size", "0"], 2, "'--batch-size': 0 is not in the range x>=1"),
         (["smollm2-135m-instruct", "--tasks", "qa"], 2, "'qa' is not one of"),
         (["smollm2-135m-instruct", "--out", "r.md"], 2, "r.md ends in .md"),

@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import catekv_runtime as ck
 from catekv_runtime.cache import CateKVLayer
-from catekv_runtime.profile import resolve_profile
+from catekv_runtime.profile import ProfileError, budget_for_kv_fraction, resolve_profile
 from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec
 
 FAMILIES = ["llama", "qwen2"]
@@ -267,6 +267,25 @@ def test_overrides_change_the_budget_and_ratio():
     ck.remove(model)
     assert (params.budget, params.init_tokens, params.recent_tokens, params.adaptive_ratio) == (128, 4, 16, 0.25)
     assert not hasattr(model, "_catekv") and "generate" not in model.__dict__
+
+
+@pytest.mark.parametrize("ratio, fraction, length", [(0.25, 0.5, 1000), (0.5, 0.6, 777), (0.0, 0.1, 4096),
+                                                      (0.25, 1.0, 300)])
+def test_budget_for_kv_fraction_is_the_largest_that_fits(ratio, fraction, length):
+    """Against a scan of every budget: the largest B (windows B/32 and B/8) whose KV kept is at most the fraction."""
+    profile = make_profile(make_tiny_model("llama"), ratio)
+
+    def kept(budget):
+        return resolve_profile(profile, {"budget": budget}).kv_kept_fraction(length)
+
+    fitting = [b for b in range(2, length + 1) if kept(b) <= fraction]
+    assert budget_for_kv_fraction(profile, fraction, length) == max(fitting)
+
+
+def test_budget_for_kv_fraction_below_the_adaptive_heads_is_refused():
+    profile = make_profile(make_tiny_model("llama"), 0.5)
+    with pytest.raises(ProfileError, match=r"at r = 0.5 the adaptive heads alone keep 5\d\.\d% .* than the 40.0% asked"):
+        budget_for_kv_fraction(profile, 0.4, 1000)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])  # all layers slide / layer 0 full, the rest slide

@@ -263,9 +263,8 @@ def _is_option(arg: str) -> bool:
 @click.pass_context
 def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...], tasks: tuple[str, ...],
          methods: tuple[str, ...], ratios: tuple[float, ...], budget: int | None, kv_fraction: float | None,
-         obs_window: int | None,
-         samples: int, seed: int, max_new_tokens: int | None, batch_size: int, device: str, dtype: str,
-         out: Path | None) -> None:
+         obs_window: int | None, samples: int, seed: int, max_new_tokens: int | None, batch_size: int, device: str,
+         dtype: str, out: Path | None) -> None:
     """Score KV-cache methods on RULER-style tasks: MODEL with PROFILE, at each length, ratio and method.
 
     MODEL is anything catekv-profile accepts (Hub id, folder, .gguf file, or an embedded model: smollm2-135m,

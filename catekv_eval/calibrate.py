@@ -29,7 +29,7 @@ import torch
 
 import catekv_runtime as ck
 from catekv_runtime.policies import Full
-from catekv_runtime.profile import Profile
+from catekv_runtime.profile import Profile, retarget
 
 from catekv_profiler import cli as profiler_cli
 
@@ -48,7 +48,7 @@ MAX_NEW_TOKENS = 48
 def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profile], *, context_length: int,
               tasks: Sequence[str] = DEFAULT_TASKS, num_samples: int = 10, seed: int = CALIBRATION_SEED,
               ratios: Sequence[float] | None = None, max_new_tokens: int | None = MAX_NEW_TOKENS,
-              batch_size: int = 8, rule: str = "best") -> Profile:
+              batch_size: int = 8, rule: str = "best", kv_fraction: float | None = None) -> Profile:
     """The candidate that ``rule`` picks (:func:`choose_setting`), its ``calibration`` metadata holding the table.
 
     ``candidates``: profiles of one model that differ in k and alpha (``catekv_profiler.profiler.
@@ -59,13 +59,24 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     mean score, the mean at each r, and the standard error of its paired per-sample difference to the chosen one,
     which says whether the choice stands out of the sampling noise; and full attention's) goes into ``Profile.calibration`` with the seed, tasks,
     samples, ratios and context length, so the profile says how its k and alpha were chosen.
+
+    ``kv_fraction``: each r is scored with the largest budget that keeps at most this fraction of the KV at the
+    candidates' reference length (``catekv_runtime.profile.retarget``), so the ratios are alternatives at one memory
+    budget rather than the places the profile will run. k and alpha are chosen as above, then r: the chosen
+    setting's best r (ties to the candidates' own r, then the lower). The profile returned is at that r and budget.
     """
     if not candidates:
         raise ValueError("no candidate profiles to calibrate")
     if rule not in profiler_cli.CALIBRATION_RULES:
         raise ValueError(f"unknown calibration rule {rule!r}; use one of {', '.join(profiler_cli.CALIBRATION_RULES)}")
     ratios = tuple(float(r) for r in ratios) if ratios else (candidates[0].params.adaptive_ratio,)
-    scored = {(i, r): candidate.with_adaptive_ratio(r) for i, candidate in enumerate(candidates) for r in ratios}
+
+    def at(candidate: Profile, ratio: float) -> Profile:
+        if kv_fraction is None:
+            return candidate.with_adaptive_ratio(ratio)
+        return retarget(candidate, adaptive_ratio=ratio, kv_fraction=kv_fraction)
+
+    scored = {(i, r): at(candidate, r) for i, candidate in enumerate(candidates) for r in ratios}
     distinct: dict[bytes, Profile] = {}
     for profile in scored.values():
         distinct.setdefault(_head_map_key(profile), profile)
@@ -108,6 +119,14 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
     # per-sample differences, next to the difference of their scores.
     for i, row in enumerate(rows):
         row["se_vs_chosen"] = round(paired_standard_error(samples_of[best], samples_of[i]), 2)
+    chosen = {"k": rows[best]["k"], "alpha": rows[best]["alpha"]}
+    result = candidates[best]
+    if kv_fraction is not None:
+        own = candidates[0].params.adaptive_ratio
+        score_at = {r: mean(list(per_task["map", _head_map_key(scored[best, r])].values())) for r in ratios}
+        ratio = max(ratios, key=lambda r: (score_at[r], r == own, -r))
+        result = scored[best, ratio]
+        chosen |= {"r": ratio, "budget": result.params.budget}
     calibration = {
         "seed": str(seed),
         "tasks": ",".join(tasks),
@@ -117,11 +136,12 @@ def calibrate(model: torch.nn.Module, tokenizer: Any, candidates: Sequence[Profi
         "ratios": ",".join(f"{r:g}" for r in ratios),
         "full_attention_score": str(mean(list(per_task["full", None].values()))),
         "full_attention_tasks": json.dumps(per_task["full", None]),
-        "chosen": json.dumps({"k": rows[best]["k"], "alpha": rows[best]["alpha"]}),
+        "chosen": json.dumps(chosen),
         "rule": rule,
         "table": json.dumps(rows),
+        **({"kv_fraction": repr(float(kv_fraction))} if kv_fraction is not None else {}),
     }
-    return dataclasses.replace(candidates[best], calibration=calibration)
+    return dataclasses.replace(result, calibration=calibration)
 
 
 def choose_setting(rows: Sequence[dict[str, Any]], samples_of: Sequence[Sequence[float]], rule: str = "best") -> int:
@@ -155,7 +175,8 @@ def paired_standard_error(a: Sequence[float], b: Sequence[float]) -> float:
 
 
 def _head_map_key(profile: Profile) -> bytes:
-    return profile.head_map.numpy().tobytes()
+    """What a head map runs with: the map and its budgets (one map at two budgets is scored twice)."""
+    return profile.head_map.numpy().tobytes() + profile.budgets.numpy().tobytes()
 
 
 # What ``catekv-profile --calibrate`` scores with; the profiler cannot import it (this package builds on the profiler).

@@ -84,6 +84,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
                     "task": task, "method": method, "context_length": context_length, "samples": len(samples),
                     "score": scored, "kv_kept_pct": kept, "adaptive_ratio": r,
                     "budget": None if method == Full.name else resolved[method, ratio].params.budget,
+                    "kv_fraction": None if method == Full.name else kv_fraction,
                     "max_new_tokens": new, "seconds": round(seconds[method, ratio], 1),
                     "predictions": predictions[method, ratio],
                 })

@@ -1,4 +1,5 @@
-"""``catekv-profile``: profile a model (``catekv-profile MODEL -o OUT``), ``show`` a profile, ``push`` it.
+"""``catekv-profile``: profile a model (``catekv-profile MODEL -o OUT``), ``show`` a profile, ``retarget`` it to
+another r and budget, ``push`` it.
 
 ``--calibrate`` scores candidate head maps with a :class:`Calibrator` handed to the command line as click's context
 object. The one catekv has scores on the evaluation's tasks, and the evaluation builds on the profiler, so the
@@ -18,7 +19,7 @@ from pathlib import Path
 import click
 
 from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
-from catekv_runtime.profile import Profile, ProfileError, ProfileParams, ReferenceSpec, load_profile
+from catekv_runtime.profile import Profile, ProfileError, ProfileParams, ReferenceSpec, load_profile, retarget
 
 from catekv_models.checks import check_context_length_option, check_output_option
 
@@ -34,9 +35,11 @@ CALIBRATION_RULES = ("best", "one-se")
 class Calibrator:
     """How ``--calibrate`` picks k and alpha among candidate profiles that differ only in them.
 
-    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed, rule)`` returns the
-    candidate that ``rule`` (one of :data:`CALIBRATION_RULES`) picks, with its ``calibration`` metadata (the
-    table), or raises ``ValueError`` saying why the tasks cannot be run (e.g. a length too short for one).
+    ``choose(model, tokenizer, candidates, *, context_length, tasks, num_samples, ratios, seed, rule, kv_fraction)``
+    returns the candidate that ``rule`` (one of :data:`CALIBRATION_RULES`) picks, with its ``calibration`` metadata
+    (the table), retargeted to the chosen r and the budget for ``kv_fraction`` when that is given; or raises
+    ``ValueError`` saying why the tasks cannot be run (e.g. a length too short for one), ``ProfileError`` when a
+    fraction is below what the adaptive heads alone keep.
     ``tasks`` are the names it can score on, ``default_tasks`` and ``default_seed`` what it uses when
     ``--calibration-tasks`` / ``--calibration-seed`` are not given.
     """
@@ -116,6 +119,10 @@ def main() -> None:
               show_default=True,
               help="best: the best mean score; one-se: keep the paper's k 0.99 / alpha 1 unless a setting beats it "
                    "by more than one standard error of their paired per-sample differences.")
+@click.option("--kv-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Give the profile the largest budget that keeps at most this fraction of the KV at -L, once its "
+                   "head map is voted (the statistics are measured with -B's windows). With --calibrate, each r of "
+                   "--calibration-ratios is scored with its budget for this fraction, and r is chosen too.")
 @click.option("--num-samples", "-n", type=int, default=50, show_default=True, help="Reference samples.")
 @click.option("--context-length", "-L", type=int, default=None,
               help="Tokens per reference sample  [default: the model's maximum, at most 131072]")
@@ -140,7 +147,8 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
                     recent_tokens: int | None, reserve_tokens: int, tie_rule: str, calibrate: bool, grid_k: str,
                     grid_alpha: str, calibration_tasks: str | None, calibration_samples: int,
                     calibration_seed: int | None, calibration_length: int | None,
-                    calibration_ratios: str | None, calibration_rule: str, num_samples: int,
+                    calibration_ratios: str | None, calibration_rule: str, kv_fraction: float | None,
+                    num_samples: int,
                     context_length: int | None,
                     reference: Path | None, seed: int, device: str, device_map: str | None, dtype: str,
                     revision: str | None, trust_remote_code: bool, overwrite: bool, restart: bool,
@@ -247,14 +255,19 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
         try:
             result = calibrator.choose(
                 model_obj, tokenizer, candidates, context_length=calibration_length or context_length, tasks=tasks,
-                num_samples=calibration_samples, ratios=ratios, rule=calibration_rule,
+                num_samples=calibration_samples, ratios=ratios, rule=calibration_rule, kv_fraction=kv_fraction,
                 seed=calibrator.default_seed if calibration_seed is None else calibration_seed,
             )
-        except ValueError as e:
+        except (ValueError, ProfileError) as e:  # the statistics stay checkpointed for a run with other options
             raise click.ClickException(f"calibration: {e}") from None
         from .report import calibration_summary, format_calibration
 
         click.echo("\n".join(format_calibration(calibration_summary(result))), err=True)
+    elif kv_fraction is not None:
+        try:
+            result = retarget(candidates[0], kv_fraction=kv_fraction)
+        except ProfileError as e:  # the statistics stay checkpointed for a run with another fraction or r
+            raise click.ClickException(f"--kv-fraction: {e}") from None
     else:
         result = candidates[0]
     result.save(output)
@@ -262,7 +275,8 @@ def profile_command(model: str, output: Path, percentile: float, alpha: float, a
     elapsed = time.perf_counter() - started
     click.echo(
         f"wrote {output}: {int(result.head_map.sum())}/{result.head_map.numel()} adaptive heads "
-        f"(r={params.adaptive_ratio}), {len(samples)} samples of {context_length} tokens, {elapsed:.0f} s",
+        f"(r={result.params.adaptive_ratio:g}, budget {result.params.budget}), {len(samples)} samples of "
+        f"{context_length} tokens, {elapsed:.0f} s",
         err=True,
     )
 
@@ -368,6 +382,42 @@ def show_command(profile: str, png: Path | None, as_json: bool, context_lengths:
     if png is not None:
         plot_profile(loaded, png)
         click.echo(f"wrote {png}", err=True)
+
+
+@main.command("retarget")
+@click.argument("profile", type=str)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Where to write the retargeted profile (.safetensors).")
+@click.option("--adaptive-ratio", "-r", type=click.FloatRange(0, 1), default=None,
+              help="New adaptive head ratio r  [default: the profile's]")
+@click.option("--budget", "-B", type=click.IntRange(min=2), default=None, help="New budget B, tokens per consistent head.")
+@click.option("--kv-fraction", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Instead of --budget: the largest B that keeps at most this fraction of the KV.")
+@click.option("--context-length", "-L", type=click.IntRange(min=1), default=None,
+              help="Prompt length --kv-fraction is measured at  [default: the profile's reference length]")
+@click.option("--overwrite", is_flag=True, help="Replace OUTPUT if it exists.")
+def retarget_command(profile: str, output: Path, adaptive_ratio: float | None, budget: int | None,
+                     kv_fraction: float | None, context_length: int | None, overwrite: bool) -> None:
+    """Write PROFILE (a file, short name or Hub repo id) with another r and budget, without profiling again.
+
+    The head map is voted again from the stored statistics; the statistics and their provenance stay, and the file
+    records the windows they were measured with. E.g. the shipped 2K profile at r 0.2 in 43% of the KV:
+    catekv-profile retarget smollm2-135m-instruct -o p.safetensors -r 0.2 --kv-fraction 0.43
+    """
+    if output.exists() and not overwrite:
+        raise click.UsageError(f"{output} exists; pass --overwrite to replace it")
+    check_output_option(output, "'-o' / '--output'")
+    if context_length is not None and kv_fraction is None:
+        raise click.UsageError("--context-length is the length --kv-fraction is measured at; give --kv-fraction too")
+    try:
+        new = retarget(load_profile(profile), adaptive_ratio=adaptive_ratio, budget=budget, kv_fraction=kv_fraction,
+                       context_length=context_length)
+    except ProfileError as e:
+        raise click.ClickException(str(e)) from None
+    new.save(output)
+    length = context_length or new.reference.context_length
+    click.echo(f"wrote {output}: {new.provenance['retarget']}; {int(new.head_map.sum())} of {new.head_map.numel()} "
+               f"KV heads adaptive, {new.kv_kept_fraction(length):.1%} of the KV kept at {length} tokens")
 
 
 @main.command("push")

@@ -25,7 +25,7 @@ from catekv_runtime.files import markdown_table
 from catekv_runtime.profile import PROFILE_FILENAME, Profile, is_hub_id, load_profile
 
 from . import __version__
-from .report import RULE_TEXT, plot_profile, summarize, versus_chosen
+from .report import RULE_TEXT, plot_profile, ratio_choice, summarize, versus_chosen
 
 CARD_FILENAME = "README.md"
 IMAGE_FILENAME = "headmap.png"
@@ -282,7 +282,7 @@ def _calibration(calibration: dict[str, Any] | None) -> list[str]:
         f"{calibration['samples_per_task']} samples each of {calibration['context_length']:,} tokens generated with "
         f"seed {calibration['seed']} (not the evaluation's). Full attention scored "
         f"{calibration['full_attention_score']:.2f} on the same samples; these scores are for choosing, not reporting. "
-        f"The rule that chose: {RULE_TEXT[calibration['rule']]}.",
+        f"The rule that chose: {RULE_TEXT[calibration['rule']]}. {ratio_choice(calibration)}".rstrip(),
         "",
         *_table(["k", "alpha", "adaptive heads", "mean score", *[f"r = {r:g}" for r in by_ratio],
                  *(["against the chosen (± standard error)"] if noise else []), "chosen"],

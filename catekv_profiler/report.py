@@ -217,7 +217,18 @@ def calibration_summary(profile: Profile) -> dict[str, Any] | None:
         # Profiles calibrated before the one-standard-error rule took the best mean score.
         "rule": c.get("rule", "best"),
         "rows": sorted(json.loads(c["table"]), key=lambda row: -row["score"]),
+        # Calibrated with --kv-fraction: each r at its budget for this share of the KV, and r chosen too.
+        "kv_fraction": float(c["kv_fraction"]) if "kv_fraction" in c else None,
     }
+
+
+def ratio_choice(calibration: dict[str, Any]) -> str:
+    """The sentence saying how r was chosen at one memory budget (``--calibrate --kv-fraction``), or ""."""
+    if calibration.get("kv_fraction") is None:
+        return ""
+    chosen = calibration["chosen"]
+    return (f"Each r was scored with the largest budget that keeps at most {calibration['kv_fraction']:.0%} of the "
+            f"KV; r = {chosen['r']:g} (budget {chosen['budget']}) scored best with the chosen k and alpha.")
 
 
 def _plural(n: int, word: str) -> str:
@@ -312,6 +323,8 @@ def format_calibration(calibration: dict[str, Any]) -> list[str]:
         f"r={','.join(f'{r:g}' for r in calibration['ratios'])}); full attention scores "
         f"{calibration['full_attention_score']:.2f}; rule: {RULE_TEXT[calibration['rule']]}"
     ]
+    if ratio_choice(calibration):
+        lines.append(f"  {ratio_choice(calibration)}")
     chosen = calibration["chosen"]
     for row in calibration["rows"]:
         mark = "  <- chosen" if (row["k"], row["alpha"]) == (chosen["k"], chosen["alpha"]) else ""

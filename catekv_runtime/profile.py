@@ -9,6 +9,7 @@ from here too, as they were before the module was split.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -280,6 +281,35 @@ def budget_for_kv_fraction(profile: Profile, fraction: float, context_length: in
     return low
 
 
+def retarget(profile: Profile, *, adaptive_ratio: float | None = None, budget: int | None = None,
+             kv_fraction: float | None = None, context_length: int | None = None) -> Profile:
+    """The profile's statistics under another adaptive ratio r and budget B, to be saved as a profile of its own.
+
+    ``budget`` sets B (windows B/32 and B/8, as :func:`resolve_profile`); ``kv_fraction`` instead takes the largest
+    B that keeps at most that fraction of the KV of a ``context_length``-token prompt (default: the reference
+    length) at the new r (:func:`budget_for_kv_fraction`). The head map is voted again from the stored statistics,
+    which stay as measured: ``provenance["statistics_windows"]`` keeps the budget and windows they were measured with
+    (the first ones, when retargeted again) and ``provenance["retarget"]`` says what changed. At a fixed share of
+    the KV a lower r with a larger B scored better in docs/accuracy.md ("At one memory budget")."""
+    if budget is not None and kv_fraction is not None:
+        raise ProfileError("give a budget or a KV fraction, not both: a KV fraction chooses the budget")
+    if adaptive_ratio is None and budget is None and kv_fraction is None:
+        raise ProfileError("nothing to retarget: give an adaptive ratio, a budget or a KV fraction")
+    old = profile.params
+    ratio = old.adaptive_ratio if adaptive_ratio is None else float(adaptive_ratio)
+    at_ratio = resolve_profile(profile, {"adaptive_ratio": ratio})
+    length = profile.reference.context_length if context_length is None else int(context_length)
+    if kv_fraction is not None:
+        budget = budget_for_kv_fraction(at_ratio, kv_fraction, length)
+    new = resolve_profile(at_ratio, {} if budget is None else {"budget": int(budget)})
+    change = f"r {old.adaptive_ratio:g} -> {ratio:g}, budget {old.budget} -> {new.params.budget}"
+    if kv_fraction is not None:
+        change += f" (at most {kv_fraction:.1%} of the KV of a {length}-token prompt)"
+    windows = {"budget": old.budget, "init_tokens": old.init_tokens, "recent_tokens": old.recent_tokens}
+    provenance = {"statistics_windows": json.dumps(windows), **profile.provenance, "retarget": change}
+    return dataclasses.replace(new, provenance=provenance)
+
+
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
@@ -304,6 +334,7 @@ __all__ = [
     "load_profile",
     "profile_from_tensors",
     "resolve_profile",
+    "retarget",
     "uniform_budgets",
     "vote_adaptive_heads",
 ]

@@ -160,9 +160,9 @@ def test_kv_fraction_gives_each_ratio_one_memory_budget(smollm2):
     assert catekv[0.2]["budget"] > catekv[0.4]["budget"]
     for record in records:
         if record["method"] == "full":
-            assert record["budget"] is None and record["kv_kept_pct"] == 100.0
+            assert record["budget"] is None and record["kv_fraction"] is None and record["kv_kept_pct"] == 100.0
         else:  # the formula's 50% at 1024 tokens; a sample is up to 64 tokens shorter, and 4 tokens are generated
-            assert 48 <= record["kv_kept_pct"] <= 54, record
+            assert 48 <= record["kv_kept_pct"] <= 54 and record["kv_fraction"] == 0.5, record
 
 
 def test_shared_prefill_equals_a_run_per_method(smollm2):

@@ -298,13 +298,18 @@ CALIBRATE = ["--calibrate", "--grid-k", "0.9,0.99", "--grid-alpha", "1.0", "--ca
              "--calibration-ratios", "0.2,0.4"]
 
 
-def test_cli_calibrate_picks_by_the_one_standard_error_rule(tmp_path, smollm2):
-    out = tmp_path / "calibrated.safetensors"
-    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE, "--calibration-rule", "one-se"],
-                                obj=CALIBRATOR)
+def calibrated(out: Path, *args: str) -> tuple[ck.Profile, list[dict]]:
+    """The profile ``catekv-profile smollm2-135m --calibrate`` (the small settings and ``args``) writes to ``out``,
+    and its calibration table."""
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, *CALIBRATE, *args], obj=CALIBRATOR)
     assert result.exit_code == 0, result.output
     profile = ck.load_profile(out)
-    table = json.loads(profile.calibration["table"])
+    return profile, json.loads(profile.calibration["table"])
+
+
+def test_cli_calibrate_picks_by_the_one_standard_error_rule(tmp_path, smollm2):
+    out = tmp_path / "calibrated.safetensors"
+    profile, table = calibrated(out, "--calibration-rule", "one-se")
     assert [(row["k"], row["alpha"]) for row in table] == [(0.9, 1.0), (0.99, 1.0)]
     best = max(table, key=lambda row: row["score"])
     chosen = next(row for row in table if (row["k"], row["alpha"]) == (profile.params.percentile, profile.params.alpha))
@@ -331,6 +336,49 @@ def test_cli_calibrate_picks_by_the_one_standard_error_rule(tmp_path, smollm2):
     shown = CliRunner().invoke(main, ["show", str(out)])
     assert "Calibration" in shown.output and "<- chosen" in shown.output and "at r=0.2" in shown.output
     assert "the chosen" in shown.output and "rule: the paper's k 0.99" in shown.output
+
+
+def test_cli_calibrate_at_one_memory_budget_chooses_r_too(tmp_path, smollm2):
+    """--calibrate --kv-fraction: every r is scored with its budget for the fraction, k and alpha are chosen as
+    without it, then r is the chosen setting's best; the profile is the chosen statistics retargeted there."""
+    from catekv_runtime.profile import retarget
+
+    out = tmp_path / "calibrated.safetensors"
+    profile, table = calibrated(out, "--kv-fraction", "0.7")
+    chosen = json.loads(profile.calibration["chosen"])
+    row = next(r for r in table if (r["k"], r["alpha"]) == (chosen["k"], chosen["alpha"]))
+    by_ratio = {float(r): score for r, score in row["by_ratio"].items()}
+    assert by_ratio[chosen["r"]] == max(by_ratio.values())
+    if by_ratio[0.2] == by_ratio[0.4]:
+        assert chosen["r"] == 0.4  # ties to the profile's own r (-r, default 0.4)
+    plain = tmp_path / "plain.safetensors"
+    assert CliRunner().invoke(main, ["smollm2-135m", "-o", str(plain), *SMALL, "-k", str(chosen["k"]), "--alpha",
+                                     str(chosen["alpha"])]).exit_code == 0
+    expected = retarget(ck.load_profile(plain), adaptive_ratio=chosen["r"], kv_fraction=0.7)
+    assert profile.params == expected.params and torch.equal(profile.head_map, expected.head_map)
+    assert chosen["budget"] == profile.params.budget and profile.calibration["kv_fraction"] == "0.7"
+    assert profile.kv_kept_fraction(192) <= 0.7 and profile.provenance["statistics_windows"].startswith('{"budget": 64')
+    assert f"r = {chosen['r']:g} (budget {profile.params.budget}) scored best" in CliRunner().invoke(
+        main, ["show", str(out)]).output
+
+
+def test_cli_kv_fraction_sets_the_budget_after_the_vote(tmp_path, smollm2):
+    """--kv-fraction without --calibrate: the profile is the plain one retargeted to the fraction at its r; a
+    fraction below the adaptive heads' share is one line after profiling, and the statistics stay checkpointed, so a
+    second run with another fraction writes the profile from them."""
+    from catekv_runtime.profile import retarget
+
+    plain, out = tmp_path / "plain.safetensors", tmp_path / "x.safetensors"
+    assert CliRunner().invoke(main, ["smollm2-135m", "-o", str(plain), *SMALL]).exit_code == 0
+    refused = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, "--kv-fraction", "0.2"])
+    assert refused.exit_code == 1 and "--kv-fraction: at r = 0.4 the adaptive heads alone keep" in refused.output
+    assert not out.exists() and out.with_name(out.name + ".ckpt").exists()
+    result = CliRunner().invoke(main, ["smollm2-135m", "-o", str(out), *SMALL, "--kv-fraction", "0.6"])
+    assert result.exit_code == 0, result.output
+    expected = retarget(ck.load_profile(plain), kv_fraction=0.6)
+    written = ck.load_profile(out)
+    assert written.params == expected.params and torch.equal(written.head_map, expected.head_map)
+    assert torch.equal(written.cv, expected.cv) and f"budget {expected.params.budget})" in result.output
 
 
 def test_one_standard_error_rule_keeps_the_default_inside_the_noise():
@@ -496,6 +544,32 @@ def test_cli_show_refuses_a_context_length_below_one(length):
 def test_cli_show_a_directory(tmp_path):
     result = CliRunner().invoke(main, ["show", str(tmp_path)])
     assert result.exit_code == 1 and "is a directory, not a profile file" in result.output, result.output
+
+
+def test_cli_retarget_writes_the_profile_at_another_ratio_and_memory(tmp_path):
+    """``retarget`` on a shipped profile by name: the file is ``retarget`` of it (head map, budget, parameters) and
+    says so in ``show``; an existing output is kept unless --overwrite; bad requests are one-line errors."""
+    from catekv_runtime.profile import retarget
+
+    out = tmp_path / "r.safetensors"
+    result = CliRunner().invoke(main, ["retarget", "smollm2-135m-instruct", "-o", str(out), "-r", "0.2",
+                                       "--kv-fraction", "0.43"])
+    assert result.exit_code == 0, result.output
+    expected = retarget(ck.load_profile("smollm2-135m-instruct"), adaptive_ratio=0.2, kv_fraction=0.43)
+    written = ck.load_profile(out)
+    assert written.params == expected.params and torch.equal(written.head_map, expected.head_map)
+    assert f"-> {written.params.budget} " in result.output and "of the KV kept at 2048 tokens" in result.output
+    assert "statistics_windows" in CliRunner().invoke(main, ["show", str(out)]).output
+    before = out.read_bytes()
+    assert_usage_error(CliRunner().invoke(main, ["retarget", "smollm2-135m-instruct", "-o", str(out), "-B", "512"]),
+                       "exists; pass --overwrite")
+    assert out.read_bytes() == before
+    assert_usage_error(CliRunner().invoke(main, ["retarget", "smollm2-135m-instruct", "-o", str(tmp_path / "x"),
+                                                 "-L", "8192"]), "give --kv-fraction too")
+    refused = CliRunner().invoke(main, ["retarget", "smollm2-135m-instruct", "-o", str(tmp_path / "y"),
+                                        "-r", "0.6", "--kv-fraction", "0.3"])
+    assert refused.exit_code == 1 and "the adaptive heads alone keep" in refused.output, refused.output
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
 
 
 def test_paired_standard_error_is_that_of_the_mean_difference():

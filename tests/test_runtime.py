@@ -14,7 +14,7 @@ from transformers import DynamicCache
 
 import catekv_runtime as ck
 from catekv_runtime.cache import CateKVLayer
-from catekv_runtime.profile import ProfileError, budget_for_kv_fraction, resolve_profile
+from catekv_runtime.profile import ProfileError, budget_for_kv_fraction, load_profile, resolve_profile, retarget
 from catekv_runtime.profile import Profile, ProfileParams, ReferenceSpec
 
 FAMILIES = ["llama", "qwen2"]
@@ -26,7 +26,7 @@ def make_profile(model, ratio: float, seed: int = 0, **params) -> Profile:
     cv = torch.rand(3, spec.num_layers, spec.num_kv_heads, generator=torch.Generator().manual_seed(seed))
     defaults = dict(budget=64, init_tokens=4, recent_tokens=16, chunk_size=4, obs_window=8)
     p = ProfileParams(adaptive_ratio=ratio, **{**defaults, **params})
-    return Profile.from_statistics(cv, cv, cv, p, spec, ReferenceSpec("test", 256, 3, 0, "none"))
+    return Profile.from_statistics(cv, cv.clone(), cv.clone(), p, spec, ReferenceSpec("test", 256, 3, 0, "none"))
 
 
 def greedy(model, ids, steps, **kwargs):
@@ -286,6 +286,42 @@ def test_budget_for_kv_fraction_below_the_adaptive_heads_is_refused():
     profile = make_profile(make_tiny_model("llama"), 0.5)
     with pytest.raises(ProfileError, match=r"at r = 0.5 the adaptive heads alone keep 5\d\.\d% .* than the 40.0% asked"):
         budget_for_kv_fraction(profile, 0.4, 1000)
+
+
+def test_retarget_saves_what_the_overrides_run(tmp_path):
+    """A retargeted profile, saved and loaded, is the runtime override of the same r and budget (head map, budgets,
+    parameters) over the same statistics, and records the windows those were measured with, the first ones when
+    retargeted twice."""
+    model = make_tiny_model("llama")
+    profile = make_profile(model, 0.5, budget=128, init_tokens=4, recent_tokens=16)
+    budget = budget_for_kv_fraction(profile.with_adaptive_ratio(0.25), 0.6, 700)
+    expected = resolve_profile(profile, {"adaptive_ratio": 0.25, "budget": budget})
+    new = retarget(profile, adaptive_ratio=0.25, kv_fraction=0.6, context_length=700)
+    new.save(tmp_path / "p.safetensors")
+    loaded = load_profile(tmp_path / "p.safetensors")
+    assert loaded.params == expected.params and expected.params.budget == budget != 128
+    assert torch.equal(loaded.head_map, expected.head_map) and torch.equal(loaded.budgets, expected.budgets)
+    assert int(loaded.head_map.sum()) < int(profile.head_map.sum())
+    for name in ("cv", "threshold", "hit_mean"):
+        assert torch.equal(getattr(loaded, name), getattr(profile, name))
+    assert loaded.kv_kept_fraction(700) <= 0.6
+    windows = '{"budget": 128, "init_tokens": 4, "recent_tokens": 16}'
+    assert loaded.provenance["statistics_windows"] == windows
+    assert loaded.provenance["retarget"] == f"r 0.5 -> 0.25, budget 128 -> {budget} (at most 60.0% of the KV of a 700-token prompt)"
+    again = retarget(loaded, budget=96)
+    assert again.params.budget == 96 and again.params.adaptive_ratio == 0.25
+    assert again.provenance["statistics_windows"] == windows  # still what the statistics were measured with
+    assert retarget(profile, kv_fraction=0.9).params.budget == budget_for_kv_fraction(profile, 0.9, 256)  # reference length
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"budget": 64, "kv_fraction": 0.5}, "a budget or a KV fraction, not both"),
+    ({}, "nothing to retarget"),
+    ({"adaptive_ratio": 0.5, "kv_fraction": 0.3}, "the adaptive heads alone keep"),
+])
+def test_retarget_refuses_what_it_cannot_do(kwargs, message):
+    with pytest.raises(ProfileError, match=message):
+        retarget(make_profile(make_tiny_model("llama"), 0.25), **kwargs)
 
 
 @pytest.mark.parametrize("family", ["mistral", "qwen2"])  # all layers slide / layer 0 full, the rest slide

@@ -1,7 +1,7 @@
 """Per-head budgets from measured attention coverage, against uniform budgets at the same total (issue #14, item 3).
 
-    python benchmarks/budget_allocation.py smollm2-135m smollm2-135m-instruct-4k --ratios 0.2 0.4 \
-        --out-dir docs/results/r3/allocation-4k
+    python benchmarks/budget_allocation.py smollm2-135m docs/results/r2/smollm2-4k-calibrated-r0.4-B256.safetensors \
+        --ratios 0.2 0.4 --out-dir docs/results/r2/allocation-4k
 
 then each profile it writes through ``catekv-eval`` (the commands and scores are in docs/accuracy.md).
 

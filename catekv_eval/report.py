@@ -1,6 +1,8 @@
 """Write docs/accuracy.md (tables, target check, plot) from ``catekv-eval --out`` JSON files.
 
     python -m catekv_eval.report docs/results/accuracy_*.json \
+        --memory docs/results/r2/accuracy_*_kv43_*.json docs/results/r2/accuracy_smollm2_*_s40_full.json \
+            docs/results/accuracy_qwen_*.json \
         --compare docs/results/r2/accuracy_*.json docs/results/accuracy_qwen_*.json -o docs/accuracy.md
 
 ``--compare`` files are runs of one model with different profiles (regions, k/alpha, calibration): a section of
@@ -15,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,14 +29,20 @@ MAX_KV_PCT, MAX_LOSS, MIN_MARGIN = 45.0, 1.0, 5.0
 _METHOD_ORDER = {name: i for i, name in enumerate(POLICIES)}  # rows of a comparison table: full first
 
 
-def load_runs(paths: Sequence[Path], by: str = "model") -> dict[Any, dict[str, Any]]:
+def load_runs(paths: Sequence[Path], by: str = "model",
+              keep: Callable[[dict[str, Any]], bool] | None = None) -> dict[Any, dict[str, Any]]:
     """Runs merged per model (``by="model"``: ``{model_id: {"records": [...], "commands": [...], "dates": {...},
     ...}}``) or per model and profile (``by="profile"``: keyed ``(model_id, profile)``); ``notes`` are ``(file name,
-    note)`` pairs. A task, method, length and r held twice under one key is refused."""
+    note)`` pairs. ``keep``: the records to take (default all); a file with none is left out. A task, method, length
+    and r held twice under one key is refused."""
     runs: dict[Any, dict[str, Any]] = {}
     seen: dict[tuple, Path] = {}
     for path in paths:
         run = json.loads(Path(path).read_text())
+        if keep is not None:
+            run["records"] = [r for r in run["records"] if keep(r)]
+            if not run["records"]:
+                continue
         key = run["model_id"] if by == "model" else (run["model_id"], run["profile"])
         merged = runs.setdefault(key, {"records": [], "commands": [], "dates": set(), "devices": set(),
                                        "dtypes": set(), "profiles": set(), "notes": []})
@@ -70,10 +78,7 @@ def averages(records: Sequence[dict[str, Any]]) -> dict[tuple[int, float, str], 
     cells: dict[tuple[int, float, str], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         cells[r["context_length"], r["adaptive_ratio"], r["method"]].append(r)
-    return {
-        key: (sum(r["score"] for r in rows) / len(rows), sum(r["kv_kept_pct"] for r in rows) / len(rows), len(rows))
-        for key, rows in cells.items()
-    }
+    return {key: _average(rows) for key, rows in cells.items()}
 
 
 def target_lines(records: Sequence[dict[str, Any]]) -> list[str]:
@@ -85,15 +90,26 @@ def target_lines(records: Sequence[dict[str, Any]]) -> list[str]:
         cate, full = get("catekv"), get("full")
         if cate is None or full is None:
             continue
-        parts = [f"{length} tokens, r = {ratio}, {cate[2]} tasks: CateKV {cate[0]:.1f} at {cate[1]:.1f}% KV, full {full[0]:.1f}"]
-        ok = cate[1] <= MAX_KV_PCT and full[0] - cate[0] <= MAX_LOSS
-        for rival in ("snapkv", "streaming"):
-            other = get(rival)
-            if other is not None:
-                parts.append(f"{rival} {other[0]:.1f} ({cate[0] - other[0]:+.1f})")
-                ok = ok and cate[0] - other[0] >= MIN_MARGIN
-        lines.append(f"- {'met' if ok else 'missed'}: " + ", ".join(parts))
+        lines.append(target_line(f"{length} tokens, r = {ratio}", cate, full, {m: get(m) for m in RIVALS}))
     return lines
+
+
+RIVALS = ("snapkv", "streaming")  # the baselines the targets name
+
+
+def target_line(where: str, cate: tuple[float, float, int], full: tuple[float, float, int],
+                rivals: dict[str, tuple[float, float, int] | None]) -> str:
+    """``- met: ...`` or ``- missed: ...`` for CateKV's, full attention's and the rivals' (score, KV %, tasks)."""
+    parts = [f"{where}, {cate[2]} tasks: CateKV {cate[0]:.1f} at {cate[1]:.1f}% KV, full {full[0]:.1f}"]
+    ok = cate[1] <= MAX_KV_PCT and full[0] - cate[0] <= MAX_LOSS
+    for rival, other in rivals.items():
+        if other is not None:
+            parts.append(f"{rival} {other[0]:.1f} at {other[1]:.1f}% ({cate[0] - other[0]:+.1f})")
+            ok = ok and cate[0] - other[0] >= MIN_MARGIN
+        else:
+            parts.append(f"{rival} not run")
+            ok = False
+    return f"- {'met' if ok else 'missed'}: " + ", ".join(parts)
 
 
 def largest_losses(records: Sequence[dict[str, Any]], points: float = 10.0) -> list[str]:
@@ -148,7 +164,7 @@ def comparison(paths: Sequence[Path]) -> list[str]:
     the averages cover only the tasks that every compared profile ran there, so that a profile run on fewer tasks
     is compared on those tasks alone (the ``tasks`` column); a profile not run at an r has a dash there.
     """
-    runs = load_runs(paths, by="profile")
+    runs = load_runs(paths, by="profile", keep=lambda r: r.get("kv_fraction") is None)  # those are one_memory_budget's
     commands: dict[str, list[str]] = defaultdict(list)
     notes: dict[str, list[tuple[str, str]]] = defaultdict(list)  # model -> (file name, note)
     tasks_at: dict[tuple[str, int, int], set[str]] = {}  # the tasks every profile ran, per table
@@ -196,7 +212,56 @@ def comparison(paths: Sequence[Path]) -> list[str]:
     return out
 
 
-def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequence[Path] = ()) -> str:
+def one_memory_budget(paths: Sequence[Path]) -> list[str]:
+    """Per model, length and samples per task: CateKV at each r with the budget that fills one share of the KV
+    (records of ``catekv-eval --kv-fraction``), full attention, and the baselines run at that share, with the targets
+    checked at each r. Full attention and the baselines do not depend on r: each is one row (a baseline at two r is
+    refused). Other records (runs at a fixed budget) are left out."""
+    runs = load_runs(paths, keep=lambda r: r["method"] == "full" or r.get("kv_fraction") is not None)
+    out = ["## At one memory budget: r against B", "",
+           "CateKV at several adaptive ratios r, each with the largest budget B that keeps at most the same share of "
+           "the KV (`catekv-eval --kv-fraction`), beside full attention and the baselines at that share: a lower r "
+           "leaves more heads consistent and gives each a larger B. KV kept is measured, padding and decoded tokens "
+           "included, so it ends slightly above the fraction asked for. The shipped profiles since 2026-12-02 are "
+           "the r = 0.2 rows (`catekv-profile retarget`, catekv_profiles/README.md).", ""]
+    for model, run in runs.items():
+        out += [f"### {model}", "", "Commands:", "", "```bash", *run["commands"], "```", "", *note_lines(run["notes"])]
+        shares = {(r["context_length"], r["samples"], r["kv_fraction"]) for r in run["records"] if r["method"] != "full"}
+        for length, samples, fraction in sorted(shares):
+            held = [r for r in run["records"] if (r["context_length"], r["samples"]) == (length, samples)
+                    and r.get("kv_fraction") in (None, fraction)]  # full attention's records have none
+            full_ratio = next(r["adaptive_ratio"] for r in held if r["method"] == "full")
+            full = _average([r for r in held if r["method"] == "full" and r["adaptive_ratio"] == full_ratio])
+            cate = {ratio: _average([r for r in held if r["method"] == "catekv" and r["adaptive_ratio"] == ratio])
+                    for ratio in sorted({r["adaptive_ratio"] for r in held if r["method"] == "catekv"})}
+            rivals: dict[str, tuple[float, float, int] | None] = {}
+            for method in dict.fromkeys(r["method"] for r in held if r["method"] not in ("full", "catekv")):
+                rows = [r for r in held if r["method"] == method]
+                if len({r["adaptive_ratio"] for r in rows}) > 1:
+                    raise ValueError(f"{method} at {length} tokens was run at several r with --kv-fraction; keep one")
+                rivals[method] = _average(rows)
+            budget = {ratio: sorted({r["budget"] for r in held if r["method"] == "catekv" and r["adaptive_ratio"] == ratio})
+                      for ratio in cate}
+            body = [["full", "-", "-", f"{full[0]:.1f}", "100.0%", "", str(full[2])]]
+            body += [["catekv", f"{ratio:g}", "/".join(map(str, budget[ratio])), f"{a[0]:.1f}", f"{a[1]:.1f}%",
+                      f"{a[0] - full[0]:+.1f}", str(a[2])] for ratio, a in cate.items()]
+            body += [[method, "-", "-", f"{a[0]:.1f}", f"{a[1]:.1f}%", f"{a[0] - full[0]:+.1f}", str(a[2])]
+                     for method, a in rivals.items()]
+            out += [f"{length} tokens, {samples} samples per task, at most {fraction:.0%} of the KV asked for:", "",
+                    *markdown_table(["method", "r", "budget B", "score", "KV kept", "vs full", "tasks"], body), "",
+                    *(target_line(f"{length} tokens, r = {ratio:g}", a, full,
+                                  {m: rivals.get(m) for m in RIVALS}) for ratio, a in cate.items()), ""]
+    return out
+
+
+def _average(records: Sequence[dict[str, Any]]) -> tuple[float, float, int]:
+    """(mean score, mean KV kept %, tasks) of one method's records at one length and r."""
+    return (sum(r["score"] for r in records) / len(records), sum(r["kv_kept_pct"] for r in records) / len(records),
+            len(records))
+
+
+def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequence[Path] = (),
+           memory: Sequence[Path] = ()) -> str:
     from .run import markdown
 
     out = ["# Accuracy: CateKV against baselines at equal KV", "",
@@ -227,6 +292,8 @@ def render(runs: dict[str, dict[str, Any]], image: str | None, compared: Sequenc
         if losses:
             out += ["Tasks where CateKV is 10 points or more below full attention: " + "; ".join(losses) + ".", ""]
         out += [markdown(run["records"]), ""]
+    if memory:
+        out += one_memory_budget(memory)
     if compared:
         out += comparison(compared)
     return "\n".join(out).rstrip() + "\n"
@@ -237,6 +304,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("results", type=Path, nargs="+", help="catekv-eval --out JSON files")
     parser.add_argument("--compare", type=Path, nargs="*", default=[],
                         help="runs of one model with different profiles, compared side by side")
+    parser.add_argument("--memory", type=Path, nargs="*", default=[],
+                        help="catekv-eval --kv-fraction runs (and full attention's), CateKV's r side by side at one KV share")
     parser.add_argument("-o", "--out", type=Path, default=Path("docs/accuracy.md"))
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
@@ -246,7 +315,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         png = args.out.with_suffix(".png")
         plot(runs, png)
         image = png.name
-    write_atomically(args.out, render(runs, image, args.compare))
+    write_atomically(args.out, render(runs, image, args.compare, args.memory))
     print(f"wrote {args.out}")
 
 

@@ -36,12 +36,40 @@ def test_target_check_from_merged_runs(tmp_path):
     assert averages(records)[4096, 0.4, "catekv"] == (79.5, 42.0, 2)
     # CateKV 79.5 vs full 80.0 (-0.5), at 42% KV; +6.5 over snapkv (73.0), +34.5 over streaming (45.0): met.
     assert target_lines(records) == [
-        "- met: 4096 tokens, r = 0.4, 2 tasks: CateKV 79.5 at 42.0% KV, full 80.0, snapkv 73.0 (+6.5), streaming 45.0 (+34.5)"]
+        "- met: 4096 tokens, r = 0.4, 2 tasks: CateKV 79.5 at 42.0% KV, full 80.0, snapkv 73.0 at 42.0% (+6.5), "
+        "streaming 45.0 at 42.0% (+34.5)"]
     records[2]["score"] = 85  # snapkv now within 5 points of CateKV
     assert target_lines(records)[0].startswith("- missed:")
     text = render(runs, None)
     assert "## org/m" in text and "catekv-eval m p --tasks x.json" in text and "catekv-eval m p --tasks y.json" in text
     assert "| **average** (2 tasks) |" in text
+
+
+def test_one_memory_budget_puts_each_r_beside_full_and_the_baselines(tmp_path):
+    """--kv-fraction runs: a row per r with its budget, full attention and each baseline once, a target line per r
+    (a baseline not run misses it); runs at a fixed budget are left out; a baseline at two r is refused."""
+    def at(task, method, score, kv, ratio, budget):
+        return {**record(task, method, score, kv, ratio=ratio, samples=40), "budget": budget, "kv_fraction": 0.43}
+
+    full = [record(t, "full", s, 100) for t, s in (("a", 80), ("b", 60))]
+    sweep = [at("a", "catekv", 80, 44, 0.2, 1145), at("b", "catekv", 59, 44, 0.2, 1145),
+             at("a", "catekv", 70, 44, 0.4, 169), at("b", "catekv", 50, 44, 0.4, 169),
+             at("a", "snapkv", 60, 44.5, 0.4, 1726), at("b", "snapkv", 50, 44.5, 0.4, 1726)]
+    fixed = [{**record(t, "catekv", 0, 45), "budget": 256, "kv_fraction": None} for t in "ab"]  # left out
+    for r in full:
+        r["samples"] = 40
+    files = [run_file(tmp_path, "full.json", full + fixed), run_file(tmp_path, "sweep.json", sweep)]
+    lines = report.one_memory_budget(files)
+    assert "| full | - | - | 70.0 | 100.0% |  | 2 |" in lines
+    assert "| catekv | 0.2 | 1145 | 69.5 | 44.0% | -0.5 | 2 |" in lines
+    assert "| catekv | 0.4 | 169 | 60.0 | 44.0% | -10.0 | 2 |" in lines
+    assert "| snapkv | - | - | 55.0 | 44.5% | -15.0 | 2 |" in lines
+    assert "- missed: 4096 tokens, r = 0.2, 2 tasks: CateKV 69.5 at 44.0% KV, full 70.0, snapkv 55.0 at 44.5% (+14.5), " \
+           "streaming not run" in lines
+    assert not any("| catekv | 0.4 | 256" in line or "45.0%" in line for line in lines)
+    both = sweep + [at("a", "snapkv", 61, 44.5, 0.2, 1145)]
+    with pytest.raises(ValueError, match="snapkv at 4096 tokens was run at several r"):
+        report.one_memory_budget([files[0], run_file(tmp_path, "both.json", both)])
 
 
 def test_largest_losses_worst_first():
@@ -99,7 +127,10 @@ def test_the_committed_page_is_what_its_command_writes(tmp_path):
     (so the page stays true, and the command keeps working when files move)."""
     results = ROOT / "docs" / "results"
     out = tmp_path / "accuracy.md"
-    report.main([*map(str, sorted(results.glob("accuracy_*.json"))), "--compare",
+    report.main([*map(str, sorted(results.glob("accuracy_*.json"))), "--memory",
+                 *map(str, sorted((results / "r2").glob("accuracy_*_kv43_*.json"))),
+                 *map(str, sorted((results / "r2").glob("accuracy_smollm2_*_s40_full.json"))),
+                 *map(str, sorted(results.glob("accuracy_qwen_*.json"))), "--compare",
                  *map(str, sorted((results / "r2").glob("accuracy_*.json"))),
                  *map(str, sorted(results.glob("accuracy_qwen_*.json"))), "-o", str(out)])
     assert out.read_text() == (ROOT / "docs" / "accuracy.md").read_text()

@@ -503,9 +503,32 @@ def test_shipped_profiles_load_by_short_name():
     names = list_profiles()
     assert "smollm2-135m-instruct" in names and "smollm2-135m-instruct-8k" in names
     profile = load_profile("smollm2-135m-instruct-8k")
-    assert profile.params.budget == 512 and profile.head_map.shape == (30, 3)
+    assert profile.params.budget == 2321 and profile.head_map.shape == (30, 3)
     with pytest.raises(ProfileError, match="shipped profiles by short name: .*smollm2-135m-instruct"):
         load_profile("no-such-profile")
+
+
+@pytest.mark.parametrize("name, source, result", [
+    ("smollm2-135m-instruct-4k", "smollm2-4k-calibrated-r0.4-B256", "accuracy_smollm2_4096_kv43_r0.2.json"),
+    ("smollm2-135m-instruct-8k", "smollm2-8k-calibrated-r0.4-B512", "accuracy_smollm2_8192_kv43_r0.2.json"),
+    ("qwen2.5-coder-0.5b-instruct-16k", "qwen-16k-calibrated-r0.4-B1024", "accuracy_qwen_16384_kv43_catekv_a.json"),
+    ("qwen2.5-coder-0.5b-instruct-32k", "qwen-32k-reserve32-k0.99-r0.4-B2048", "accuracy_qwen_32768_kv43_catekv_a.json"),
+])
+def test_shipped_profiles_are_what_the_accuracy_page_measured(name, source, result):
+    """Each shipped long-context profile is its kept source retargeted to r 0.2 at 43% of the KV
+    (catekv_profiles/README.md), the configuration docs/accuracy.md ("At one memory budget") evaluated: the same
+    head map as the source voted at r 0.2 and the budget its records name."""
+    import json
+
+    from catekv_runtime.profile import retarget
+
+    r2 = Path(__file__).resolve().parents[1] / "docs" / "results" / "r2"
+    shipped, kept = load_profile(name), load_profile(r2 / f"{source}.safetensors")
+    expected = retarget(kept, adaptive_ratio=0.2, kv_fraction=0.43)
+    assert shipped.params == expected.params and torch.equal(shipped.head_map, expected.head_map)
+    assert torch.equal(shipped.head_map, kept.with_adaptive_ratio(0.2).head_map) and torch.equal(shipped.cv, kept.cv)
+    budgets = {r["budget"] for r in json.loads((r2 / result).read_text())["records"] if r["method"] == "catekv"}
+    assert budgets == {shipped.params.budget}
 
 
 def test_shipped_profiles_are_package_data_of_the_wheel():

@@ -287,8 +287,8 @@ def retarget(profile: Profile, *, adaptive_ratio: float | None = None, budget: i
 
     ``budget`` sets B (windows B/32 and B/8, as :func:`resolve_profile`); ``kv_fraction`` instead takes the largest
     B that keeps at most that fraction of the KV of a ``context_length``-token prompt (default: the reference
-    length) at the new r (:func:`budget_for_kv_fraction`). The head map is voted again from the stored statistics,
-    which stay as measured: ``provenance["statistics_windows"]`` keeps the budget and windows they were measured with
+    length) at the new r (:func:`budget_for_kv_fraction`). The head map is voted again from the stored statistics
+    and every consistent head gets B (per-head budgets are not carried over); the statistics stay as measured: ``provenance["statistics_windows"]`` keeps the budget and windows they were measured with
     (the first ones, when retargeted again) and ``provenance["retarget"]`` says what changed. At a fixed share of
     the KV a lower r with a larger B scored better in docs/accuracy.md ("At one memory budget")."""
     if budget is not None and kv_fraction is not None:

@@ -45,7 +45,8 @@ _SECTIONS = {"param.": ProfileParams, "model.": ModelSpec, "reference.": Referen
 
 def write_profile(profile: Profile, path: str | os.PathLike[str]) -> Path:
     """Write ``profile`` to ``path`` atomically (a temporary file renamed into place)."""
-    tensors = {name: getattr(profile, name).to(dtype).contiguous() for name, (dtype, _) in _TENSORS.items()}
+    # Copies: safetensors refuses tensors that share memory (e.g. one tensor passed as cv and threshold).
+    tensors = {name: getattr(profile, name).to(dtype).contiguous().clone() for name, (dtype, _) in _TENSORS.items()}
     metadata = {"format": FORMAT_NAME, "format_version": str(FORMAT_VERSION)}
     for prefix, section in (("param.", profile.params), ("model.", profile.model), ("reference.", profile.reference)):
         for key, value in dataclasses.asdict(section).items():

@@ -26,7 +26,7 @@ def make_profile(model, ratio: float, seed: int = 0, **params) -> Profile:
     cv = torch.rand(3, spec.num_layers, spec.num_kv_heads, generator=torch.Generator().manual_seed(seed))
     defaults = dict(budget=64, init_tokens=4, recent_tokens=16, chunk_size=4, obs_window=8)
     p = ProfileParams(adaptive_ratio=ratio, **{**defaults, **params})
-    return Profile.from_statistics(cv, cv.clone(), cv.clone(), p, spec, ReferenceSpec("test", 256, 3, 0, "none"))
+    return Profile.from_statistics(cv, cv, cv, p, spec, ReferenceSpec("test", 256, 3, 0, "none"))
 
 
 def greedy(model, ids, steps, **kwargs):

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import catekv_runtime as ck  # noqa: E402
 from catekv_profiler.capture import capture_attention  # noqa: E402
+from catekv_runtime.files import write_atomically  # noqa: E402
 from catekv_runtime.params import ProfileParams  # noqa: E402
 from catekv_runtime.selection import chunk_scores, observation_probs  # noqa: E402
 
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
                 "kv_kept": round(made.kv_kept_fraction(reference.context_length), 4),
                 "budgets": sorted(int(b) for b in made.budgets[~made.head_map]),
             }
-    (args.out_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    write_atomically(args.out_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
     print(json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "budgets"} if isinstance(v, dict) else v
                       for k, v in summary.items()}, indent=1))
     return summary

@@ -230,16 +230,16 @@ def one_memory_budget(paths: Sequence[Path]) -> list[str]:
         for length, samples, fraction in sorted(shares):
             held = [r for r in run["records"] if (r["context_length"], r["samples"]) == (length, samples)
                     and r.get("kv_fraction") in (None, fraction)]  # full attention's records have none
-            full_ratio = next(r["adaptive_ratio"] for r in held if r["method"] == "full")
-            full = _average([r for r in held if r["method"] == "full" and r["adaptive_ratio"] == full_ratio])
-            cate = {ratio: _average([r for r in held if r["method"] == "catekv" and r["adaptive_ratio"] == ratio])
-                    for ratio in sorted({r["adaptive_ratio"] for r in held if r["method"] == "catekv"})}
+            avg = sorted(averages(held).items())  # ((length, r, method), (score, KV %, tasks)), by r
+            full = next(a for (_, _, method), a in avg if method == "full")  # the same run under every r
+            cate = {ratio: a for (_, ratio, method), a in avg if method == "catekv"}
             rivals: dict[str, tuple[float, float, int] | None] = {}
-            for method in dict.fromkeys(r["method"] for r in held if r["method"] not in ("full", "catekv")):
-                rows = [r for r in held if r["method"] == method]
-                if len({r["adaptive_ratio"] for r in rows}) > 1:
-                    raise ValueError(f"{method} at {length} tokens was run at several r with --kv-fraction; keep one")
-                rivals[method] = _average(rows)
+            for (_, _, method), a in avg:
+                if method not in ("full", "catekv"):
+                    if method in rivals:
+                        raise ValueError(f"{method} at {length} tokens was run at several r with --kv-fraction; "
+                                         "keep one")
+                    rivals[method] = a
             budget = {ratio: sorted({r["budget"] for r in held if r["method"] == "catekv" and r["adaptive_ratio"] == ratio})
                       for ratio in cate}
             body = [["full", "-", "-", f"{full[0]:.1f}", "100.0%", "", str(full[2])]]

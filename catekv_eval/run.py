@@ -27,7 +27,7 @@ from catekv_models.options import DEVICE_OPTION, DTYPE_OPTION
 from catekv_runtime.cache import CateKVCache
 from catekv_runtime.files import markdown_table, write_atomically
 from catekv_runtime.policies import Full, Policy, get_policy
-from catekv_runtime.profile import Profile, ProfileError, budget_for_kv_fraction, resolve_profile
+from catekv_runtime.profile import Profile, ProfileError, resolve_profile, retarget
 
 from .methods import METHODS
 from .tasks import TASKS, EvalTaskError, make_samples
@@ -48,7 +48,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
     budgets are kept, at another r the head map is voted again with uniform budgets. ``max_new_tokens`` caps RULER's
     per-task generation length (for quick runs; answers are short). ``batch_size`` samples are prefilled
     and decoded together, left-padded. ``kv_fraction``: at each r, the budget B that keeps at most this fraction of
-    the KV at ``context_length`` (:func:`~catekv_runtime.profile.budget_for_kv_fraction`), so that several r are
+    the KV at ``context_length`` (:func:`~catekv_runtime.profile.retarget`), so that several r are
     compared at one memory budget; each record names its budget.
     """
     ratios = list(ratios or [profile.params.adaptive_ratio])
@@ -61,7 +61,7 @@ def evaluate(model: torch.nn.Module, tokenizer: Any, profile: Profile, *, tasks:
         own = ratio is None or ratio == profile.params.adaptive_ratio
         base = profile if own else profile.with_adaptive_ratio(ratio)
         if kv_fraction is not None and method != Full.name:
-            base = resolve_profile(base, {"budget": budget_for_kv_fraction(base, kv_fraction, context_length)})
+            base = retarget(base, kv_fraction=kv_fraction, context_length=context_length)
         return policies[method].resolve(base, context_length)
 
     resolved = {config: resolve(*config) for config in configs}
@@ -303,7 +303,7 @@ def main(ctx: click.Context, model: str, profile: str, lengths: tuple[int, ...],
         try:
             for length in lengths:
                 for ratio in ratios or [base.params.adaptive_ratio]:
-                    budget_for_kv_fraction(base.with_adaptive_ratio(ratio), kv_fraction, length)
+                    retarget(base, adaptive_ratio=ratio, kv_fraction=kv_fraction, context_length=length)
         except ProfileError as e:
             raise click.UsageError(f"--kv-fraction: {e}") from None
 

@@ -263,7 +263,7 @@ def run(model, args, results: list, bandwidth: float) -> None:
                 profile = random_profile(model, args.budget) if arm == "engine-catekv" else None
                 record = engine_run(model, profile, ids, args.steps)
             floor = decode_floor_ms(model, record.pop("kv_bytes"), bandwidth)
-            emit(results, suite="real", arm=arm, context=context, batch=1, floor_ms=round(floor, 3),
+            emit(results, suite="real", arm=arm, context=context, batch=1, floor_ms=float(f"{floor:.4g}"),
                  ratio_to_floor=round(record["decode_ms_per_step"] / floor, 3), **record)
 
 
